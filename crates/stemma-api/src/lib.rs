@@ -1,0 +1,170 @@
+//! The types of Stemma's JSON HTTP API, and a small blocking client for them.
+//!
+//! This crate is an **API boundary**: the field names here are the stable `--output json` and
+//! HTTP shapes promised to scripts (snake_case; adding a field is fine, renaming or removing one
+//! is a breaking change). The daemon serialises these types; the CLI deserialises them.
+
+mod client;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use client::{Client, ClientError};
+
+/// Whether a branch's compute is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchState {
+    Running,
+    Suspended,
+}
+
+/// A branch: a named, writable database state with a parent (except roots).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Branch {
+    pub name: String,
+    /// The parent branch; `null` for a root.
+    pub parent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub state: BranchState,
+    /// A libpq URI with credentials; stable for the branch's life (suspend, reset, restarts).
+    pub connection_string: String,
+    pub protected: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub logical_size_bytes: u64,
+    pub own_storage_bytes: u64,
+    /// The database the connection string points at.
+    pub database: String,
+    pub port: u16,
+    pub timeline_id: String,
+    pub last_reset_at: Option<DateTime<Utc>>,
+    /// Seconds of idleness before the compute is suspended; `null` for the default.
+    pub suspend_timeout_seconds: Option<u64>,
+    pub compute: Option<Compute>,
+    /// Why the compute is not running although it should, when it failed to start.
+    pub compute_error: Option<String>,
+}
+
+/// A running compute (one stock `postgres` process).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Compute {
+    pub branch: String,
+    pub pid: i32,
+    pub port: u16,
+    pub started_at: DateTime<Utc>,
+    pub restarts: u32,
+}
+
+/// The daemon's state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub version: String,
+    pub api_url: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+    pub data_dir: String,
+    /// The storage driver's name: `copy` or `pagestore`.
+    pub storage: String,
+    /// How the driver works on this host, and why.
+    pub storage_detail: String,
+    /// The shared proxy port; `null` until the proxy exists.
+    pub proxy_port: Option<u16>,
+    pub postgres_version: u32,
+    pub postgres_bin_dir: String,
+    /// The OS user computes run as.
+    pub compute_user: String,
+    pub branches: usize,
+    pub computes: Vec<Compute>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateBranchRequest {
+    pub name: String,
+    /// The parent branch; defaults to `main`.
+    pub parent: Option<String>,
+    /// A past moment to branch from (RFC 3339); needs a driver with point-in-time support.
+    pub at: Option<String>,
+    /// Time to live, e.g. `12h` or `7d`: sets `expires_at`.
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub protected: bool,
+    /// e.g. `5m`; `0` never suspends.
+    pub suspend_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ResetBranchRequest {
+    /// Keep the branch's current state as a new branch with this name.
+    pub preserve_under_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RestoreBranchRequest {
+    pub at: String,
+    pub preserve_under_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RenameBranchRequest {
+    pub new_name: String,
+}
+
+/// Fields to change; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdateBranchRequest {
+    pub protected: Option<bool>,
+    /// A duration from now, or `none` to clear `expires_at`.
+    pub ttl: Option<String>,
+    pub suspend_timeout: Option<String>,
+}
+
+/// Creates a root branch: empty, or imported from an external database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct InitRequest {
+    pub name: String,
+    /// A libpq URI of the database to import (`pg_dump` / `pg_restore`).
+    pub from: Option<String>,
+    /// Parallel jobs for the dump and the restore; default 2.
+    pub jobs: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A long-running operation (an import), polled by the CLI for its progress.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub kind: String,
+    pub state: OperationState,
+    /// What it is doing now, in words.
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+    pub error: Option<String>,
+    /// The branch made, once it succeeded.
+    pub branch: Option<Branch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConnectionString {
+    pub branch: String,
+    pub database: String,
+    pub connection_string: String,
+}
+
+/// Every error response has this shape.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// A stable machine-readable code: `not_found`, `conflict`, `invalid`, `unsupported`,
+    /// `unauthorized`, `internal`.
+    pub code: String,
+    /// What went wrong and, where possible, what to do.
+    pub error: String,
+}

@@ -1,0 +1,303 @@
+//! `stemma`: branches of PostgreSQL databases.
+//!
+//! The binary is thin glue: `serve` runs the daemon from `stemma-control` in the foreground,
+//! `up`/`down` manage it in the background, and every other command is a client of the
+//! daemon's HTTP API (`stemma-api`).
+
+mod daemon_ctl;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stemma_api::{
+    CreateBranchRequest, InitRequest, ResetBranchRequest, RestoreBranchRequest, UpdateBranchRequest,
+};
+
+use crate::output::Output;
+
+#[derive(Parser)]
+#[command(
+    name = "stemma",
+    version,
+    about = "Branches of PostgreSQL databases: a writable copy of production per developer, per pull request and per environment.",
+    after_help = "Start with `stemma up`, then `stemma branch create dev --parent main` and `stemma psql dev`."
+)]
+struct Cli {
+    /// The data directory [default: /var/lib/stemma as root, else ~/.local/share/stemma].
+    #[arg(long, global = true, env = "STEMMA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// How to print results.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Human)]
+    output: Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Address of the HTTP API (loopback by default).
+    #[arg(long, default_value = stemma_control::DEFAULT_API_LISTEN)]
+    api_listen: std::net::SocketAddr,
+    /// The storage driver (fixed when the data directory is created).
+    #[arg(long, default_value = "copy", value_parser = ["copy", "pagestore"])]
+    storage: String,
+    /// The first port handed to branches.
+    #[arg(long, default_value_t = stemma_control::DEFAULT_PORT_BASE)]
+    port_base: u16,
+    /// The OS user computes run as when the daemon runs as root.
+    #[arg(long, default_value = "postgres")]
+    compute_user: String,
+    /// The directory holding `postgres`, `initdb`, `pg_dump`...
+    #[arg(long, env = "STEMMA_PG_BIN")]
+    pg_bin: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the daemon in the background (does nothing if it runs already).
+    Up(ServeArgs),
+    /// Run the daemon in the foreground.
+    Serve(ServeArgs),
+    /// Stop every compute cleanly, then the daemon.
+    Down,
+    /// The daemon, its storage driver and its running computes.
+    Status,
+    /// Create a root branch: empty, or imported from an existing database.
+    Init {
+        /// A libpq URI of the database to import, e.g. postgresql://user:pass@host:5432/app.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, default_value = "main")]
+        name: String,
+        /// Parallel jobs for pg_dump and pg_restore.
+        #[arg(long, default_value_t = 2)]
+        jobs: u32,
+    },
+    /// Create, list, inspect, reset, rename and delete branches.
+    #[command(subcommand)]
+    Branch(BranchCommand),
+    /// Print a libpq URI for a branch; stable for the branch's life.
+    ConnectionString {
+        name: String,
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Open psql on a branch.
+    Psql {
+        name: String,
+        #[arg(long)]
+        database: Option<String>,
+        /// Arguments passed to psql.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Start or stop a branch's compute.
+    #[command(subcommand)]
+    Compute(ComputeCommand),
+}
+
+#[derive(Subcommand)]
+enum BranchCommand {
+    /// Create a branch from its parent's current state.
+    Create {
+        name: String,
+        /// The parent branch [default: main].
+        #[arg(long)]
+        parent: Option<String>,
+        /// Branch from a past moment (RFC 3339); needs the pagestore driver.
+        #[arg(long)]
+        at: Option<String>,
+        /// Delete the branch after this long, e.g. 12h or 7d.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Refuse deletion until unprotected.
+        #[arg(long)]
+        protected: bool,
+        /// Suspend the compute after this much idleness, e.g. 5m; 0 never suspends.
+        #[arg(long)]
+        suspend_timeout: Option<String>,
+    },
+    /// List branches as a tree.
+    List,
+    /// Show one branch.
+    Get { name: String },
+    /// Delete a branch (refused for protected branches and branches with children).
+    Delete { name: String },
+    /// Bring a branch back to its parent's current state; its connection string stays.
+    Reset {
+        name: String,
+        /// Keep the current state as a new branch with this name.
+        #[arg(long)]
+        preserve_under_name: Option<String>,
+    },
+    /// Bring a branch back to a past moment (needs the pagestore driver).
+    Restore {
+        name: String,
+        #[arg(long)]
+        at: String,
+        #[arg(long)]
+        preserve_under_name: Option<String>,
+    },
+    /// Rename a branch; its connection string stays.
+    Rename { old: String, new: String },
+    /// Change a branch's settings.
+    Set {
+        name: String,
+        #[arg(long)]
+        suspend_timeout: Option<String>,
+        /// A duration from now, or `none`.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        protected: Option<bool>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ComputeCommand {
+    Start { name: String },
+    Stop { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", output::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(daemon_ctl::default_data_dir);
+    let out = Output::new(cli.output == Format::Json);
+    match cli.command {
+        Command::Serve(args) => {
+            daemon_ctl::init_logging();
+            let cfg = daemon_ctl::config(&data_dir, &args);
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(stemma_control::daemon::serve(cfg))?;
+        }
+        Command::Up(args) => daemon_ctl::up(&data_dir, &args, &out)?,
+        Command::Down => daemon_ctl::down(&data_dir)?,
+        Command::Status => {
+            let client = daemon_ctl::client(&data_dir)?;
+            out.status(&client.status()?);
+        }
+        Command::Init { from, name, jobs } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let op = client.init(&InitRequest {
+                name,
+                from,
+                jobs: Some(jobs),
+            })?;
+            let branch = daemon_ctl::wait_operation(&client, op, &out)?;
+            out.branch(&branch);
+        }
+        Command::Branch(cmd) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            match cmd {
+                BranchCommand::Create {
+                    name,
+                    parent,
+                    at,
+                    ttl,
+                    protected,
+                    suspend_timeout,
+                } => out.branch(&client.create_branch(&CreateBranchRequest {
+                    name,
+                    parent,
+                    at,
+                    ttl,
+                    protected,
+                    suspend_timeout,
+                })?),
+                BranchCommand::List => out.branches(&client.list_branches()?),
+                BranchCommand::Get { name } => out.branch(&client.get_branch(&name)?),
+                BranchCommand::Delete { name } => {
+                    client.delete_branch(&name)?;
+                    out.message(
+                        &format!("deleted branch {name}"),
+                        serde_json::json!({ "deleted": name }),
+                    );
+                }
+                BranchCommand::Reset {
+                    name,
+                    preserve_under_name,
+                } => out.branch(&client.reset_branch(
+                    &name,
+                    &ResetBranchRequest {
+                        preserve_under_name,
+                    },
+                )?),
+                BranchCommand::Restore {
+                    name,
+                    at,
+                    preserve_under_name,
+                } => out.branch(&client.restore_branch(
+                    &name,
+                    &RestoreBranchRequest {
+                        at,
+                        preserve_under_name,
+                    },
+                )?),
+                BranchCommand::Rename { old, new } => {
+                    out.branch(&client.rename_branch(&old, &new)?)
+                }
+                BranchCommand::Set {
+                    name,
+                    suspend_timeout,
+                    ttl,
+                    protected,
+                } => out.branch(&client.update_branch(
+                    &name,
+                    &UpdateBranchRequest {
+                        protected,
+                        ttl,
+                        suspend_timeout,
+                    },
+                )?),
+            }
+        }
+        Command::ConnectionString { name, database } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let cs = client.connection_string(&name, database.as_deref())?;
+            out.message(&cs.connection_string, serde_json::to_value(&cs)?);
+        }
+        Command::Psql {
+            name,
+            database,
+            args,
+        } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let cs = client.connection_string(&name, database.as_deref())?;
+            let psql = daemon_ctl::psql_path(&client);
+            return daemon_ctl::exec_psql(&psql, &cs.connection_string, &args);
+        }
+        Command::Compute(cmd) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let b = match cmd {
+                ComputeCommand::Start { name } => client.start_compute(&name)?,
+                ComputeCommand::Stop { name } => client.stop_compute(&name)?,
+            };
+            out.branch(&b);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

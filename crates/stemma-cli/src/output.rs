@@ -1,0 +1,296 @@
+//! Human tables and `--output json`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use stemma_api::{Branch, BranchState, Status};
+
+pub struct Output {
+    json: bool,
+}
+
+/// `1536` -> `1.5 KiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause the message already holds.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+fn state(s: BranchState) -> &'static str {
+    match s {
+        BranchState::Running => "running",
+        BranchState::Suspended => "suspended",
+    }
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Output { json }
+    }
+
+    fn print_json(v: &impl serde::Serialize) {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot print JSON: {e}"),
+        }
+    }
+
+    pub fn message(&self, text: &str, json: serde_json::Value) {
+        if self.json {
+            Self::print_json(&json);
+        } else {
+            println!("{text}");
+        }
+    }
+
+    pub fn progress(&self) -> Option<ProgressBar> {
+        if self.json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
+    }
+
+    pub fn branch(&self, b: &Branch) {
+        if self.json {
+            return Self::print_json(b);
+        }
+        println!("branch:            {}", b.name);
+        println!("parent:            {}", b.parent.as_deref().unwrap_or("-"));
+        println!("state:             {}", state(b.state));
+        println!("connection string: {}", b.connection_string);
+        println!("created at:        {}", b.created_at.to_rfc3339());
+        if let Some(t) = b.last_reset_at {
+            println!("last reset at:     {}", t.to_rfc3339());
+        }
+        println!(
+            "protected:         {}",
+            if b.protected { "yes" } else { "no" }
+        );
+        if let Some(t) = b.expires_at {
+            println!("expires at:        {}", t.to_rfc3339());
+        }
+        println!("logical size:      {}", human_bytes(b.logical_size_bytes));
+        println!("own storage:       {}", human_bytes(b.own_storage_bytes));
+        if let Some(c) = &b.compute {
+            println!("compute:           pid {} on port {}", c.pid, c.port);
+        }
+        if let Some(e) = &b.compute_error {
+            println!("compute error:     {e}");
+        }
+    }
+
+    pub fn branches(&self, branches: &[Branch]) {
+        if self.json {
+            return Self::print_json(&branches);
+        }
+        println!("{}", branch_tree(branches));
+    }
+
+    pub fn status(&self, s: &Status) {
+        if self.json {
+            return Self::print_json(s);
+        }
+        println!(
+            "daemon:    running (pid {}, since {})",
+            s.pid,
+            s.started_at.to_rfc3339()
+        );
+        println!(
+            "api:       {} (OpenAPI at {}/openapi.json)",
+            s.api_url, s.api_url
+        );
+        println!("data dir:  {}", s.data_dir);
+        println!("storage:   {}", s.storage_detail);
+        println!(
+            "postgres:  {} ({}), computes run as {}",
+            s.postgres_version, s.postgres_bin_dir, s.compute_user
+        );
+        println!("branches:  {}", s.branches);
+        if s.computes.is_empty() {
+            println!("computes:  none running");
+        } else {
+            println!("computes:");
+            for c in &s.computes {
+                println!("  {:<24} pid {:<8} port {}", c.branch, c.pid, c.port);
+            }
+        }
+    }
+
+    pub fn up(&self, s: &Status, branches: &[Branch], already: bool) {
+        if self.json {
+            return Self::print_json(s);
+        }
+        let verb = if already {
+            "is already running"
+        } else {
+            "is running"
+        };
+        println!("Stemma {verb} (pid {}).", s.pid);
+        println!(
+            "  API:      {}  (OpenAPI: {}/openapi.json)",
+            s.api_url, s.api_url
+        );
+        println!("  data:     {}", s.data_dir);
+        println!("  storage:  {}", s.storage_detail);
+        println!();
+        println!("{}", branch_tree(branches));
+        println!();
+        for b in branches {
+            println!("  {:<20} {}", b.name, b.connection_string);
+        }
+    }
+}
+
+/// Branches as a tree: roots first, children indented under their parent.
+pub fn branch_tree(branches: &[Branch]) -> String {
+    let mut children: BTreeMap<Option<&str>, Vec<&Branch>> = BTreeMap::new();
+    let names: std::collections::HashSet<&str> = branches.iter().map(|b| b.name.as_str()).collect();
+    for b in branches {
+        let parent = b.parent.as_deref().filter(|p| names.contains(p));
+        children.entry(parent).or_default().push(b);
+    }
+    let mut rows: Vec<[String; 6]> = vec![[
+        "NAME".into(),
+        "STATE".into(),
+        "PORT".into(),
+        "SIZE".into(),
+        "OWN".into(),
+        "EXPIRES".into(),
+    ]];
+    fn walk<'a>(
+        parent: Option<&'a str>,
+        prefix: &str,
+        children: &BTreeMap<Option<&'a str>, Vec<&'a Branch>>,
+        rows: &mut Vec<[String; 6]>,
+    ) {
+        let Some(list) = children.get(&parent) else {
+            return;
+        };
+        for (i, b) in list.iter().enumerate() {
+            let last = i + 1 == list.len();
+            let (branch, next) = match parent {
+                None => (String::new(), String::new()),
+                Some(_) => (
+                    format!("{prefix}{}", if last { "└─ " } else { "├─ " }),
+                    format!("{prefix}{}", if last { "   " } else { "│  " }),
+                ),
+            };
+            let mut name = format!("{branch}{}", b.name);
+            if b.protected {
+                name.push_str(" (protected)");
+            }
+            rows.push([
+                name,
+                state(b.state).into(),
+                b.port.to_string(),
+                human_bytes(b.logical_size_bytes),
+                human_bytes(b.own_storage_bytes),
+                b.expires_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+            walk(Some(b.name.as_str()), &next, children, rows);
+        }
+    }
+    walk(None, "", &children, &mut rows);
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(c, cell)| {
+                    let pad = widths[c] - cell.chars().count();
+                    format!("{cell}{}", " ".repeat(pad))
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(name: &str, parent: Option<&str>) -> Branch {
+        Branch {
+            name: name.into(),
+            parent: parent.map(Into::into),
+            created_at: chrono::Utc::now(),
+            state: BranchState::Running,
+            connection_string: String::new(),
+            protected: false,
+            expires_at: None,
+            logical_size_bytes: 2048,
+            own_storage_bytes: 1024,
+            database: "postgres".into(),
+            port: 1,
+            timeline_id: "t".into(),
+            last_reset_at: None,
+            suspend_timeout_seconds: None,
+            compute: None,
+            compute_error: None,
+        }
+    }
+
+    #[test]
+    fn bytes() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+
+    #[test]
+    fn tree_nests_children() {
+        let t = branch_tree(&[
+            b("main", None),
+            b("dev", Some("main")),
+            b("dev-child", Some("dev")),
+            b("alice", Some("main")),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("main"));
+        assert!(lines[2].starts_with("├─ alice"));
+        assert!(lines[3].starts_with("└─ dev"));
+        assert!(lines[4].starts_with("   └─ dev-child"));
+    }
+}

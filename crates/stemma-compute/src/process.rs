@@ -1,0 +1,273 @@
+//! One postgres process: initdb, spawn, readiness, adoption and stop.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{ComputeError, ComputeUser, PgInstall, Result};
+
+/// What `initdb` is told.
+pub struct InitdbOptions<'a> {
+    pub superuser: &'a str,
+    pub password: &'a str,
+}
+
+/// Runs `initdb` on an empty, existing `data_dir` owned by the compute's user. Local and TCP
+/// connections need the password (scram-sha-256).
+pub fn initdb(
+    install: &PgInstall,
+    user: &Option<ComputeUser>,
+    data_dir: &Path,
+    opts: &InitdbOptions<'_>,
+) -> Result<()> {
+    // The password file must be readable by the compute's user and by nobody else.
+    let pwfile = tempfile_path("stemma-initdb-pw");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pwfile)
+            .map_err(ComputeError::io("writing initdb's password file"))?;
+        f.write_all(opts.password.as_bytes())
+            .map_err(ComputeError::io("writing initdb's password file"))?;
+    }
+    if let Some(u) = user {
+        std::os::unix::fs::chown(&pwfile, Some(u.uid), Some(u.gid)).map_err(ComputeError::io(
+            "handing initdb's password file to the compute user",
+        ))?;
+    }
+    let mut cmd = Command::new(install.bin("initdb"));
+    cmd.arg("-D")
+        .arg(data_dir)
+        .arg("-U")
+        .arg(opts.superuser)
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .args(["-A", "scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"])
+        .arg("--no-instructions")
+        .stdin(Stdio::null());
+    as_compute_user(&mut cmd, user);
+    let out = cmd.output();
+    let _ = fs::remove_file(&pwfile);
+    let out = out.map_err(ComputeError::io(format!(
+        "running {}",
+        install.bin("initdb").display()
+    )))?;
+    if !out.status.success() {
+        return Err(ComputeError::Failed(format!(
+            "initdb failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn tempfile_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "{prefix}-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ))
+}
+
+/// Makes `cmd` run as the compute's user (std drops supplementary groups when root sets a uid),
+/// with a minimal environment, in its own process group so that a signal sent to the daemon's
+/// group (Ctrl-C in `stemma serve`) does not reach computes.
+pub(crate) fn as_compute_user(cmd: &mut Command, user: &Option<ComputeUser>) {
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .env("LC_ALL", "C.UTF-8")
+        .process_group(0);
+    if let Some(u) = user {
+        cmd.uid(u.uid)
+            .gid(u.gid)
+            .env("USER", &u.name)
+            .env("HOME", "/tmp");
+    }
+}
+
+/// The contents of `postmaster.pid`, which a running postmaster keeps in its data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostmasterPid {
+    pub pid: i32,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    /// `starting`, `ready`, `standby` or `stopping`.
+    pub status: String,
+}
+
+/// Reads `postmaster.pid` in `data_dir`; `None` when absent or unreadable (no compute).
+pub fn read_postmaster_pid(data_dir: &Path) -> Option<PostmasterPid> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    Some(PostmasterPid {
+        pid: lines.first()?.trim().parse().ok()?,
+        data_dir: PathBuf::from(lines.get(1)?.trim()),
+        port: lines.get(3)?.trim().parse().ok()?,
+        status: lines
+            .get(7)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    })
+}
+
+/// Whether `pid` is a live (not zombie) postgres process serving `data_dir`.
+pub(crate) fn is_live_postmaster(pid: i32, data_dir: &Path) -> bool {
+    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state is the first field after the parenthesised command name.
+    if let Some(rest) = stat.rsplit(')').next() {
+        if rest.trim_start().starts_with('Z') {
+            return false;
+        }
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_postgres = args
+        .first()
+        .map(|a| a.ends_with(b"postgres") || a.ends_with(b"postmaster"))
+        .unwrap_or(false);
+    let dir = data_dir.as_os_str().as_encoded_bytes();
+    is_postgres && args.iter().any(|a| *a == dir)
+}
+
+/// Spawns `postgres` for `data_dir` and returns the child. Does not wait for readiness.
+pub(crate) fn spawn_postgres(
+    install: &PgInstall,
+    user: &Option<ComputeUser>,
+    data_dir: &Path,
+    port: u16,
+    settings: &BTreeMap<String, String>,
+    log_path: &Path,
+) -> Result<std::process::Child> {
+    if let Some(parent) = log_path.parent() {
+        fs::create_dir_all(parent).map_err(ComputeError::io("creating the log directory"))?;
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(ComputeError::io(format!("opening {}", log_path.display())))?;
+    let _ = fs::set_permissions(log_path, fs::Permissions::from_mode(0o640));
+    let log2 = log
+        .try_clone()
+        .map_err(ComputeError::io("duplicating the log descriptor"))?;
+    let mut cmd = Command::new(install.bin("postgres"));
+    cmd.arg("-D").arg(data_dir).arg("-p").arg(port.to_string());
+    for (k, v) in settings {
+        cmd.arg("-c").arg(format!("{k}={v}"));
+    }
+    cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+    as_compute_user(&mut cmd, user);
+    cmd.spawn().map_err(ComputeError::io(format!(
+        "starting {}",
+        install.bin("postgres").display()
+    )))
+}
+
+/// Waits until the postmaster `pid` for `data_dir` says `ready` (or `standby`), it exits, or
+/// `timeout` passes. `exited` tells whether the process is gone.
+pub(crate) async fn wait_ready(
+    pid: i32,
+    data_dir: &Path,
+    timeout: Duration,
+    mut exited: impl FnMut() -> bool,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(2);
+    loop {
+        if let Some(pm) = read_postmaster_pid(data_dir) {
+            if pm.pid == pid && (pm.status == "ready" || pm.status == "standby") {
+                return Ok(());
+            }
+        }
+        if exited() {
+            return Err("postgres exited during startup".into());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("not ready after {}s", timeout.as_secs()));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Stops the postmaster `pid`: a fast shutdown (SIGINT: clients are disconnected, a checkpoint
+/// is written), escalating to an immediate shutdown and then SIGKILL if it does not exit.
+pub(crate) async fn stop_postmaster(pid: i32, data_dir: &Path, mut reap: impl FnMut() -> bool) {
+    let steps = [
+        (Signal::SIGINT, Duration::from_secs(60)),
+        (Signal::SIGQUIT, Duration::from_secs(10)),
+        (Signal::SIGKILL, Duration::from_secs(10)),
+    ];
+    for (signal, wait) in steps {
+        if reap() || !is_live_postmaster(pid, data_dir) {
+            return;
+        }
+        tracing::debug!(pid, ?signal, "stopping compute");
+        let _ = kill(Pid::from_raw(pid), signal);
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if reap() || !is_live_postmaster(pid, data_dir) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!(pid, ?signal, "compute did not stop in time; escalating");
+    }
+}
+
+/// Whether something already listens on (or holds) 127.0.0.1:`port`.
+pub(crate) fn port_in_use(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_postmaster_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("postmaster.pid"),
+            "4242\n/var/lib/x\n1700000000\n5433\n\n127.0.0.1\n  1234  5678\nready   \n",
+        )
+        .unwrap();
+        let pm = read_postmaster_pid(dir.path()).unwrap();
+        assert_eq!(pm.pid, 4242);
+        assert_eq!(pm.port, 5433);
+        assert_eq!(pm.status, "ready");
+        assert_eq!(pm.data_dir, PathBuf::from("/var/lib/x"));
+        fs::write(dir.path().join("postmaster.pid"), "garbage").unwrap();
+        assert!(read_postmaster_pid(dir.path()).is_none());
+    }
+
+    #[test]
+    fn our_own_process_is_not_a_postmaster() {
+        assert!(!is_live_postmaster(
+            std::process::id() as i32,
+            Path::new("/x")
+        ));
+        assert!(!is_live_postmaster(0, Path::new("/x")));
+    }
+}

@@ -1,0 +1,400 @@
+//! Keeps the computes that should run running.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::process::{
+    is_live_postmaster, log_tail, port_in_use, read_postmaster_pid, spawn_postgres,
+    stop_postmaster, wait_ready,
+};
+use crate::{ComputeError, ComputeUser, PgInstall, Result};
+
+/// How long a compute may take to accept connections (crash recovery included).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Restart backoff after a compute dies: doubles from the first value up to the second.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often the monitor looks at every compute.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Everything needed to run one compute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputeSpec {
+    /// A stable key (the control plane uses the branch's id): survives renames.
+    pub key: String,
+    /// A human name for logs and errors (the branch name).
+    pub label: String,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    /// `-c name=value` settings.
+    pub settings: BTreeMap<String, String>,
+    pub log_path: PathBuf,
+}
+
+/// A running compute, as reported to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputeInfo {
+    pub key: String,
+    pub label: String,
+    pub pid: i32,
+    pub port: u16,
+    pub started_at: SystemTime,
+    /// Restarts after unexpected exits since the daemon started.
+    pub restarts: u32,
+    /// Whether this daemon found the compute already running (after a daemon restart).
+    pub adopted: bool,
+}
+
+struct Entry {
+    spec: ComputeSpec,
+    pid: Option<i32>,
+    /// Present when this daemon spawned the process, so it must also reap it.
+    child: Option<std::process::Child>,
+    started_at: SystemTime,
+    restarts: u32,
+    adopted: bool,
+    /// When set, the compute died and is restarted at this time.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    last_error: Option<String>,
+}
+
+impl Entry {
+    /// Reaps our child if it exited; returns whether the process is still alive.
+    fn alive(&mut self) -> bool {
+        let Some(pid) = self.pid else { return false };
+        if let Some(child) = &mut self.child {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return false;
+            }
+        }
+        is_live_postmaster(pid, &self.spec.data_dir)
+    }
+}
+
+struct Inner {
+    install: PgInstall,
+    user: Option<ComputeUser>,
+    /// Keyed by [`ComputeSpec::key`]: only computes that should run are here.
+    computes: Mutex<HashMap<String, Entry>>,
+    /// Serialises starts and stops of one key, so concurrent callers start exactly one compute.
+    key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Starts, adopts, restarts and stops computes. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl Supervisor {
+    pub fn new(install: PgInstall, user: Option<ComputeUser>) -> Self {
+        Supervisor {
+            inner: Arc::new(Inner {
+                install,
+                user,
+                computes: Mutex::new(HashMap::new()),
+                key_locks: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn install(&self) -> &PgInstall {
+        &self.inner.install
+    }
+
+    pub fn user(&self) -> &Option<ComputeUser> {
+        &self.inner.user
+    }
+
+    fn computes(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock leaves plain data behind; keep serving.
+        self.inner
+            .computes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .key_locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Makes sure the compute of `spec` runs and accepts connections: adopts a postmaster that
+    /// already serves the data directory, or starts one. Idempotent.
+    pub async fn start(&self, spec: ComputeSpec) -> Result<ComputeInfo> {
+        let lock = self.key_lock(&spec.key);
+        let _guard = lock.lock().await;
+        self.start_locked(spec).await
+    }
+
+    async fn start_locked(&self, spec: ComputeSpec) -> Result<ComputeInfo> {
+        // Already running under this daemon?
+        {
+            let mut computes = self.computes();
+            if let Some(e) = computes.get_mut(&spec.key) {
+                if e.retry_at.is_none() && e.spec == spec && e.alive() {
+                    return Ok(info(e));
+                }
+            }
+        }
+        let restarts = self
+            .computes()
+            .get(&spec.key)
+            .map(|e| e.restarts)
+            .unwrap_or(0);
+        // Running from before a daemon restart? postmaster.pid is the truth.
+        if let Some(pm) = read_postmaster_pid(&spec.data_dir) {
+            if is_live_postmaster(pm.pid, &spec.data_dir) {
+                if pm.port == spec.port {
+                    tracing::info!(compute = %spec.label, pid = pm.pid, "adopting running compute");
+                    let mut entry = new_entry(spec.clone(), pm.pid, None, restarts);
+                    entry.adopted = true;
+                    let out = info(&entry);
+                    self.computes().insert(spec.key.clone(), entry);
+                    if pm.status != "ready" && pm.status != "standby" {
+                        self.wait_started(&spec, pm.pid).await?;
+                    }
+                    return Ok(out);
+                }
+                // Settings changed (another port): restart it with the new ones.
+                stop_postmaster(pm.pid, &spec.data_dir, || false).await;
+            }
+        }
+        if port_in_use(spec.port) {
+            return Err(ComputeError::PortInUse { port: spec.port });
+        }
+        let child = spawn_postgres(
+            &self.inner.install,
+            &self.inner.user,
+            &spec.data_dir,
+            spec.port,
+            &spec.settings,
+            &spec.log_path,
+        )?;
+        let pid = child.id() as i32;
+        tracing::info!(compute = %spec.label, pid, port = spec.port, "starting compute");
+        let entry = new_entry(spec.clone(), pid, Some(child), restarts);
+        let out = info(&entry);
+        self.computes().insert(spec.key.clone(), entry);
+        if let Err(e) = self.wait_started(&spec, pid).await {
+            // Leave nothing half started.
+            let reap = self.reaper(&spec.key);
+            stop_postmaster(pid, &spec.data_dir, reap).await;
+            self.computes().remove(&spec.key);
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    async fn wait_started(&self, spec: &ComputeSpec, pid: i32) -> Result<()> {
+        let exited = self.reaper(&spec.key);
+        let data_dir = spec.data_dir.clone();
+        let mut exited = exited;
+        let result = wait_ready(pid, &spec.data_dir, START_TIMEOUT, move || {
+            exited() || !is_live_postmaster(pid, &data_dir)
+        })
+        .await;
+        result.map_err(|reason| {
+            let tail = log_tail(&spec.log_path, 8);
+            ComputeError::StartFailed {
+                label: spec.label.clone(),
+                reason: format!("{reason}; log {}:\n{tail}", spec.log_path.display()),
+            }
+        })
+    }
+
+    /// A closure that reaps the child of `key` if it exited, returning whether it did.
+    fn reaper(&self, key: &str) -> impl FnMut() -> bool + use<> {
+        let this = self.clone();
+        let key = key.to_string();
+        move || {
+            let mut computes = this.computes();
+            match computes.get_mut(&key) {
+                Some(Entry {
+                    child: Some(child), ..
+                }) => matches!(child.try_wait(), Ok(Some(_))),
+                _ => false,
+            }
+        }
+    }
+
+    /// Stops the compute of `key` cleanly (fast shutdown) and forgets it. `data_dir` is used
+    /// when this daemon does not know the compute (a leftover from a previous run).
+    pub async fn stop(&self, key: &str, data_dir: &std::path::Path) -> Result<()> {
+        let lock = self.key_lock(key);
+        let _guard = lock.lock().await;
+        let entry = self.computes().remove(key);
+        let (pid, dir, mut child) = match entry {
+            Some(e) => (e.pid, e.spec.data_dir, e.child),
+            None => (
+                read_postmaster_pid(data_dir).map(|p| p.pid),
+                data_dir.to_path_buf(),
+                None,
+            ),
+        };
+        if let Some(pid) = pid {
+            stop_postmaster(pid, &dir, move || match &mut child {
+                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                None => false,
+            })
+            .await;
+            tracing::info!(key, pid, "compute stopped");
+        }
+        Ok(())
+    }
+
+    /// The running compute of `key`, if any.
+    pub fn info(&self, key: &str) -> Option<ComputeInfo> {
+        let mut computes = self.computes();
+        let e = computes.get_mut(key)?;
+        (e.retry_at.is_none() && e.alive()).then(|| info(e))
+    }
+
+    /// Every running compute.
+    pub fn list(&self) -> Vec<ComputeInfo> {
+        let mut computes = self.computes();
+        let mut out: Vec<ComputeInfo> = computes
+            .values_mut()
+            .filter_map(|e| (e.retry_at.is_none() && e.alive()).then(|| info(e)))
+            .collect();
+        out.sort_by(|a, b| a.label.cmp(&b.label));
+        out
+    }
+
+    /// The last start error of a compute that should run but does not.
+    pub fn last_error(&self, key: &str) -> Option<String> {
+        self.computes().get(key).and_then(|e| e.last_error.clone())
+    }
+
+    /// Stops every compute (daemon shutdown).
+    pub async fn stop_all(&self) {
+        let keys: Vec<(String, PathBuf)> = self
+            .computes()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.spec.data_dir.clone()))
+            .collect();
+        // PostgreSQL's fast shutdown writes a checkpoint: stop all computes together.
+        let mut set = tokio::task::JoinSet::new();
+        for (key, dir) in keys {
+            let this = self.clone();
+            set.spawn(async move { this.stop(&key, &dir).await });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "stopping a compute"),
+                Err(e) => tracing::warn!(error = %e, "stopping a compute panicked"),
+            }
+        }
+    }
+
+    /// One pass of the monitor: finds computes that died and restarts those whose backoff ran
+    /// out. Returns how many were restarted. [`Supervisor::run_monitor`] calls it periodically.
+    pub async fn check_once(&self) -> usize {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut computes = self.computes();
+            for (key, e) in computes.iter_mut() {
+                match e.retry_at {
+                    None => {
+                        if !e.alive() {
+                            e.restarts += 1;
+                            e.retry_at = Some(now + e.backoff);
+                            tracing::warn!(
+                                compute = %e.spec.label,
+                                restarts = e.restarts,
+                                backoff_ms = e.backoff.as_millis() as u64,
+                                "compute exited unexpectedly; restarting after backoff"
+                            );
+                        }
+                    }
+                    Some(at) if at <= now => due.push((key.clone(), e.spec.clone())),
+                    Some(_) => {}
+                }
+            }
+        }
+        let mut restarted = 0;
+        for (key, spec) in due {
+            let lock = self.key_lock(&key);
+            let _guard = lock.lock().await;
+            // It may have been stopped meanwhile.
+            if !self.computes().contains_key(&key) {
+                continue;
+            }
+            match self.start_locked(spec.clone()).await {
+                Ok(_) => {
+                    restarted += 1;
+                    if let Some(e) = self.computes().get_mut(&key) {
+                        e.last_error = None;
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(compute = %spec.label, error = %err, "restart failed");
+                    let mut computes = self.computes();
+                    let e = computes
+                        .entry(key)
+                        .or_insert_with(|| new_entry(spec, 0, None, 0));
+                    e.pid = None;
+                    e.backoff = (e.backoff * 2).min(BACKOFF_MAX);
+                    e.retry_at = Some(Instant::now() + e.backoff);
+                    e.last_error = Some(err.to_string());
+                }
+            }
+        }
+        restarted
+    }
+
+    /// Runs the monitor until `shutdown` resolves.
+    pub async fn run_monitor(self, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut shutdown = shutdown;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(MONITOR_INTERVAL) => { self.check_once().await; }
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+fn new_entry(
+    spec: ComputeSpec,
+    pid: i32,
+    child: Option<std::process::Child>,
+    restarts: u32,
+) -> Entry {
+    Entry {
+        spec,
+        pid: Some(pid),
+        child,
+        started_at: SystemTime::now(),
+        restarts,
+        adopted: false,
+        retry_at: None,
+        backoff: BACKOFF_MIN,
+        last_error: None,
+    }
+}
+
+fn info(e: &Entry) -> ComputeInfo {
+    ComputeInfo {
+        key: e.spec.key.clone(),
+        label: e.spec.label.clone(),
+        pid: e.pid.unwrap_or(0),
+        port: e.spec.port,
+        started_at: e.started_at,
+        restarts: e.restarts,
+        adopted: e.adopted,
+    }
+}

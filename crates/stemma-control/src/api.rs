@@ -1,0 +1,273 @@
+//! The JSON HTTP API (axum), described by an OpenAPI document served at `/openapi.json`.
+//!
+//! Every route under `/v1` needs `Authorization: Bearer <token>`, the token the daemon keeps
+//! in `<data dir>/api-token` (mode 0600). Handlers are thin: each calls one [`Engine`] method.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use stemma_api::*;
+use utoipa::OpenApi;
+
+use crate::{ControlError, Engine};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub token: Arc<String>,
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// A [`ControlError`] as an HTTP response.
+pub struct HttpError(ControlError);
+
+impl From<ControlError> for HttpError {
+    fn from(e: ControlError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self.0 {
+            ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ControlError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+            ControlError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let error = match &self.0 {
+            ControlError::Internal(e) => format!("{e:#}"),
+            other => other.to_string(),
+        };
+        (
+            status,
+            Json(ApiError {
+                code: code.into(),
+                error,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, HttpError>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stemma API", description = "Branches of PostgreSQL databases: create, reset, delete, connect."),
+    paths(
+        status, list_branches, create_branch, get_branch, delete_branch, update_branch,
+        reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
+        connection_string, init, operation, shutdown
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/status", get(status))
+        .route("/branches", get(list_branches).post(create_branch))
+        .route(
+            "/branches/{name}",
+            get(get_branch).delete(delete_branch).patch(update_branch),
+        )
+        .route("/branches/{name}/reset", post(reset_branch))
+        .route("/branches/{name}/restore", post(restore_branch))
+        .route("/branches/{name}/rename", post(rename_branch))
+        .route("/branches/{name}/compute/start", post(start_compute))
+        .route("/branches/{name}/compute/stop", post(stop_compute))
+        .route("/branches/{name}/connection-string", get(connection_string))
+        .route("/init", post(init))
+        .route("/operations/{id}", get(operation))
+        .route("/shutdown", post(shutdown))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/v1", v1)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            Json(ApiError {
+                code: "unauthorized".into(),
+                error: "missing or wrong API token: the CLI reads it from <data dir>/api-token, or set STEMMA_TOKEN".into(),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = Status)))]
+async fn status(State(s): State<AppState>) -> ApiResult<Status> {
+    Ok(Json(s.engine.status()?))
+}
+
+#[utoipa::path(get, path = "/v1/branches", responses((status = 200, body = [Branch])))]
+async fn list_branches(State(s): State<AppState>) -> ApiResult<Vec<Branch>> {
+    Ok(Json(s.engine.list_branches().await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches", request_body = CreateBranchRequest,
+    responses((status = 200, body = Branch), (status = 409, body = ApiError), (status = 404, body = ApiError)))]
+async fn create_branch(
+    State(s): State<AppState>,
+    Json(req): Json<CreateBranchRequest>,
+) -> ApiResult<Branch> {
+    Ok(Json(s.engine.create_branch(&req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/branches/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Branch), (status = 404, body = ApiError)))]
+async fn get_branch(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+    Ok(Json(s.engine.get_branch(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/branches/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ApiError)))]
+async fn delete_branch(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.delete_branch(&name).await?;
+    Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+#[utoipa::path(patch, path = "/v1/branches/{name}", params(("name" = String, Path)),
+    request_body = UpdateBranchRequest, responses((status = 200, body = Branch)))]
+async fn update_branch(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<UpdateBranchRequest>,
+) -> ApiResult<Branch> {
+    Ok(Json(s.engine.update_branch(&name, &req).await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/reset", params(("name" = String, Path)),
+    request_body = ResetBranchRequest, responses((status = 200, body = Branch)))]
+async fn reset_branch(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<ResetBranchRequest>,
+) -> ApiResult<Branch> {
+    Ok(Json(
+        s.engine
+            .reset_branch(&name, req.preserve_under_name.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/restore", params(("name" = String, Path)),
+    request_body = RestoreBranchRequest, responses((status = 200, body = Branch), (status = 501, body = ApiError)))]
+async fn restore_branch(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<RestoreBranchRequest>,
+) -> ApiResult<Branch> {
+    Ok(Json(s.engine.restore_branch(&name, &req).await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/rename", params(("name" = String, Path)),
+    request_body = RenameBranchRequest, responses((status = 200, body = Branch)))]
+async fn rename_branch(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<RenameBranchRequest>,
+) -> ApiResult<Branch> {
+    Ok(Json(s.engine.rename_branch(&name, &req.new_name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/compute/start", params(("name" = String, Path)),
+    responses((status = 200, body = Branch)))]
+async fn start_compute(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+    Ok(Json(s.engine.start_compute(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/compute/stop", params(("name" = String, Path)),
+    responses((status = 200, body = Branch)))]
+async fn stop_compute(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+    Ok(Json(s.engine.stop_compute(&name).await?))
+}
+
+#[derive(Deserialize)]
+struct DatabaseQuery {
+    database: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/branches/{name}/connection-string",
+    params(("name" = String, Path), ("database" = Option<String>, Query)),
+    responses((status = 200, body = ConnectionString)))]
+async fn connection_string(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DatabaseQuery>,
+) -> ApiResult<ConnectionString> {
+    Ok(Json(
+        s.engine
+            .connection_string_for(&name, q.database.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/init", request_body = InitRequest,
+    responses((status = 200, body = Operation)))]
+async fn init(State(s): State<AppState>, Json(req): Json<InitRequest>) -> ApiResult<Operation> {
+    Ok(Json(s.engine.init(&req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Operation)))]
+async fn operation(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Operation> {
+    Ok(Json(s.engine.operation(&id)?))
+}
+
+#[utoipa::path(post, path = "/v1/shutdown", responses((status = 200, body = Object)))]
+async fn shutdown(State(s): State<AppState>) -> ApiResult<serde_json::Value> {
+    let _ = s.shutdown.send(true);
+    Ok(Json(serde_json::json!({ "shutting_down": true })))
+}

@@ -1,0 +1,86 @@
+//! The daemon's configuration and the file through which the CLI finds a running daemon.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the API listens unless told otherwise: loopback only.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7540";
+/// The first port handed to branches.
+pub const DEFAULT_PORT_BASE: u16 = 55432;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    /// `copy` (the only driver until the pagestore lands).
+    pub storage: String,
+    pub port_base: u16,
+    /// The OS user computes run as when the daemon is root (default `postgres`).
+    pub compute_user: Option<String>,
+    /// Overrides the PostgreSQL installation (`STEMMA_PG_BIN`).
+    pub pg_bin: Option<PathBuf>,
+    /// The root branch created on first start.
+    pub root_branch: String,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            api_listen: DEFAULT_API_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7540))),
+            storage: "copy".into(),
+            port_base: DEFAULT_PORT_BASE,
+            compute_user: None,
+            pg_bin: None,
+            root_branch: "main".into(),
+        }
+    }
+
+    pub fn metadata_path(&self) -> PathBuf {
+        self.data_dir.join("metadata.db")
+    }
+    pub fn token_path(&self) -> PathBuf {
+        token_path(&self.data_dir)
+    }
+    pub fn info_path(&self) -> PathBuf {
+        info_path(&self.data_dir)
+    }
+    pub fn timelines_dir(&self) -> PathBuf {
+        self.data_dir.join("timelines")
+    }
+    pub fn logs_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.data_dir.join("scratch")
+    }
+}
+
+/// The API token file in a data directory (mode 0600).
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("api-token")
+}
+
+/// The file a running daemon writes so that the CLI can find it.
+pub fn info_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("daemon.json")
+}
+
+/// Contents of `daemon.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub api_url: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl DaemonInfo {
+    pub fn read(data_dir: &Path) -> Option<DaemonInfo> {
+        let text = std::fs::read_to_string(info_path(data_dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}

@@ -1,0 +1,227 @@
+//! `stemma serve`: the daemon's start, its background loops and its clean stop.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use stemma_compute::{ComputeUser, PgInstall, Supervisor};
+use stemma_storage::{CopyDriver, StorageDriver};
+
+use crate::api::{router, AppState};
+use crate::config::{info_path, DaemonInfo};
+use crate::metadata::Metadata;
+use crate::{Config, Engine};
+
+/// How often expired branches are looked for.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Runs the daemon until SIGINT, SIGTERM or `POST /v1/shutdown`; then stops every compute.
+pub async fn serve(cfg: Config) -> Result<()> {
+    let data_dir = cfg.data_dir.clone();
+    fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    // Computes (another user) must traverse it; its secrets have their own modes.
+    fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of {}", data_dir.display()))?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let token = load_or_create_token(&cfg.token_path())?;
+
+    let install = PgInstall::discover(cfg.pg_bin.as_deref())?;
+    let user = ComputeUser::resolve(cfg.compute_user.as_deref())?;
+    if let Some(u) = &user {
+        check_traversable(&data_dir, u)?;
+    }
+    let meta = Metadata::open(&cfg.metadata_path())?;
+    match meta.get_kv("storage")? {
+        Some(existing) if existing != cfg.storage => bail!(
+            "the data directory {} uses the {existing} storage driver; start it with --storage {existing} (drivers cannot be switched in place)",
+            data_dir.display()
+        ),
+        Some(_) => {}
+        None => meta.set_kv("storage", &cfg.storage)?,
+    }
+    let storage: Arc<dyn StorageDriver> = match cfg.storage.as_str() {
+        "copy" => Arc::new(CopyDriver::open(
+            &cfg.timelines_dir(),
+            ComputeUser::ids(&user),
+        )?),
+        "pagestore" => bail!(
+            "the pagestore storage driver is not available in this build yet; use --storage copy"
+        ),
+        other => bail!("unknown storage driver {other:?}; choose copy or pagestore"),
+    };
+    fs::create_dir_all(cfg.logs_dir()).context("creating the logs directory")?;
+    // Scratch space of imports cut off by a crash.
+    let _ = fs::remove_dir_all(cfg.scratch_dir());
+    fs::create_dir_all(cfg.scratch_dir()).context("creating the scratch directory")?;
+
+    let supervisor = Supervisor::new(install, user);
+    let engine = Arc::new(Engine::new(cfg.clone(), meta, storage, supervisor.clone()));
+
+    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the API; is another daemon using it? Choose another address with --api-listen",
+                cfg.api_listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let api_url = format!("http://{addr}");
+    engine.set_api_url(&api_url);
+
+    engine.reconcile().await?;
+    engine.bootstrap().await?;
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(supervisor.clone().run_monitor(shutdown_rx.clone()));
+    let expiry = tokio::spawn(expiry_loop(engine.clone(), shutdown_rx.clone()));
+
+    write_info(
+        &data_dir,
+        &DaemonInfo {
+            pid: std::process::id(),
+            api_url: api_url.clone(),
+            started_at: chrono::Utc::now(),
+        },
+    )?;
+    tracing::info!(%api_url, data_dir = %data_dir.display(), storage = %engine.status()?.storage_detail, "stemma daemon ready");
+
+    let state = AppState {
+        engine: engine.clone(),
+        token: Arc::new(token),
+        shutdown: shutdown_tx.clone(),
+    };
+    let mut rx = shutdown_rx.clone();
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot handle SIGTERM");
+                        let _ = rx.changed().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = rx.changed() => tracing::info!("shutdown requested through the API"),
+            }
+        })
+        .await;
+    let _ = shutdown_tx.send(true);
+    let _ = monitor.await;
+    let _ = expiry.await;
+    tracing::info!("stopping computes");
+    supervisor.stop_all().await;
+    let _ = fs::remove_file(info_path(&data_dir));
+    tracing::info!("stemma daemon stopped");
+    served.context("serving the API")
+}
+
+async fn expiry_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        match engine.expire_branches().await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(?deleted, "deleted expired branches")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "looking for expired branches"),
+        }
+    }
+}
+
+/// One daemon per data directory: an exclusive lock held for the daemon's life.
+fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = data_dir.join("daemon.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, errno)) => {
+            let holder = DaemonInfo::read(data_dir)
+                .map(|i| format!(" (pid {}, {})", i.pid, i.api_url))
+                .unwrap_or_default();
+            bail!(
+                "another stemma daemon is already running on {}{holder}: {errno}; stop it with `stemma down`",
+                data_dir.display()
+            )
+        }
+    }
+}
+
+fn load_or_create_token(path: &Path) -> Result<String> {
+    if let Ok(t) = fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            return Ok(t);
+        }
+    }
+    use rand::distributions::{Alphanumeric, DistString};
+    let token = Alphanumeric.sample_string(&mut rand::thread_rng(), 40);
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
+fn write_info(data_dir: &Path, info: &DaemonInfo) -> Result<()> {
+    let path = info_path(data_dir);
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(info)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The compute's user must reach its data directory through every ancestor directory.
+fn check_traversable(data_dir: &Path, user: &ComputeUser) -> Result<()> {
+    let abs = fs::canonicalize(data_dir)?;
+    for dir in abs.ancestors() {
+        let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let mode = meta.mode();
+        let ok = if meta.uid() == user.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == user.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            bail!(
+                "computes run as user {:?}, who cannot enter {} (mode {:o}); choose a data directory it can reach (for example /var/lib/stemma) or `chmod o+x {}`",
+                user.name,
+                dir.display(),
+                mode & 0o7777,
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,857 @@
+//! Branch operations: the one place where metadata, storage and computes meet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use stemma_api::{self as api, BranchState};
+use stemma_compute::{ComputeSpec, OnlineBackup, Supervisor};
+use stemma_storage::{CloneConsistency, CloneFilter, StorageDriver, TimelineId, Usage};
+
+use crate::metadata::{BranchRow, BranchUpdate, Metadata, NewBranch, TimelineState};
+use crate::names::{parse_duration, validate_branch_name};
+use crate::{Config, ControlError, Result};
+
+/// The database superuser of every branch (created by `initdb`).
+pub const DB_SUPERUSER: &str = "stemma";
+
+/// Settings every compute runs with: sized for development, loopback only, no Unix socket (the
+/// data directory is the only per-branch path and socket paths are length-limited).
+/// A branch's own settings override these.
+const DEFAULT_SETTINGS: &[(&str, &str)] = &[
+    ("listen_addresses", "127.0.0.1"),
+    ("unix_socket_directories", ""),
+    ("shared_buffers", "32MB"),
+    ("max_connections", "50"),
+    ("work_mem", "4MB"),
+    ("maintenance_work_mem", "32MB"),
+    ("effective_cache_size", "256MB"),
+    ("max_wal_size", "512MB"),
+    ("min_wal_size", "32MB"),
+    ("wal_level", "replica"),
+    ("max_wal_senders", "4"),
+    ("max_replication_slots", "4"),
+    ("max_worker_processes", "4"),
+    ("max_parallel_workers", "2"),
+    ("max_parallel_workers_per_gather", "1"),
+    ("autovacuum_max_workers", "2"),
+    ("huge_pages", "off"),
+    ("jit", "off"),
+    ("logging_collector", "off"),
+    ("log_line_prefix", "%m [%p] "),
+];
+
+/// Entries of a data directory that a clone leaves out or takes empty, from PostgreSQL's
+/// documentation of base backups ("Making a Base Backup Using the Low Level API").
+const CLONE_EXCLUDE: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "tablespace_map",
+];
+const CLONE_EMPTY: &[&str] = &[
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// A long-running operation tracked for progress polling.
+pub(crate) type Jobs = Mutex<HashMap<String, api::Operation>>;
+
+pub struct Engine {
+    pub(crate) cfg: Config,
+    pub(crate) meta: Metadata,
+    pub(crate) storage: Arc<dyn StorageDriver>,
+    pub(crate) supervisor: Supervisor,
+    /// One mutating branch operation at a time.
+    pub(crate) op_lock: tokio::sync::Mutex<()>,
+    pub(crate) jobs: Jobs,
+    /// Names taken by imports in progress (they hold no operation lock while they run).
+    pub(crate) reserved: Mutex<HashSet<String>>,
+    pub(crate) started_at: DateTime<Utc>,
+    pub(crate) api_url: Mutex<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn new_timeline_id() -> TimelineId {
+    let now = Utc::now().timestamp_micros() as u64;
+    let id = format!("{now:014x}-{:08x}", rand::random::<u32>());
+    // Hex digits and '-' only: always a valid id.
+    TimelineId::parse(&id).unwrap_or_else(|_| unreachable!("generated timeline ids are valid"))
+}
+
+pub(crate) fn random_password() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+}
+
+fn timeline(id: &str) -> Result<TimelineId> {
+    TimelineId::parse(id).map_err(|e| ControlError::Internal(anyhow::anyhow!(e)))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ControlError::Internal(anyhow::anyhow!("a blocking task failed: {e}")))?
+}
+
+impl Engine {
+    pub fn new(
+        cfg: Config,
+        meta: Metadata,
+        storage: Arc<dyn StorageDriver>,
+        supervisor: Supervisor,
+    ) -> Self {
+        Engine {
+            cfg,
+            meta,
+            storage,
+            supervisor,
+            op_lock: tokio::sync::Mutex::new(()),
+            jobs: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashSet::new()),
+            started_at: Utc::now(),
+            api_url: Mutex::new(String::new()),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    pub(crate) fn set_api_url(&self, url: &str) {
+        *lock(&self.api_url) = url.to_string();
+    }
+
+    // ----- views -------------------------------------------------------------------------
+
+    fn compute_key(b: &BranchRow) -> String {
+        format!("branch-{}", b.id)
+    }
+
+    pub(crate) fn compute_spec(&self, b: &BranchRow) -> Result<ComputeSpec> {
+        let tl = timeline(&b.timeline_id)?;
+        let mut settings: BTreeMap<String, String> = DEFAULT_SETTINGS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        settings.extend(b.settings.clone());
+        Ok(ComputeSpec {
+            key: Self::compute_key(b),
+            label: b.name.clone(),
+            data_dir: self.storage.data_dir(&tl),
+            port: b.port,
+            settings,
+            log_path: self.cfg.logs_dir().join(format!("compute-{}.log", b.id)),
+        })
+    }
+
+    pub(crate) fn connection_string(b: &BranchRow, database: &str) -> String {
+        format!(
+            "postgresql://{}:{}@127.0.0.1:{}/{}",
+            b.db_user, b.db_password, b.port, database
+        )
+    }
+
+    fn to_api(&self, b: &BranchRow, parent: Option<String>, usage: Usage) -> api::Branch {
+        let compute = self.supervisor.info(&Self::compute_key(b));
+        api::Branch {
+            name: b.name.clone(),
+            parent,
+            created_at: b.created_at,
+            state: if compute.is_some() {
+                BranchState::Running
+            } else {
+                BranchState::Suspended
+            },
+            connection_string: Self::connection_string(b, &b.database),
+            protected: b.protected,
+            expires_at: b.expires_at,
+            logical_size_bytes: usage.logical_size_bytes,
+            own_storage_bytes: usage.own_storage_bytes,
+            database: b.database.clone(),
+            port: b.port,
+            timeline_id: b.timeline_id.clone(),
+            last_reset_at: b.last_reset_at,
+            suspend_timeout_seconds: b.suspend_timeout_secs,
+            compute: compute.map(|c| api::Compute {
+                branch: b.name.clone(),
+                pid: c.pid,
+                port: c.port,
+                started_at: DateTime::<Utc>::from(c.started_at),
+                restarts: c.restarts,
+            }),
+            compute_error: if b.compute_running {
+                self.supervisor.last_error(&Self::compute_key(b))
+            } else {
+                None
+            },
+        }
+    }
+
+    async fn usage_of(&self, timeline_ids: Vec<String>) -> Result<Vec<Usage>> {
+        let storage = self.storage.clone();
+        blocking(move || {
+            Ok(timeline_ids
+                .iter()
+                .map(|t| {
+                    TimelineId::parse(t)
+                        .ok()
+                        .and_then(|id| storage.usage(&id).ok())
+                        .unwrap_or_default()
+                })
+                .collect())
+        })
+        .await
+    }
+
+    pub async fn list_branches(&self) -> Result<Vec<api::Branch>> {
+        let rows = self.meta.branches()?;
+        let names: HashMap<i64, String> = rows.iter().map(|b| (b.id, b.name.clone())).collect();
+        let usage = self
+            .usage_of(rows.iter().map(|b| b.timeline_id.clone()).collect())
+            .await?;
+        Ok(rows
+            .iter()
+            .zip(usage)
+            .map(|(b, u)| {
+                let parent = b.parent_id.and_then(|p| names.get(&p).cloned());
+                self.to_api(b, parent, u)
+            })
+            .collect())
+    }
+
+    fn row(&self, name: &str) -> Result<BranchRow> {
+        self.meta.branch(name)?.ok_or_else(|| {
+            ControlError::NotFound(format!(
+                "branch {name:?} does not exist (see `stemma branch list`)"
+            ))
+        })
+    }
+
+    async fn view(&self, b: &BranchRow) -> Result<api::Branch> {
+        let parent = match b.parent_id {
+            Some(p) => self.meta.branch_by_id(p)?.map(|p| p.name),
+            None => None,
+        };
+        let usage = self.usage_of(vec![b.timeline_id.clone()]).await?;
+        Ok(self.to_api(b, parent, usage.into_iter().next().unwrap_or_default()))
+    }
+
+    pub async fn get_branch(&self, name: &str) -> Result<api::Branch> {
+        let b = self.row(name)?;
+        self.view(&b).await
+    }
+
+    pub async fn connection_string_for(
+        &self,
+        name: &str,
+        database: Option<&str>,
+    ) -> Result<api::ConnectionString> {
+        let b = self.row(name)?;
+        let database = database.unwrap_or(&b.database).to_string();
+        Ok(api::ConnectionString {
+            branch: b.name.clone(),
+            connection_string: Self::connection_string(&b, &database),
+            database,
+        })
+    }
+
+    pub fn status(&self) -> Result<api::Status> {
+        let branches = self.meta.branches()?;
+        let names: HashMap<String, String> = branches
+            .iter()
+            .map(|b| (Self::compute_key(b), b.name.clone()))
+            .collect();
+        let computes = self
+            .supervisor
+            .list()
+            .into_iter()
+            .map(|c| api::Compute {
+                branch: names.get(&c.key).cloned().unwrap_or(c.label),
+                pid: c.pid,
+                port: c.port,
+                started_at: DateTime::<Utc>::from(c.started_at),
+                restarts: c.restarts,
+            })
+            .collect();
+        let install = self.supervisor.install();
+        Ok(api::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_url: lock(&self.api_url).clone(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            data_dir: self.cfg.data_dir.display().to_string(),
+            storage: self.storage.name().to_string(),
+            storage_detail: self.storage.describe(),
+            proxy_port: None,
+            postgres_version: install.major_version,
+            postgres_bin_dir: install.bin_dir.display().to_string(),
+            compute_user: match self.supervisor.user() {
+                Some(u) => u.name.clone(),
+                None => nix::unistd::User::from_uid(nix::unistd::geteuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_default(),
+            },
+            branches: branches.len(),
+            computes,
+        })
+    }
+
+    // ----- helpers for mutations ---------------------------------------------------------
+
+    /// Fails when `name` is invalid or taken (by a branch or an import in progress).
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<()> {
+        validate_branch_name(name)?;
+        if self.meta.branch(name)?.is_some() || lock(&self.reserved).contains(name) {
+            return Err(ControlError::Conflict(format!(
+                "branch {name:?} already exists; choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The lowest free port at or above the configured base: unused by any branch and not
+    /// held by another program right now.
+    pub(crate) fn allocate_port(&self, also_taken: &[u16]) -> Result<u16> {
+        let used: HashSet<u16> = self
+            .meta
+            .used_ports()?
+            .into_iter()
+            .chain(also_taken.iter().copied())
+            .collect();
+        let base = self.cfg.port_base;
+        for offset in 0..2000u16 {
+            let Some(port) = base.checked_add(offset) else {
+                break;
+            };
+            if !used.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(ControlError::Conflict(format!(
+            "no free port in {base}..{}; choose another range with --port-base",
+            base.saturating_add(2000)
+        )))
+    }
+
+    pub(crate) async fn start_compute_of(&self, b: &BranchRow) -> Result<()> {
+        let spec = self.compute_spec(b)?;
+        self.supervisor.start(spec).await?;
+        Ok(())
+    }
+
+    async fn stop_compute_of(&self, b: &BranchRow) -> Result<()> {
+        let spec = self.compute_spec(b)?;
+        self.supervisor
+            .stop(&spec.key, &spec.data_dir)
+            .await
+            .map_err(Into::into)
+    }
+
+    /// Deletes a timeline from storage, then from metadata (in that order: see the crate docs).
+    pub(crate) async fn destroy_timeline(&self, id: &str) -> Result<()> {
+        let tl = timeline(id)?;
+        let storage = self.storage.clone();
+        blocking(move || storage.delete(&tl).map_err(Into::into)).await?;
+        self.meta.forget_timeline(id)?;
+        Ok(())
+    }
+
+    /// Fills the `creating` timeline `child` with the current state of branch `parent`.
+    ///
+    /// With a file-copying driver and a running parent this is an online backup: the parent
+    /// keeps serving, and the copy plus its WAL is recovered by PostgreSQL to a consistent
+    /// state when the child starts.
+    async fn clone_state(&self, parent: &BranchRow, child: &TimelineId) -> Result<()> {
+        let parent_tl = timeline(&parent.timeline_id)?;
+        let storage = self.storage.clone();
+        let base_filter = CloneFilter {
+            exclude: CLONE_EXCLUDE.iter().map(PathBuf::from).collect(),
+            empty: CLONE_EMPTY.iter().map(PathBuf::from).collect(),
+            only: Vec::new(),
+        };
+        let parent_running = self.supervisor.info(&Self::compute_key(parent)).is_some();
+        // A parent that should run but is between restarts is started: copying its files
+        // while the supervisor may start it would not be consistent.
+        let parent_running = if !parent_running && parent.compute_running {
+            self.start_compute_of(parent).await?;
+            true
+        } else {
+            parent_running
+        };
+        if self.storage.capabilities().clone_consistency == CloneConsistency::CrashConsistent
+            || !parent_running
+        {
+            let child = child.clone();
+            return blocking(move || {
+                storage
+                    .clone_timeline(&parent_tl, &child, &base_filter)
+                    .map_err(Into::into)
+            })
+            .await;
+        }
+
+        let label = format!("stemma clone of {} into {}", parent.name, child);
+        let backup =
+            OnlineBackup::start(parent.port, &parent.db_user, &parent.db_password, &label).await?;
+        let mut data_filter = base_filter.clone();
+        data_filter.exclude.push(PathBuf::from("pg_wal"));
+        {
+            let (storage, parent_tl, child) = (storage.clone(), parent_tl.clone(), child.clone());
+            blocking(move || {
+                storage
+                    .clone_timeline(&parent_tl, &child, &data_filter)
+                    .map_err(Into::into)
+            })
+            .await?;
+        }
+        let files = backup.stop().await?;
+        let child = child.clone();
+        blocking(move || {
+            // The WAL last: it must reach past the end of the backup.
+            storage.clone_timeline(&parent_tl, &child, &CloneFilter::only(&["pg_wal"]))?;
+            storage.write_file(
+                &child,
+                Path::new("backup_label"),
+                files.backup_label.as_bytes(),
+            )?;
+            if !files.tablespace_map.is_empty() {
+                storage.write_file(
+                    &child,
+                    Path::new("tablespace_map"),
+                    files.tablespace_map.as_bytes(),
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A new timeline holding `parent`'s current state, recorded as `creating`. On failure
+    /// nothing is left behind.
+    async fn fork_timeline(&self, parent: &BranchRow) -> Result<TimelineId> {
+        let tl = new_timeline_id();
+        self.meta
+            .begin_timeline(tl.as_str(), Some(&parent.timeline_id))?;
+        if let Err(e) = self.clone_state(parent, &tl).await {
+            tracing::warn!(error = %e, timeline = %tl, "clone failed; removing the partial timeline");
+            if let Err(e2) = self.destroy_timeline(tl.as_str()).await {
+                tracing::error!(error = %e2, "removing a partial timeline failed; the next start removes it");
+            }
+            return Err(e);
+        }
+        Ok(tl)
+    }
+
+    fn expires_at(ttl: Option<&str>) -> Result<Option<DateTime<Utc>>> {
+        match ttl {
+            None => Ok(None),
+            Some(t) if t.trim().eq_ignore_ascii_case("none") => Ok(None),
+            Some(t) => {
+                let d = parse_duration(t)?;
+                let d = chrono::Duration::from_std(d)
+                    .map_err(|_| ControlError::Invalid(format!("duration {t:?} is too long")))?;
+                Ok(Some(Utc::now() + d))
+            }
+        }
+    }
+
+    fn suspend_timeout(s: Option<&str>) -> Result<Option<u64>> {
+        s.map(|s| parse_duration(s).map(|d| d.as_secs()))
+            .transpose()
+    }
+
+    // ----- mutations ---------------------------------------------------------------------
+
+    pub async fn create_branch(&self, req: &api::CreateBranchRequest) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        self.check_new_name(&req.name)?;
+        let parent_name = req.parent.as_deref().unwrap_or(&self.cfg.root_branch);
+        let parent = self.row(parent_name).map_err(|_| {
+            ControlError::NotFound(format!(
+                "parent branch {parent_name:?} does not exist (see `stemma branch list`)"
+            ))
+        })?;
+        if req.at.is_some() && !self.storage.capabilities().point_in_time {
+            return Err(ControlError::Unsupported(format!(
+                "the {} storage driver cannot branch from a past moment (--at); it keeps no history. Use the pagestore driver for point-in-time branches",
+                self.storage.name()
+            )));
+        }
+        let expires_at = Self::expires_at(req.ttl.as_deref())?;
+        let suspend_timeout_secs = Self::suspend_timeout(req.suspend_timeout.as_deref())?;
+        let port = self.allocate_port(&[])?;
+
+        let tl = self.fork_timeline(&parent).await?;
+        let new = NewBranch {
+            name: req.name.clone(),
+            parent_id: Some(parent.id),
+            timeline_id: tl.to_string(),
+            protected: req.protected,
+            expires_at,
+            port,
+            db_user: parent.db_user.clone(),
+            db_password: parent.db_password.clone(),
+            database: parent.database.clone(),
+            suspend_timeout_secs,
+            settings: parent.settings.clone(),
+        };
+        let row = match self.meta.commit_new_branch(&new) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.destroy_timeline(tl.as_str()).await;
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.start_compute_of(&row).await {
+            // A branch that cannot start is no branch: roll back.
+            tracing::warn!(branch = %row.name, error = %e, "compute did not start; rolling back");
+            let _ = self.stop_compute_of(&row).await;
+            self.meta.delete_branch(row.id)?;
+            self.destroy_timeline(tl.as_str()).await?;
+            return Err(e);
+        }
+        tracing::info!(branch = %row.name, parent = %parent.name, port, "branch created");
+        self.view(&row).await
+    }
+
+    /// Creates an empty root branch (`initdb`).
+    pub async fn create_root(&self, name: &str) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        self.create_root_locked(name).await
+    }
+
+    async fn create_root_locked(&self, name: &str) -> Result<api::Branch> {
+        self.check_new_name(name)?;
+        let port = self.allocate_port(&[])?;
+        let tl = new_timeline_id();
+        self.meta.begin_timeline(tl.as_str(), None)?;
+        let password = random_password();
+        let result = async {
+            let storage = self.storage.clone();
+            let install = self.supervisor.install().clone();
+            let user = self.supervisor.user().clone();
+            let (tl2, pw) = (tl.clone(), password.clone());
+            blocking(move || {
+                let dir = storage.create_empty(&tl2)?;
+                stemma_compute::initdb(
+                    &install,
+                    &user,
+                    &dir,
+                    &stemma_compute::InitdbOptions {
+                        superuser: DB_SUPERUSER,
+                        password: &pw,
+                    },
+                )
+                .map_err(ControlError::from)
+            })
+            .await?;
+            let row = self.meta.commit_new_branch(&NewBranch {
+                name: name.to_string(),
+                parent_id: None,
+                timeline_id: tl.to_string(),
+                protected: false,
+                expires_at: None,
+                port,
+                db_user: DB_SUPERUSER.into(),
+                db_password: password.clone(),
+                database: "postgres".into(),
+                suspend_timeout_secs: None,
+                settings: BTreeMap::new(),
+            })?;
+            Ok::<_, ControlError>(row)
+        }
+        .await;
+        let row = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.destroy_timeline(tl.as_str()).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.start_compute_of(&row).await {
+            let _ = self.stop_compute_of(&row).await;
+            self.meta.delete_branch(row.id)?;
+            self.destroy_timeline(tl.as_str()).await?;
+            return Err(e);
+        }
+        tracing::info!(branch = name, port, "root branch created");
+        self.view(&row).await
+    }
+
+    pub async fn delete_branch(&self, name: &str) -> Result<()> {
+        let _op = self.op_lock.lock().await;
+        self.delete_branch_locked(name).await
+    }
+
+    pub(crate) async fn delete_branch_locked(&self, name: &str) -> Result<()> {
+        let b = self.row(name)?;
+        if b.protected {
+            return Err(ControlError::Conflict(format!(
+                "branch {name:?} is protected; remove the protection first: `stemma branch set {name} --protected false`"
+            )));
+        }
+        let children = self.meta.children(b.id)?;
+        if !children.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "branch {name:?} has children ({}); delete them first",
+                children.join(", ")
+            )));
+        }
+        self.stop_compute_of(&b).await?;
+        self.meta.delete_branch(b.id)?;
+        self.destroy_timeline(&b.timeline_id).await?;
+        tracing::info!(branch = name, "branch deleted");
+        Ok(())
+    }
+
+    pub async fn reset_branch(
+        &self,
+        name: &str,
+        preserve_under_name: Option<&str>,
+    ) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        let Some(parent_id) = b.parent_id else {
+            return Err(ControlError::Invalid(format!(
+                "branch {name:?} is a root: it has no parent to reset to"
+            )));
+        };
+        if let Some(keep) = preserve_under_name {
+            self.check_new_name(keep)?;
+        }
+        let parent = self
+            .meta
+            .branch_by_id(parent_id)?
+            .context("the parent of a branch is missing from the metadata")?;
+        // Copy first, so the branch is down only for the swap.
+        let tl = self.fork_timeline(&parent).await?;
+        let preserve = match preserve_under_name {
+            Some(keep) => Some(NewBranch {
+                name: keep.to_string(),
+                parent_id: b.parent_id,
+                timeline_id: String::new(),
+                protected: false,
+                expires_at: None,
+                port: self.allocate_port(&[])?,
+                db_user: b.db_user.clone(),
+                db_password: b.db_password.clone(),
+                database: b.database.clone(),
+                suspend_timeout_secs: b.suspend_timeout_secs,
+                settings: b.settings.clone(),
+            }),
+            None => None,
+        };
+        if let Err(e) = self.stop_compute_of(&b).await {
+            let _ = self.destroy_timeline(tl.as_str()).await;
+            return Err(e);
+        }
+        let (old, preserved) = match self.meta.swap_timeline(b.id, tl.as_str(), preserve) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.destroy_timeline(tl.as_str()).await;
+                let _ = self.start_compute_of(&b).await;
+                return Err(e.into());
+            }
+        };
+        match &preserved {
+            Some(p) => {
+                if let Err(e) = self.start_compute_of(p).await {
+                    tracing::warn!(branch = %p.name, error = %e, "preserved branch did not start");
+                }
+            }
+            None => self.destroy_timeline(&old).await?,
+        }
+        let b = self.row(name)?;
+        if b.compute_running {
+            self.start_compute_of(&b).await?;
+        }
+        tracing::info!(branch = name, parent = %parent.name, "branch reset");
+        self.view(&b).await
+    }
+
+    pub async fn restore_branch(
+        &self,
+        name: &str,
+        _req: &api::RestoreBranchRequest,
+    ) -> Result<api::Branch> {
+        self.row(name)?;
+        Err(ControlError::Unsupported(format!(
+            "the {} storage driver keeps no history, so a branch cannot be restored to a past moment; use the pagestore driver",
+            self.storage.name()
+        )))
+    }
+
+    pub async fn rename_branch(&self, name: &str, new_name: &str) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        self.check_new_name(new_name)?;
+        self.meta.rename_branch(b.id, new_name)?;
+        let b = self.row(new_name)?;
+        tracing::info!(from = name, to = new_name, "branch renamed");
+        self.view(&b).await
+    }
+
+    pub async fn update_branch(
+        &self,
+        name: &str,
+        req: &api::UpdateBranchRequest,
+    ) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        let update = BranchUpdate {
+            protected: req.protected,
+            expires_at: match &req.ttl {
+                Some(t) => Some(Self::expires_at(Some(t))?),
+                None => None,
+            },
+            suspend_timeout_secs: match &req.suspend_timeout {
+                Some(s) => Some(Self::suspend_timeout(Some(s))?),
+                None => None,
+            },
+        };
+        self.meta.update_branch(b.id, &update)?;
+        self.view(&self.row(name)?).await
+    }
+
+    pub async fn start_compute(&self, name: &str) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        self.meta.set_compute_running(b.id, true)?;
+        self.start_compute_of(&b).await?;
+        self.view(&self.row(name)?).await
+    }
+
+    pub async fn stop_compute(&self, name: &str) -> Result<api::Branch> {
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        self.meta.set_compute_running(b.id, false)?;
+        self.stop_compute_of(&b).await?;
+        self.view(&self.row(name)?).await
+    }
+
+    // ----- daemon lifecycle ----------------------------------------------------------------
+
+    /// Repairs what a crash interrupted, then brings computes to their recorded state.
+    /// Runs once at start, before the API serves.
+    pub async fn reconcile(&self) -> Result<()> {
+        let _op = self.op_lock.lock().await;
+        let timelines = self.meta.timelines()?;
+        for t in &timelines {
+            if t.state != TimelineState::Ready {
+                tracing::warn!(timeline = %t.id, state = ?t.state, "finishing an interrupted operation: removing the timeline");
+                self.destroy_timeline(&t.id).await?;
+            }
+        }
+        let known: HashSet<String> = self.meta.timelines()?.into_iter().map(|t| t.id).collect();
+        let storage = self.storage.clone();
+        let present = blocking(move || storage.list().map_err(Into::into)).await?;
+        for id in present {
+            if !known.contains(id.as_str()) {
+                tracing::warn!(timeline = %id, "removing an orphaned timeline left by a crash");
+                let storage = self.storage.clone();
+                blocking(move || storage.delete(&id).map_err(Into::into)).await?;
+            }
+        }
+        for b in self.meta.branches()? {
+            if b.compute_running {
+                if let Err(e) = self.start_compute_of(&b).await {
+                    // Keep serving the other branches; the monitor does not retry computes
+                    // that never started, `stemma compute start` does.
+                    tracing::error!(branch = %b.name, error = %e, "compute did not start");
+                }
+            } else {
+                // Stopped on record: make sure no compute survived (a crash mid-stop).
+                self.stop_compute_of(&b).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the root branch on a brand-new data directory.
+    pub async fn bootstrap(&self) -> Result<()> {
+        if self.meta.get_kv("bootstrapped")?.is_some() {
+            return Ok(());
+        }
+        let _op = self.op_lock.lock().await;
+        if self.meta.branches()?.is_empty() {
+            let root = self.cfg.root_branch.clone();
+            self.create_root_locked(&root).await?;
+        }
+        self.meta.set_kv("bootstrapped", &Utc::now().to_rfc3339())?;
+        Ok(())
+    }
+
+    /// Deletes branches whose `expires_at` has passed (unless protected or with children).
+    pub async fn expire_branches(&self) -> Result<Vec<String>> {
+        let now = Utc::now();
+        let mut deleted = Vec::new();
+        for b in self.meta.branches()? {
+            if b.expires_at.is_some_and(|t| t <= now) && !b.protected {
+                let _op = self.op_lock.lock().await;
+                match self.delete_branch_locked(&b.name).await {
+                    Ok(()) => deleted.push(b.name.clone()),
+                    Err(e) => {
+                        tracing::warn!(branch = %b.name, error = %e, "expired branch kept")
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    pub fn operation(&self, id: &str) -> Result<api::Operation> {
+        lock(&self.jobs)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("operation {id:?} does not exist")))
+    }
+
+    pub(crate) fn update_job(&self, id: &str, f: impl FnOnce(&mut api::Operation)) {
+        if let Some(op) = lock(&self.jobs).get_mut(id) {
+            f(op);
+        }
+    }
+
+    pub(crate) fn reserve_name(&self, name: &str) -> Result<()> {
+        self.check_new_name(name)?;
+        lock(&self.reserved).insert(name.to_string());
+        Ok(())
+    }
+
+    pub(crate) fn release_name(&self, name: &str) {
+        lock(&self.reserved).remove(name);
+    }
+
+    pub(crate) fn insert_job(&self, op: api::Operation) {
+        let mut jobs = lock(&self.jobs);
+        // Bounded: keep the most recent operations only.
+        if jobs.len() >= 256 {
+            let finished: Vec<String> = jobs
+                .iter()
+                .filter(|(_, o)| o.state != api::OperationState::Running)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in finished {
+                jobs.remove(&k);
+            }
+        }
+        jobs.insert(op.id.clone(), op);
+    }
+}

@@ -1,0 +1,482 @@
+//! `stemma init --from URL`: a new root branch imported from an external PostgreSQL database
+//! with `pg_dump` and `pg_restore` (directory format, parallel jobs), roles where permitted.
+//!
+//! The import runs as a background operation that the CLI polls for progress. Until it
+//! succeeds, no branch exists: the new timeline is `creating` in the metadata, the name is
+//! reserved in memory, and any failure (or a daemon crash, through reconciliation) removes both.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use chrono::Utc;
+use stemma_api as api;
+use stemma_compute::ComputeSpec;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::engine::{new_timeline_id, random_password, Engine, DB_SUPERUSER};
+use crate::metadata::NewBranch;
+use crate::{ControlError, Result};
+
+/// How many of a tool's last output lines an error message quotes.
+const TAIL_LINES: usize = 12;
+
+impl Engine {
+    /// Starts `init`: an empty root at once, or an import as a background operation.
+    pub async fn init(self: &Arc<Self>, req: &api::InitRequest) -> Result<api::Operation> {
+        let id = format!("op-{}", new_timeline_id());
+        let Some(url) = req.from.clone() else {
+            let branch = self.create_root(&req.name).await?;
+            return Ok(api::Operation {
+                id,
+                kind: "init".into(),
+                state: api::OperationState::Succeeded,
+                phase: "done".into(),
+                done: 1,
+                total: 1,
+                error: None,
+                branch: Some(branch),
+            });
+        };
+        {
+            let _op = self.op_lock.lock().await;
+            self.reserve_name(&req.name)?;
+        }
+        let op = api::Operation {
+            id: id.clone(),
+            kind: "import".into(),
+            state: api::OperationState::Running,
+            phase: "connecting to the source".into(),
+            done: 0,
+            total: 0,
+            error: None,
+            branch: None,
+        };
+        self.insert_job(op.clone());
+        let engine = self.clone();
+        let name = req.name.clone();
+        let jobs = req.jobs.unwrap_or(2).clamp(1, 16);
+        tokio::spawn(async move {
+            let mut import = Import {
+                engine: engine.clone(),
+                op: id.clone(),
+                name: name.clone(),
+                url,
+                jobs,
+                scratch: engine.cfg.scratch_dir().join(&id),
+                timeline: None,
+                temp_compute: None,
+            };
+            let result = import.run().await;
+            import.cleanup_scratch().await;
+            match result {
+                Ok(branch) => engine.update_job(&id, |op| {
+                    op.state = api::OperationState::Succeeded;
+                    op.phase = "done".into();
+                    op.done = op.total;
+                    op.branch = Some(branch);
+                }),
+                Err(e) => {
+                    tracing::error!(branch = %name, error = %e, "import failed");
+                    import.roll_back().await;
+                    engine.update_job(&id, |op| {
+                        op.state = api::OperationState::Failed;
+                        op.error = Some(format!("import into {name:?} failed: {e}"));
+                    });
+                }
+            }
+            engine.release_name(&name);
+        });
+        Ok(op)
+    }
+}
+
+struct Import {
+    engine: Arc<Engine>,
+    op: String,
+    name: String,
+    url: String,
+    jobs: u32,
+    scratch: PathBuf,
+    timeline: Option<String>,
+    temp_compute: Option<ComputeSpec>,
+}
+
+/// What a tool run printed, for progress and errors.
+struct ToolOutput {
+    ok: bool,
+    status: String,
+    tail: VecDeque<String>,
+    errors: Vec<String>,
+}
+
+impl Import {
+    fn phase(&self, phase: &str) {
+        tracing::info!(op = %self.op, phase, "import");
+        self.engine
+            .update_job(&self.op, |op| op.phase = phase.to_string());
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.engine.supervisor.install().bin(name)
+    }
+
+    /// Runs a PostgreSQL client tool, counting stderr lines that `progress` recognises.
+    async fn tool(
+        &self,
+        program: &Path,
+        args: &[String],
+        progress: impl Fn(&str) -> bool,
+    ) -> Result<ToolOutput> {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("PGCONNECT_TIMEOUT", "15")
+            .env("PGAPPNAME", "stemma-import")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {}", program.display()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no stderr from {}", program.display()))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tail = VecDeque::new();
+        let mut errors = Vec::new();
+        while let Some(line) = lines.next_line().await.context("reading a tool's output")? {
+            if progress(&line) {
+                self.engine.update_job(&self.op, |op| {
+                    op.done = (op.done + 1).min(op.total.max(op.done + 1))
+                });
+            }
+            if line.contains("error:") || line.contains("FATAL:") {
+                errors.push(line.clone());
+            }
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        let status = child.wait().await.context("waiting for a tool")?;
+        Ok(ToolOutput {
+            ok: status.success(),
+            status: status.to_string(),
+            tail,
+            errors,
+        })
+    }
+
+    async fn psql(&self, conn: &str, sql: &str) -> Result<String> {
+        let out = Command::new(self.bin("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                conn,
+                "-c",
+                sql,
+            ])
+            .env("PGCONNECT_TIMEOUT", "15")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running psql")?;
+        if !out.status.success() {
+            return Err(ControlError::Internal(anyhow!(
+                "{}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn target(&self, password: &str, port: u16, db: &str) -> String {
+        format!("postgresql://{DB_SUPERUSER}:{password}@127.0.0.1:{port}/{db}")
+    }
+
+    async fn run(&mut self) -> Result<api::Branch> {
+        // 1. The source: reachable, and not newer than our pg_dump.
+        let probe = self
+            .psql(
+                &self.url,
+                "SELECT current_database() || '|' || current_setting('server_version_num') || '|' || \
+                 (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.relkind IN ('r','p','m') AND n.nspname NOT IN ('pg_catalog','information_schema') \
+                  AND n.nspname NOT LIKE 'pg_toast%')",
+            )
+            .await
+            .map_err(|e| {
+                ControlError::Invalid(format!("cannot reach the source database: {e}"))
+            })?;
+        let parts: Vec<&str> = probe.split('|').collect();
+        let [database, version, tables] = parts[..] else {
+            return Err(anyhow!("unexpected answer from the source: {probe:?}").into());
+        };
+        let database = database.to_string();
+        let source_major = version.parse::<u32>().unwrap_or(0) / 10000;
+        let local_major = self.engine.supervisor.install().major_version;
+        if source_major > local_major {
+            return Err(ControlError::Invalid(format!(
+                "the source runs PostgreSQL {source_major}, newer than the installed PostgreSQL {local_major}; install PostgreSQL {source_major} here (or set STEMMA_PG_BIN) to import it"
+            )));
+        }
+        let tables: u64 = tables.parse().unwrap_or(0);
+        self.engine
+            .update_job(&self.op, |op| op.total = tables * 2 + 2);
+
+        // 2. An empty root with its own compute, on the port the branch keeps.
+        self.phase("creating the root branch");
+        let tl = new_timeline_id();
+        self.engine.meta.begin_timeline(tl.as_str(), None)?;
+        self.timeline = Some(tl.to_string());
+        let password = random_password();
+        {
+            let storage = self.engine.storage.clone();
+            let install = self.engine.supervisor.install().clone();
+            let user = self.engine.supervisor.user().clone();
+            let (tl, pw) = (tl.clone(), password.clone());
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let dir = storage.create_empty(&tl)?;
+                stemma_compute::initdb(
+                    &install,
+                    &user,
+                    &dir,
+                    &stemma_compute::InitdbOptions {
+                        superuser: DB_SUPERUSER,
+                        password: &pw,
+                    },
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("initdb task failed: {e}"))??;
+        }
+        let port = self.engine.allocate_port(&[])?;
+        let mut spec = self.engine.compute_spec(&NewBranchView::row(&tl, port))?;
+        spec.key = format!("import-{}", self.op);
+        spec.label = format!("{} (importing)", self.name);
+        spec.log_path = self.engine.cfg.logs_dir().join(format!("{}.log", self.op));
+        self.engine.supervisor.start(spec.clone()).await?;
+        self.temp_compute = Some(spec);
+        self.engine.update_job(&self.op, |op| op.done += 1);
+
+        // 3. Roles, where the source lets us read them.
+        self.phase("copying roles");
+        tokio::fs::create_dir_all(&self.scratch)
+            .await
+            .context("creating the import's scratch directory")?;
+        let roles_file = self.scratch.join("roles.sql");
+        let mut roles = false;
+        for extra in [None, Some("--no-role-passwords")] {
+            let mut args = vec![
+                "--roles-only".to_string(),
+                "-d".into(),
+                self.url.clone(),
+                "-f".into(),
+                roles_file.display().to_string(),
+            ];
+            args.extend(extra.map(String::from));
+            let out = self.tool(&self.bin("pg_dumpall"), &args, |_| false).await?;
+            if out.ok {
+                roles = true;
+                break;
+            }
+            tracing::info!(errors = ?out.errors, "pg_dumpall --roles-only was refused");
+        }
+        let admin = self.target(&password, port, "postgres");
+        if roles {
+            let args = vec![
+                "-X".to_string(),
+                "-q".into(),
+                "-d".into(),
+                admin.clone(),
+                "-f".into(),
+                roles_file.display().to_string(),
+            ];
+            // Roles that exist already (ours among them) fail one by one; that is fine.
+            self.tool(&self.bin("psql"), &args, |_| false).await?;
+            // The source may have a role named like ours: keep our password.
+            self.psql(
+                &admin,
+                &format!("ALTER ROLE {DB_SUPERUSER} WITH SUPERUSER LOGIN PASSWORD '{password}'"),
+            )
+            .await?;
+        }
+
+        // 4. The database itself.
+        if database != "postgres" {
+            self.psql(
+                &admin,
+                &format!("CREATE DATABASE {}", quote_ident(&database)),
+            )
+            .await?;
+        }
+
+        // 5. Dump.
+        self.phase("dumping the source");
+        let dump_dir = self.scratch.join("dump");
+        let args = vec![
+            "-Fd".to_string(),
+            "-j".into(),
+            self.jobs.to_string(),
+            "-v".into(),
+            "-f".into(),
+            dump_dir.display().to_string(),
+            "-d".into(),
+            self.url.clone(),
+        ];
+        let out = self
+            .tool(&self.bin("pg_dump"), &args, |l| {
+                l.contains("dumping contents of table")
+            })
+            .await?;
+        if !out.ok {
+            return Err(ControlError::Internal(anyhow!(
+                "pg_dump failed ({}):\n{}",
+                out.status,
+                Vec::from(out.tail).join("\n")
+            )));
+        }
+
+        // 6. Restore into the new root, in parallel.
+        self.phase("restoring into the new branch");
+        let mut args = vec![
+            "-j".to_string(),
+            self.jobs.to_string(),
+            "-v".into(),
+            "-d".into(),
+            self.target(&password, port, &database),
+        ];
+        if !roles {
+            args.extend(["--no-owner".to_string(), "--no-privileges".to_string()]);
+        }
+        args.push(dump_dir.display().to_string());
+        let out = self
+            .tool(&self.bin("pg_restore"), &args, |l| {
+                l.contains("processing data for table") || l.contains("finished item")
+            })
+            .await?;
+        if !out.ok {
+            // pg_restore goes on after errors and fails at the end. Missing roles and objects
+            // that already exist (from initdb) are harmless; anything else is a failed import.
+            let serious: Vec<&String> = out
+                .errors
+                .iter()
+                .filter(|l| {
+                    !(l.contains("already exists")
+                        || l.contains("does not exist") && l.contains("role")
+                        || l.contains("must be owner of")
+                        || l.contains("errors ignored on restore"))
+                })
+                .collect();
+            if !serious.is_empty() || out.errors.is_empty() {
+                return Err(ControlError::Internal(anyhow!(
+                    "pg_restore failed ({}):\n{}",
+                    out.status,
+                    Vec::from(out.tail).join("\n")
+                )));
+            }
+            tracing::warn!(errors = ?out.errors, "pg_restore reported harmless errors");
+        }
+
+        // 7. Make it a branch: stop the import's compute, record the branch, start its own.
+        self.phase("finishing");
+        let _op = self.engine.op_lock.lock().await;
+        if let Some(spec) = self.temp_compute.take() {
+            self.engine
+                .supervisor
+                .stop(&spec.key, &spec.data_dir)
+                .await?;
+        }
+        self.engine.release_name(&self.name);
+        self.engine.check_new_name(&self.name)?;
+        let row = self.engine.meta.commit_new_branch(&NewBranch {
+            name: self.name.clone(),
+            parent_id: None,
+            timeline_id: tl.to_string(),
+            protected: false,
+            expires_at: None,
+            port,
+            db_user: DB_SUPERUSER.into(),
+            db_password: password,
+            database,
+            suspend_timeout_secs: None,
+            settings: Default::default(),
+        })?;
+        self.timeline = None;
+        if let Err(e) = self.engine.start_compute_of(&row).await {
+            tracing::error!(branch = %row.name, error = %e, "imported branch did not start");
+        }
+        tracing::info!(branch = %row.name, "import finished");
+        drop(_op);
+        self.engine.get_branch(&row.name).await
+    }
+
+    async fn roll_back(&mut self) {
+        if let Some(spec) = self.temp_compute.take() {
+            let _ = self.engine.supervisor.stop(&spec.key, &spec.data_dir).await;
+        }
+        if let Some(tl) = self.timeline.take() {
+            if let Err(e) = self.engine.destroy_timeline(&tl).await {
+                tracing::error!(error = %e, "removing the failed import's timeline; the next start removes it");
+            }
+        }
+    }
+
+    async fn cleanup_scratch(&self) {
+        if let Err(e) = tokio::fs::remove_dir_all(&self.scratch).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, "removing the import's scratch directory");
+            }
+        }
+    }
+}
+
+/// A branch row for a timeline not yet recorded as a branch, to derive a compute spec from.
+struct NewBranchView;
+
+impl NewBranchView {
+    fn row(tl: &stemma_storage::TimelineId, port: u16) -> crate::metadata::BranchRow {
+        crate::metadata::BranchRow {
+            id: 0,
+            name: String::new(),
+            parent_id: None,
+            timeline_id: tl.to_string(),
+            created_at: Utc::now(),
+            protected: false,
+            expires_at: None,
+            port,
+            db_user: DB_SUPERUSER.into(),
+            db_password: String::new(),
+            database: String::new(),
+            suspend_timeout_secs: None,
+            settings: Default::default(),
+            compute_running: true,
+            last_reset_at: None,
+        }
+    }
+}
+
+/// Quotes an SQL identifier.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_ident("chinook"), "\"chinook\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

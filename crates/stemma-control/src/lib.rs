@@ -1,0 +1,61 @@
+//! Stemma's control plane: the metadata store, branch operations, crash reconciliation,
+//! import from an external database, and the JSON HTTP API the CLI talks to.
+//!
+//! The path of a request: the CLI (or any HTTP client) calls the API ([`api`]); a handler calls
+//! one [`Engine`] method; the engine checks the request against the metadata ([`metadata`]),
+//! asks the storage driver for timelines and the supervisor for computes, and records the
+//! outcome in one metadata transaction.
+//!
+//! Architecture invariants:
+//! - Only [`metadata`] speaks SQL; only [`api`] speaks HTTP.
+//! - Storage is created before metadata points at it and deleted after metadata stops pointing
+//!   at it, so a crash between the two leaves an orphan that [`Engine::reconcile`] deletes,
+//!   never a branch without data.
+//! - Branch operations that change metadata or storage run one at a time (the engine's
+//!   operation lock); reads do not take it.
+
+pub mod api;
+mod config;
+pub mod daemon;
+mod engine;
+mod import;
+pub mod metadata;
+pub mod names;
+
+pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE};
+pub use engine::Engine;
+
+/// An error of a user operation, with the class the API maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<stemma_storage::StorageError> for ControlError {
+    fn from(e: stemma_storage::StorageError) -> Self {
+        match e {
+            stemma_storage::StorageError::Unsupported(m) => ControlError::Unsupported(m),
+            other => ControlError::Internal(anyhow::Error::new(other).context("storage")),
+        }
+    }
+}
+
+impl From<stemma_compute::ComputeError> for ControlError {
+    fn from(e: stemma_compute::ComputeError) -> Self {
+        match e {
+            stemma_compute::ComputeError::PortInUse { .. } => ControlError::Conflict(e.to_string()),
+            other => ControlError::Internal(anyhow::Error::new(other)),
+        }
+    }
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;

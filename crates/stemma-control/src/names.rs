@@ -1,0 +1,108 @@
+//! Validation of user input: branch names and durations.
+
+use std::time::Duration;
+
+use crate::ControlError;
+
+/// Longest branch name: PostgreSQL's identifier limit, so a name can also be a database name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks a branch name: lowercase letters, digits, `-`, `_`, `.`, at most one `/` (for
+/// `dev/alice`), at most 63 characters, starting with a letter or digit.
+pub fn validate_branch_name(name: &str) -> Result<(), ControlError> {
+    let invalid = |why: &str| {
+        Err(ControlError::Invalid(format!(
+            "invalid branch name {name:?}: {why} (use lowercase letters, digits, '-', '_', '.' and at most one '/', up to {MAX_NAME_LEN} characters)"
+        )))
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid("it is too long");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "-_./".contains(*c)))
+    {
+        return invalid(&format!("{c:?} is not allowed"));
+    }
+    if name.matches('/').count() > 1 {
+        return invalid("it has more than one '/'");
+    }
+    for part in name.split('/') {
+        match part.chars().next() {
+            None => return invalid("a part around '/' is empty"),
+            Some(c) if !c.is_ascii_alphanumeric() => {
+                return invalid("each part must start with a letter or digit")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Parses `30s`, `5m`, `12h`, `7d` (and anything else humantime reads, like `1h30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, ControlError> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        ControlError::Invalid(format!(
+            "invalid duration {s:?}: {e} (examples: 30s, 5m, 12h, 7d)"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_good_names() {
+        for n in [
+            "main",
+            "dev-alice",
+            "dev/alice",
+            "pr-123",
+            "v1.2_x",
+            "a",
+            &"a".repeat(63),
+        ] {
+            validate_branch_name(n).unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        for n in [
+            "",
+            "Main",
+            "a b",
+            "a/b/c",
+            "/a",
+            "a/",
+            "-a",
+            ".hidden",
+            "é",
+            &"a".repeat(64),
+            "a;drop",
+        ] {
+            assert!(validate_branch_name(n).is_err(), "{n:?} accepted");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43200));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("soon").is_err());
+    }
+}
