@@ -54,10 +54,16 @@ impl PgInstall {
             versions.sort();
             candidates.extend(versions.into_iter().rev().map(|(_, b)| b));
         }
-        let bin_dir = candidates
+        let first = candidates
             .into_iter()
             .next()
             .ok_or(ComputeError::NoPostgres)?;
+        // `postgres` on PATH is often a symlink into the real installation (where psql,
+        // pg_dump and the rest live too): follow it.
+        let bin_dir = std::fs::canonicalize(first.join("postgres"))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or(first);
         let out = Command::new(bin_dir.join("postgres"))
             .arg("--version")
             .output()

@@ -1,0 +1,218 @@
+//! Branch lifecycle against a real daemon and real computes.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn up_creates_main_and_is_idempotent() {
+    let env = Env::new();
+    let out = env.up();
+    assert!(out.contains("main"), "{out}");
+    assert!(out.contains("postgresql://"), "{out}");
+    let pid = env.daemon_pid().expect("daemon.json written");
+    let again = env.up();
+    assert!(again.contains("already running"), "{again}");
+    assert_eq!(env.daemon_pid(), Some(pid));
+
+    let status = env.json(&["status"]);
+    assert!(status["api_url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert_eq!(status["storage"], "copy");
+    assert_eq!(status["computes"].as_array().unwrap().len(), 1);
+    assert_eq!(status["computes"][0]["branch"], "main");
+    assert!(status.get("proxy_port").is_some());
+
+    // The token file is private, and the API refuses requests without it.
+    let token = env.data_dir.join("api-token");
+    let mode = std::fs::metadata(&token).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    let url = status["api_url"].as_str().unwrap();
+    let refused = ureq_get(&format!("{url}/v1/branches"));
+    assert_eq!(refused, 401);
+    assert_eq!(ureq_get(&format!("{url}/openapi.json")), 200);
+
+    let branches = env.json(&["branch", "list"]);
+    let main = &branches[0];
+    for field in [
+        "name", "parent", "created_at", "state", "connection_string", "protected",
+        "expires_at", "logical_size_bytes", "own_storage_bytes",
+    ] {
+        assert!(main.get(field).is_some(), "missing {field} in {main}");
+    }
+    assert_eq!(main["state"], "running");
+    assert_eq!(env.sql("main", "select 1"), "1");
+
+    env.ok(&["down"]);
+    wait_for("daemon exit", Duration::from_secs(30), || !alive(pid));
+    assert!(env.compute_pids().is_empty(), "computes left after down");
+    let err = env.fail(&["branch", "list"]);
+    assert!(err.contains("stemma up"), "{err}");
+}
+
+fn ureq_get(url: &str) -> u16 {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys,urllib.request,urllib.error\ntry:\n print(urllib.request.urlopen(sys.argv[1]).status)\nexcept urllib.error.HTTPError as e:\n print(e.code)",
+            url,
+        ])
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn branches_are_isolated_and_reset_keeps_the_connection_string() {
+    let env = Env::new();
+    env.up();
+    env.sql("main", "create table t(v text); insert into t values ('main')");
+
+    env.ok(&["branch", "create", "dev-alice", "--parent", "main"]);
+    env.ok(&["branch", "create", "dev-bob"]); // default parent: main
+    env.sql("dev-alice", "insert into t values ('alice')");
+    env.sql("dev-bob", "insert into t values ('bob')");
+    env.sql("main", "insert into t values ('main-later')");
+
+    let all = |b: &str| env.sql(b, "select string_agg(v, ',' order by v) from t");
+    assert_eq!(all("main"), "main,main-later");
+    assert_eq!(all("dev-alice"), "alice,main");
+    assert_eq!(all("dev-bob"), "bob,main");
+
+    // A branch of a branch.
+    env.ok(&["branch", "create", "dev/alice-2", "--parent", "dev-alice"]);
+    assert_eq!(all("dev/alice-2"), "alice,main");
+    env.sql("dev/alice-2", "insert into t values ('grandchild')");
+    assert_eq!(all("dev-alice"), "alice,main");
+
+    let tree = env.ok(&["branch", "list"]);
+    assert!(tree.contains("└─ dev/alice-2") || tree.contains("├─ dev/alice-2"), "{tree}");
+
+    // Reset: the parent's current state, the same connection string.
+    let before = env.connection_string("dev-alice");
+    let reset = env.json(&["branch", "reset", "dev-alice", "--preserve-under-name", "dev-alice-old"]);
+    assert_eq!(reset["connection_string"].as_str().unwrap(), before);
+    assert!(reset["last_reset_at"].is_string());
+    assert_eq!(all("dev-alice"), "main,main-later");
+    assert_eq!(all("dev-alice-old"), "alice,main");
+    // The child keeps its data.
+    assert_eq!(all("dev/alice-2"), "alice,grandchild,main");
+
+    // Rename keeps the connection string too.
+    let bob = env.connection_string("dev-bob");
+    env.ok(&["branch", "rename", "dev-bob", "dev-robert"]);
+    assert_eq!(env.connection_string("dev-robert"), bob);
+    assert_eq!(all("dev-robert"), "bob,main");
+
+    // Delete frees the disk.
+    let timelines_before = env.timeline_dirs().len();
+    let tl = env.json(&["branch", "get", "dev-robert"])["timeline_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.ok(&["branch", "delete", "dev-robert"]);
+    assert!(!env.data_dir.join("timelines").join(&tl).exists());
+    assert_eq!(env.timeline_dirs().len(), timelines_before - 1);
+    env.fail(&["branch", "get", "dev-robert"]);
+
+    // Suspended branches keep their data and connection string.
+    env.ok(&["compute", "stop", "dev-alice"]);
+    assert_eq!(env.json(&["branch", "get", "dev-alice"])["state"], "suspended");
+    env.ok(&["compute", "start", "dev-alice"]);
+    assert_eq!(env.connection_string("dev-alice"), before);
+    assert_eq!(all("dev-alice"), "main,main-later");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let env = Env::new();
+    env.up();
+    let count = || env.json(&["branch", "list"]).as_array().unwrap().len();
+    let timelines = || env.timeline_dirs().len();
+    assert_eq!(count(), 1);
+
+    let e = env.fail(&["branch", "create", "main"]);
+    assert!(e.contains("already exists"), "{e}");
+    for bad in ["Bad", "a b", "x/y/z", "_x", &"a".repeat(64)] {
+        let e = env.fail(&["branch", "create", bad]);
+        assert!(e.contains("invalid branch name"), "{e}");
+    }
+    let e = env.fail(&["branch", "create", "x", "--parent", "nope"]);
+    assert!(e.contains("\"nope\" does not exist"), "{e}");
+    for args in [
+        vec!["branch", "get", "nope"],
+        vec!["branch", "delete", "nope"],
+        vec!["branch", "reset", "nope"],
+        vec!["connection-string", "nope"],
+        vec!["compute", "start", "nope"],
+    ] {
+        let e = env.fail(&args);
+        assert!(e.contains("does not exist"), "{args:?}: {e}");
+    }
+    let e = env.fail(&["branch", "create", "x", "--ttl", "soon"]);
+    assert!(e.contains("invalid duration"), "{e}");
+    let e = env.fail(&["branch", "create", "x", "--at", "2026-01-01T00:00:00Z"]);
+    assert!(e.contains("past moment"), "{e}");
+    let e = env.fail(&["branch", "reset", "main"]);
+    assert!(e.contains("root"), "{e}");
+    assert_eq!(count(), 1);
+    assert_eq!(timelines(), 1);
+
+    env.ok(&["branch", "create", "child", "--protected", "--ttl", "7d"]);
+    let child = env.json(&["branch", "get", "child"]);
+    assert_eq!(child["protected"], true);
+    assert!(child["expires_at"].is_string());
+    let e = env.fail(&["branch", "delete", "main"]);
+    assert!(e.contains("has children (child)"), "{e}");
+    let e = env.fail(&["branch", "delete", "child"]);
+    assert!(e.contains("protected"), "{e}");
+    let e = env.fail(&["branch", "restore", "child", "--at", "2026-01-01T00:00:00Z"]);
+    assert!(e.contains("past moment"), "{e}");
+    let e = env.fail(&["branch", "rename", "child", "main"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = env.fail(&["branch", "reset", "child", "--preserve-under-name", "main"]);
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(count(), 2);
+    assert_eq!(timelines(), 2);
+
+    // A port taken by another program while the branch is suspended.
+    env.ok(&["compute", "stop", "child"]);
+    let port = env.json(&["branch", "get", "child"])["port"].as_u64().unwrap() as u16;
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
+    let e = env.fail(&["compute", "start", "child"]);
+    assert!(e.contains(&format!("port {port} is already in use")), "{e}");
+    drop(squatter);
+    env.ok(&["compute", "start", "child"]);
+
+    env.ok(&["branch", "set", "child", "--protected", "false", "--ttl", "none"]);
+    let child = env.json(&["branch", "get", "child"]);
+    assert_eq!(child["protected"], false);
+    assert!(child["expires_at"].is_null());
+    env.ok(&["branch", "delete", "child"]);
+    assert_eq!(count(), 1);
+    assert_eq!(timelines(), 1);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused() {
+    let env = Env::new();
+    env.up();
+    let base = (env.port_base + 10).to_string();
+    let out = env.run(&["serve", "--api-listen", "127.0.0.1:0", "--port-base", &base]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running"), "{err}");
+}
+
+#[test]
+fn a_missing_postgres_installation_is_a_clear_error() {
+    let env = Env::new();
+    let out = env
+        .cmd(&["serve", "--api-listen", "127.0.0.1:0"])
+        .env("STEMMA_PG_BIN", "/nonexistent/bin")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("STEMMA_PG_BIN"), "{err}");
+}

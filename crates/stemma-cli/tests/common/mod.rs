@@ -1,0 +1,235 @@
+//! The integration test harness: a real daemon, real computes, in a temporary directory, on
+//! ports no other test uses; everything it started is stopped when the [`Env`] drops, even when
+//! the test fails.
+#![allow(dead_code)]
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const STEMMA: &str = env!("CARGO_BIN_EXE_stemma");
+
+/// Hands out blocks of ports below the kernel's ephemeral range, unique across the test
+/// processes that nextest runs in parallel (a counter in a file, under an exclusive lock).
+fn port_block() -> u16 {
+    const FIRST: u16 = 20000;
+    const BLOCK: u16 = 25;
+    const BLOCKS: u16 = 400;
+    let path = std::env::temp_dir().join("stemma-test-ports");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .expect("open the port counter");
+    let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the port counter");
+    let mut s = String::new();
+    file.read_to_string(&mut s).expect("read the port counter");
+    let n: u16 = s.trim().parse().unwrap_or(0) % BLOCKS;
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    file.set_len(0).expect("truncate");
+    write!(file, "{}", (n + 1) % BLOCKS).expect("write the port counter");
+    FIRST + n * BLOCK
+}
+
+pub struct Env {
+    _dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub port_base: u16,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("stemma-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        // Computes run as another user: it must traverse into the data directory.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+        let data_dir = dir.path().join("data");
+        Env {
+            _dir: dir,
+            data_dir,
+            port_base: port_block(),
+        }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(STEMMA);
+        c.args(args)
+            .env("STEMMA_DATA_DIR", &self.data_dir)
+            .env_remove("STEMMA_API_URL")
+            .env_remove("STEMMA_TOKEN")
+            .env("STEMMA_LOG", "info")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run stemma")
+    }
+
+    /// Runs stemma, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "stemma {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs stemma, asserts failure with a message, returns stderr.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "stemma {args:?} succeeded but should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(stderr.starts_with("error: "), "no clear error: {stderr:?}");
+        stderr
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {out}"))
+    }
+
+    pub fn up(&self) -> String {
+        let base = self.port_base.to_string();
+        self.ok(&["up", "--api-listen", "127.0.0.1:0", "--port-base", &base])
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.data_dir.join("daemon.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["pid"].as_u64().map(|p| p as u32)
+    }
+
+    pub fn connection_string(&self, branch: &str) -> String {
+        self.ok(&["connection-string", branch]).trim().to_string()
+    }
+
+    /// Runs SQL on a branch with psql, returns its unaligned output.
+    pub fn sql(&self, branch: &str, sql: &str) -> String {
+        let conn = self.connection_string(branch);
+        psql(&conn, sql)
+    }
+
+    /// Postmaster pids of every compute under this environment's data directory.
+    pub fn compute_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.data_dir.join("timelines")) {
+            for e in entries.flatten() {
+                if let Some(pm) = stemma_compute::read_postmaster_pid(&e.path()) {
+                    if alive(pm.pid as u32) {
+                        pids.push(pm.pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    pub fn timeline_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.data_dir.join("timelines"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A clean stop first, bounded; then force whatever is left.
+        if let Some(pid) = self.daemon_pid().filter(|p| alive(*p)) {
+            if let Ok(mut child) = self.cmd(&["down"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            kill9(pid);
+        }
+        for pid in self.compute_pids() {
+            kill9(pid as u32);
+        }
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(true)
+}
+
+pub fn kill9(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Waits (bounded) until `f` holds.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn pg_bin(name: &str) -> PathBuf {
+    stemma_compute::PgInstall::discover(None)
+        .expect("PostgreSQL is installed")
+        .bin(name)
+}
+
+pub fn psql(conn: &str, sql: &str) -> String {
+    let out = Command::new(pg_bin("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conn, "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", pg_bin("psql").display()));
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The Chinook sample database shipped beside the repository (`../shared/data`).
+pub fn chinook_sql() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in here.ancestors() {
+        for candidate in [
+            dir.join("shared/data/chinook_postgresql.sql"),
+            dir.join("../shared/data/chinook_postgresql.sql"),
+        ] {
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!("chinook_postgresql.sql not found in shared/data beside the repository");
+}
