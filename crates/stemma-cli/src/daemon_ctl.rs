@@ -50,8 +50,18 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Config {
     cfg
 }
 
+/// Whether `pid` is a live process (a zombie, dead but not yet reaped, is not).
 fn pid_alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 /// A client of the daemon: `STEMMA_API_URL`/`STEMMA_TOKEN` when set, else the daemon that

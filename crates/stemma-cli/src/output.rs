@@ -183,6 +183,9 @@ pub fn branch_tree(branches: &[Branch]) -> String {
         let parent = b.parent.as_deref().filter(|p| names.contains(p));
         children.entry(parent).or_default().push(b);
     }
+    for list in children.values_mut() {
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     let mut rows: Vec<[String; 6]> = vec![[
         "NAME".into(),
         "STATE".into(),

@@ -17,7 +17,10 @@ fn up_creates_main_and_is_idempotent() {
     assert_eq!(env.daemon_pid(), Some(pid));
 
     let status = env.json(&["status"]);
-    assert!(status["api_url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert!(status["api_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://127.0.0.1:"));
     assert_eq!(status["storage"], "copy");
     assert_eq!(status["computes"].as_array().unwrap().len(), 1);
     assert_eq!(status["computes"][0]["branch"], "main");
@@ -26,7 +29,10 @@ fn up_creates_main_and_is_idempotent() {
     // The token file is private, and the API refuses requests without it.
     let token = env.data_dir.join("api-token");
     let mode = std::fs::metadata(&token).unwrap().permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
     let url = status["api_url"].as_str().unwrap();
     let refused = ureq_get(&format!("{url}/v1/branches"));
     assert_eq!(refused, 401);
@@ -35,8 +41,15 @@ fn up_creates_main_and_is_idempotent() {
     let branches = env.json(&["branch", "list"]);
     let main = &branches[0];
     for field in [
-        "name", "parent", "created_at", "state", "connection_string", "protected",
-        "expires_at", "logical_size_bytes", "own_storage_bytes",
+        "name",
+        "parent",
+        "created_at",
+        "state",
+        "connection_string",
+        "protected",
+        "expires_at",
+        "logical_size_bytes",
+        "own_storage_bytes",
     ] {
         assert!(main.get(field).is_some(), "missing {field} in {main}");
     }
@@ -59,14 +72,20 @@ fn ureq_get(url: &str) -> u16 {
         ])
         .output()
         .expect("python3");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 #[test]
 fn branches_are_isolated_and_reset_keeps_the_connection_string() {
     let env = Env::new();
     env.up();
-    env.sql("main", "create table t(v text); insert into t values ('main')");
+    env.sql(
+        "main",
+        "create table t(v text); insert into t values ('main')",
+    );
 
     env.ok(&["branch", "create", "dev-alice", "--parent", "main"]);
     env.ok(&["branch", "create", "dev-bob"]); // default parent: main
@@ -86,11 +105,20 @@ fn branches_are_isolated_and_reset_keeps_the_connection_string() {
     assert_eq!(all("dev-alice"), "alice,main");
 
     let tree = env.ok(&["branch", "list"]);
-    assert!(tree.contains("└─ dev/alice-2") || tree.contains("├─ dev/alice-2"), "{tree}");
+    assert!(
+        tree.contains("└─ dev/alice-2") || tree.contains("├─ dev/alice-2"),
+        "{tree}"
+    );
 
     // Reset: the parent's current state, the same connection string.
     let before = env.connection_string("dev-alice");
-    let reset = env.json(&["branch", "reset", "dev-alice", "--preserve-under-name", "dev-alice-old"]);
+    let reset = env.json(&[
+        "branch",
+        "reset",
+        "dev-alice",
+        "--preserve-under-name",
+        "dev-alice-old",
+    ]);
     assert_eq!(reset["connection_string"].as_str().unwrap(), before);
     assert!(reset["last_reset_at"].is_string());
     assert_eq!(all("dev-alice"), "main,main-later");
@@ -117,7 +145,10 @@ fn branches_are_isolated_and_reset_keeps_the_connection_string() {
 
     // Suspended branches keep their data and connection string.
     env.ok(&["compute", "stop", "dev-alice"]);
-    assert_eq!(env.json(&["branch", "get", "dev-alice"])["state"], "suspended");
+    assert_eq!(
+        env.json(&["branch", "get", "dev-alice"])["state"],
+        "suspended"
+    );
     env.ok(&["compute", "start", "dev-alice"]);
     assert_eq!(env.connection_string("dev-alice"), before);
     assert_eq!(all("dev-alice"), "main,main-later");
@@ -177,14 +208,24 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
     // A port taken by another program while the branch is suspended.
     env.ok(&["compute", "stop", "child"]);
-    let port = env.json(&["branch", "get", "child"])["port"].as_u64().unwrap() as u16;
+    let port = env.json(&["branch", "get", "child"])["port"]
+        .as_u64()
+        .unwrap() as u16;
     let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
     let e = env.fail(&["compute", "start", "child"]);
     assert!(e.contains(&format!("port {port} is already in use")), "{e}");
     drop(squatter);
     env.ok(&["compute", "start", "child"]);
 
-    env.ok(&["branch", "set", "child", "--protected", "false", "--ttl", "none"]);
+    env.ok(&[
+        "branch",
+        "set",
+        "child",
+        "--protected",
+        "false",
+        "--ttl",
+        "none",
+    ]);
     let child = env.json(&["branch", "get", "child"]);
     assert_eq!(child["protected"], false);
     assert!(child["expires_at"].is_null());

@@ -140,7 +140,7 @@ pub(crate) fn is_live_postmaster(pid: i32, data_dir: &Path) -> bool {
         .map(|a| a.ends_with(b"postgres") || a.ends_with(b"postmaster"))
         .unwrap_or(false);
     let dir = data_dir.as_os_str().as_encoded_bytes();
-    is_postgres && args.iter().any(|a| *a == dir)
+    is_postgres && args.contains(&dir)
 }
 
 /// Spawns `postgres` for `data_dir` and returns the child. Does not wait for readiness.

@@ -57,6 +57,8 @@ struct Entry {
     adopted: bool,
     /// When set, the compute died and is restarted at this time.
     retry_at: Option<Instant>,
+    /// Set once the compute accepts connections; until then it is not reported as running.
+    ready: bool,
     backoff: Duration,
     last_error: Option<String>,
 }
@@ -140,7 +142,7 @@ impl Supervisor {
         {
             let mut computes = self.computes();
             if let Some(e) = computes.get_mut(&spec.key) {
-                if e.retry_at.is_none() && e.spec == spec && e.alive() {
+                if e.retry_at.is_none() && e.ready && e.spec == spec && e.alive() {
                     return Ok(info(e));
                 }
             }
@@ -162,6 +164,7 @@ impl Supervisor {
                     if pm.status != "ready" && pm.status != "standby" {
                         self.wait_started(&spec, pm.pid).await?;
                     }
+                    self.mark_ready(&spec.key);
                     return Ok(out);
                 }
                 // Settings changed (another port): restart it with the new ones.
@@ -191,7 +194,14 @@ impl Supervisor {
             self.computes().remove(&spec.key);
             return Err(e);
         }
+        self.mark_ready(&spec.key);
         Ok(out)
+    }
+
+    fn mark_ready(&self, key: &str) {
+        if let Some(e) = self.computes().get_mut(key) {
+            e.ready = true;
+        }
     }
 
     async fn wait_started(&self, spec: &ComputeSpec, pid: i32) -> Result<()> {
@@ -255,7 +265,7 @@ impl Supervisor {
     pub fn info(&self, key: &str) -> Option<ComputeInfo> {
         let mut computes = self.computes();
         let e = computes.get_mut(key)?;
-        (e.retry_at.is_none() && e.alive()).then(|| info(e))
+        (e.retry_at.is_none() && e.ready && e.alive()).then(|| info(e))
     }
 
     /// Every running compute.
@@ -263,7 +273,7 @@ impl Supervisor {
         let mut computes = self.computes();
         let mut out: Vec<ComputeInfo> = computes
             .values_mut()
-            .filter_map(|e| (e.retry_at.is_none() && e.alive()).then(|| info(e)))
+            .filter_map(|e| (e.retry_at.is_none() && e.ready && e.alive()).then(|| info(e)))
             .collect();
         out.sort_by(|a, b| a.label.cmp(&b.label));
         out
@@ -306,8 +316,9 @@ impl Supervisor {
             for (key, e) in computes.iter_mut() {
                 match e.retry_at {
                     None => {
-                        if !e.alive() {
+                        if e.ready && !e.alive() {
                             e.restarts += 1;
+                            e.ready = false;
                             e.retry_at = Some(now + e.backoff);
                             tracing::warn!(
                                 compute = %e.spec.label,
@@ -382,6 +393,7 @@ fn new_entry(
         restarts,
         adopted: false,
         retry_at: None,
+        ready: false,
         backoff: BACKOFF_MIN,
         last_error: None,
     }

@@ -293,6 +293,14 @@ impl Import {
         }
         let admin = self.target(&password, port, "postgres");
         if roles {
+            // The source may have a role named like our superuser: its password must not
+            // replace ours.
+            let sql = tokio::fs::read_to_string(&roles_file)
+                .await
+                .context("reading the roles dump")?;
+            tokio::fs::write(&roles_file, without_role(&sql, DB_SUPERUSER))
+                .await
+                .context("writing the roles dump")?;
             let args = vec![
                 "-X".to_string(),
                 "-q".into(),
@@ -465,6 +473,20 @@ impl NewBranchView {
     }
 }
 
+/// `pg_dumpall --roles-only` output without the statements that create or alter `role`.
+fn without_role(sql: &str, role: &str) -> String {
+    let plain = format!("ROLE {role} ");
+    let plain_end = format!("ROLE {role};");
+    let quoted = format!("ROLE \"{role}\"");
+    sql.lines()
+        .filter(|l| {
+            let touches = l.contains(&plain) || l.contains(&plain_end) || l.contains(&quoted);
+            !((l.starts_with("CREATE ROLE") || l.starts_with("ALTER ROLE")) && touches)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Quotes an SQL identifier.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -473,6 +495,16 @@ fn quote_ident(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_our_role_from_a_roles_dump() {
+        let sql = "CREATE ROLE stemma;\nALTER ROLE stemma WITH SUPERUSER PASSWORD 'x';\nCREATE ROLE app;\nALTER ROLE app WITH LOGIN;\nCREATE ROLE stemma_ro;\nGRANT app TO stemma;\n";
+        let kept = without_role(sql, "stemma");
+        assert_eq!(
+            kept,
+            "CREATE ROLE app;\nALTER ROLE app WITH LOGIN;\nCREATE ROLE stemma_ro;\nGRANT app TO stemma;\n"
+        );
+    }
 
     #[test]
     fn quotes_identifiers() {

@@ -455,9 +455,7 @@ fn set_timeline_state(tx: &Transaction<'_>, id: &str, state: TimelineState) -> R
 
 fn insert_branch(tx: &Transaction<'_>, b: &NewBranch) -> Result<i64> {
     tx.execute(
-        &format!(
-            "INSERT INTO branches(name, parent_id, timeline_id, created_at, protected, expires_at, port, db_user, db_password, database, suspend_timeout_secs, settings) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        ),
+        "INSERT INTO branches(name, parent_id, timeline_id, created_at, protected, expires_at, port, db_user, db_password, database, suspend_timeout_secs, settings) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             b.name,
             b.parent_id,

@@ -98,7 +98,10 @@ impl Env {
             "stemma {args:?} succeeded but should fail: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        assert!(stderr.starts_with("error: "), "no clear error: {stderr:?}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with("error: ")),
+            "no clear error: {stderr:?}"
+        );
         stderr
     }
 
@@ -156,7 +159,12 @@ impl Drop for Env {
     fn drop(&mut self) {
         // A clean stop first, bounded; then force whatever is left.
         if let Some(pid) = self.daemon_pid().filter(|p| alive(*p)) {
-            if let Ok(mut child) = self.cmd(&["down"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+            if let Ok(mut child) = self
+                .cmd(&["down"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while Instant::now() < deadline {
                     if let Ok(Some(_)) = child.try_wait() {
@@ -178,7 +186,13 @@ impl Drop for Env {
 pub fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         && !fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true)
 }
 
@@ -206,7 +220,17 @@ pub fn pg_bin(name: &str) -> PathBuf {
 
 pub fn psql(conn: &str, sql: &str) -> String {
     let out = Command::new(pg_bin("psql"))
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conn, "-c", sql])
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conn,
+            "-c",
+            sql,
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", pg_bin("psql").display()));

@@ -1,0 +1,148 @@
+//! Crashes: the daemon or a compute killed with SIGKILL, operations cut off midway.
+
+mod common;
+
+use common::*;
+use std::process::Stdio;
+use std::time::Duration;
+
+#[test]
+fn kill_9_of_the_daemon_keeps_every_branch_and_its_computes() {
+    let env = Env::new();
+    env.up();
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "insert into t values (2)");
+    env.ok(&["branch", "create", "off"]);
+    env.ok(&["compute", "stop", "off"]);
+    let conn = env.connection_string("dev");
+    let computes_before = {
+        let mut p = env.compute_pids();
+        p.sort();
+        p
+    };
+    assert_eq!(computes_before.len(), 2);
+
+    let daemon = env.daemon_pid().unwrap();
+    kill9(daemon);
+    wait_for("daemon death", Duration::from_secs(10), || !alive(daemon));
+    // Computes do not notice.
+    assert_eq!(psql(&conn, "select count(*) from t"), "2");
+
+    env.up();
+    assert_ne!(env.daemon_pid(), Some(daemon));
+    let mut computes_after = env.compute_pids();
+    computes_after.sort();
+    assert_eq!(
+        computes_before, computes_after,
+        "computes were restarted instead of adopted"
+    );
+    let list = env.json(&["branch", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dev", "main", "off"]);
+    assert_eq!(env.json(&["branch", "get", "off"])["state"], "suspended");
+    assert_eq!(env.connection_string("dev"), conn);
+    assert_eq!(
+        env.sql("dev", "select string_agg(v::text, ',' order by v) from t"),
+        "1,2"
+    );
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+}
+
+#[test]
+fn a_compute_that_dies_is_restarted() {
+    let env = Env::new();
+    env.up();
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    let before = env.json(&["branch", "get", "main"]);
+    let pid = before["compute"]["pid"].as_i64().unwrap() as u32;
+    kill9(pid);
+    wait_for("the compute to come back", Duration::from_secs(60), || {
+        let b = env.json(&["branch", "get", "main"]);
+        b["state"] == "running" && b["compute"]["pid"].as_i64() != Some(pid as i64)
+    });
+    let after = env.json(&["branch", "get", "main"]);
+    assert!(after["compute"]["restarts"].as_u64().unwrap() >= 1);
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+}
+
+#[test]
+fn interrupted_operations_are_repaired_on_start() {
+    let env = Env::new();
+    env.up();
+    env.ok(&["down"]);
+    let timelines = env.data_dir.join("timelines");
+    // What a crash can leave: a clone half made, a deletion half done, an unrecorded copy.
+    let db = rusqlite::Connection::open(env.data_dir.join("metadata.db")).unwrap();
+    for (id, state) in [("aaaa-0001", "creating"), ("aaaa-0002", "deleting")] {
+        db.execute(
+            "INSERT INTO timelines(id, parent_id, state, created_at) VALUES (?1, NULL, ?2, '2026-01-01T00:00:00Z')",
+            [id, state],
+        )
+        .unwrap();
+    }
+    drop(db);
+    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
+        std::fs::create_dir_all(timelines.join(id).join("base")).unwrap();
+        std::fs::write(timelines.join(id).join("base/1"), b"partial").unwrap();
+    }
+    env.up();
+    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
+        assert!(!timelines.join(id).exists(), "{id} left behind");
+    }
+    assert_eq!(env.timeline_dirs().len(), 1);
+    assert_eq!(env.sql("main", "select 1"), "1");
+}
+
+#[test]
+fn a_daemon_killed_during_branch_creation_leaves_all_or_nothing() {
+    let env = Env::new();
+    env.up();
+    let init = std::process::Command::new(pg_bin("pgbench"))
+        .args(["-i", "-q", "-s", "10"])
+        .arg(env.connection_string("main"))
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let mut create = env
+        .cmd(&["branch", "create", "big"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the daemon as soon as the clone has started writing.
+    wait_for("the clone to start", Duration::from_secs(60), || {
+        env.timeline_dirs().len() > 1
+    });
+    kill9(env.daemon_pid().unwrap());
+    let _ = create.wait();
+
+    env.up();
+    let exists = env.run(&["branch", "get", "big"]).status.success();
+    let expected_timelines = if exists { 2 } else { 1 };
+    assert_eq!(
+        env.timeline_dirs().len(),
+        expected_timelines,
+        "an orphan timeline remains"
+    );
+    if exists {
+        assert_eq!(
+            env.sql("big", "select count(*) from pgbench_branches"),
+            "10"
+        );
+    }
+    // The name is usable either way.
+    if exists {
+        env.ok(&["branch", "delete", "big"]);
+    }
+    env.ok(&["branch", "create", "big"]);
+    assert_eq!(
+        env.sql("big", "select count(*) from pgbench_branches"),
+        "10"
+    );
+}
