@@ -214,7 +214,7 @@ pub fn wait_operation(client: &Client, mut op: Operation, out: &Output) -> Resul
             bar.set_length(op.total.max(1));
             bar.set_position(op.done.min(op.total));
             bar.set_message(op.phase.clone());
-        } else if op.phase != last_phase {
+        } else if op.state == OperationState::Running && op.phase != last_phase {
             eprintln!("{}: {} ({}/{})", op.kind, op.phase, op.done, op.total);
             last_phase = op.phase.clone();
         }
