@@ -6,6 +6,8 @@
 
 mod client;
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -41,6 +43,8 @@ pub struct Branch {
     pub last_reset_at: Option<DateTime<Utc>>,
     /// Seconds of idleness before the compute is suspended; `null` for the default.
     pub suspend_timeout_seconds: Option<u64>,
+    /// PostgreSQL settings of this branch's compute that override Stemma's defaults.
+    pub settings: BTreeMap<String, String>,
     pub compute: Option<Compute>,
     /// Why the compute is not running although it should, when it failed to start.
     pub compute_error: Option<String>,
@@ -91,6 +95,8 @@ pub struct CreateBranchRequest {
     pub protected: bool,
     /// e.g. `5m`; `0` never suspends.
     pub suspend_timeout: Option<String>,
+    /// PostgreSQL settings for the compute (`work_mem` = `16MB`...); by default the parent's.
+    pub settings: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -117,6 +123,9 @@ pub struct UpdateBranchRequest {
     /// A duration from now, or `none` to clear `expires_at`.
     pub ttl: Option<String>,
     pub suspend_timeout: Option<String>,
+    /// PostgreSQL settings to change: a value sets, `null` removes the override. The compute
+    /// restarts to apply them.
+    pub settings: Option<BTreeMap<String, Option<String>>>,
 }
 
 /// Creates a root branch: empty, or imported from an external database.

@@ -47,6 +47,7 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Config {
     cfg.port_base = args.port_base;
     cfg.compute_user = Some(args.compute_user.clone());
     cfg.pg_bin = args.pg_bin.clone();
+    cfg.expiry_interval = args.expiry_interval;
     cfg
 }
 
@@ -137,7 +138,9 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
         .arg("--port-base")
         .arg(args.port_base.to_string())
         .arg("--compute-user")
-        .arg(&args.compute_user);
+        .arg(&args.compute_user)
+        .arg("--expiry-interval")
+        .arg(humantime::format_duration(args.expiry_interval).to_string());
     if let Some(bin) = &args.pg_bin {
         cmd.arg("--pg-bin").arg(bin);
     }

@@ -61,6 +61,9 @@ struct ServeArgs {
     /// The directory holding `postgres`, `initdb`, `pg_dump`...
     #[arg(long, env = "STEMMA_PG_BIN")]
     pg_bin: Option<PathBuf>,
+    /// How often expired branches are deleted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, hide = true)]
+    expiry_interval: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -127,6 +130,9 @@ enum BranchCommand {
         /// Suspend the compute after this much idleness, e.g. 5m; 0 never suspends.
         #[arg(long)]
         suspend_timeout: Option<String>,
+        /// A PostgreSQL setting for this branch's compute, e.g. work_mem=16MB (repeatable).
+        #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
     },
     /// List branches as a tree.
     List,
@@ -161,7 +167,20 @@ enum BranchCommand {
         ttl: Option<String>,
         #[arg(long)]
         protected: Option<bool>,
+        /// Set a PostgreSQL setting, e.g. work_mem=16MB (repeatable; restarts the compute).
+        #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+        /// Remove a setting override, back to the default (repeatable).
+        #[arg(long = "unset-setting", value_name = "NAME")]
+        unset_settings: Vec<String>,
     },
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -220,6 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ttl,
                     protected,
                     suspend_timeout,
+                    settings,
                 } => out.branch(&client.create_branch(&CreateBranchRequest {
                     name,
                     parent,
@@ -227,6 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ttl,
                     protected,
                     suspend_timeout,
+                    settings: (!settings.is_empty()).then(|| settings.into_iter().collect()),
                 })?),
                 BranchCommand::List => out.branches(&client.list_branches()?),
                 BranchCommand::Get { name } => out.branch(&client.get_branch(&name)?),
@@ -265,14 +286,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     suspend_timeout,
                     ttl,
                     protected,
-                } => out.branch(&client.update_branch(
-                    &name,
-                    &UpdateBranchRequest {
-                        protected,
-                        ttl,
-                        suspend_timeout,
-                    },
-                )?),
+                    settings,
+                    unset_settings,
+                } => {
+                    let mut changes: std::collections::BTreeMap<String, Option<String>> =
+                        settings.into_iter().map(|(k, v)| (k, Some(v))).collect();
+                    changes.extend(unset_settings.into_iter().map(|k| (k, None)));
+                    out.branch(&client.update_branch(
+                        &name,
+                        &UpdateBranchRequest {
+                            protected,
+                            ttl,
+                            suspend_timeout,
+                            settings: (!changes.is_empty()).then_some(changes),
+                        },
+                    )?)
+                }
             }
         }
         Command::ConnectionString { name, database } => {

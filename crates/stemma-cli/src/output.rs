@@ -105,6 +105,9 @@ impl Output {
         }
         println!("logical size:      {}", human_bytes(b.logical_size_bytes));
         println!("own storage:       {}", human_bytes(b.own_storage_bytes));
+        for (k, v) in &b.settings {
+            println!("setting:           {k} = {v}");
+        }
         if let Some(c) = &b.compute {
             println!("compute:           pid {} on port {}", c.pid, c.port);
         }
@@ -270,6 +273,7 @@ mod tests {
             timeline_id: "t".into(),
             last_reset_at: None,
             suspend_timeout_seconds: None,
+            settings: Default::default(),
             compute: None,
             compute_error: None,
         }

@@ -55,6 +55,21 @@ fn up_creates_main_and_is_idempotent() {
     }
     assert_eq!(main["state"], "running");
     assert_eq!(env.sql("main", "select 1"), "1");
+    // `stemma psql` runs psql on the branch with the arguments after `--`.
+    assert_eq!(
+        env.ok(&[
+            "psql",
+            "main",
+            "--",
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select 40 + 2"
+        ])
+        .trim(),
+        "42"
+    );
 
     env.ok(&["down"]);
     wait_for("daemon exit", Duration::from_secs(30), || !alive(pid));
@@ -260,4 +275,50 @@ fn a_missing_postgres_installation_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("STEMMA_PG_BIN"), "{err}");
+}
+
+#[test]
+fn expired_branches_are_deleted_by_the_daemon() {
+    let env = Env::new();
+    env.up_with(&["--expiry-interval", "200ms"]);
+    env.ok(&["branch", "create", "short", "--ttl", "1s"]);
+    env.ok(&["branch", "create", "kept", "--ttl", "1s", "--protected"]);
+    env.ok(&["branch", "create", "long", "--ttl", "1h"]);
+    wait_for("the expired branch to go", Duration::from_secs(30), || {
+        !env.run(&["branch", "get", "short"]).status.success()
+    });
+    let names: Vec<String> = env
+        .json(&["branch", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["kept", "long", "main"]);
+    assert_eq!(env.timeline_dirs().len(), 3);
+}
+
+#[test]
+fn per_branch_postgres_settings() {
+    let env = Env::new();
+    env.up();
+    assert_eq!(env.sql("main", "show work_mem"), "4MB");
+    env.ok(&["branch", "create", "tuned", "--setting", "work_mem=16MB"]);
+    assert_eq!(env.sql("tuned", "show work_mem"), "16MB");
+    assert_eq!(
+        env.json(&["branch", "get", "tuned"])["settings"]["work_mem"],
+        "16MB"
+    );
+    // Children inherit; `set` changes and restarts; a refused value changes nothing.
+    env.ok(&["branch", "create", "tuned-child", "--parent", "tuned"]);
+    assert_eq!(env.sql("tuned-child", "show work_mem"), "16MB");
+    env.ok(&["branch", "set", "tuned", "--setting", "work_mem=32MB"]);
+    assert_eq!(env.sql("tuned", "show work_mem"), "32MB");
+    let e = env.fail(&["branch", "set", "tuned", "--setting", "work_mem=lots"]);
+    assert!(e.contains("not applied"), "{e}");
+    assert_eq!(env.sql("tuned", "show work_mem"), "32MB");
+    let e = env.fail(&["branch", "set", "tuned", "--setting", "port=1"]);
+    assert!(e.contains("managed by Stemma"), "{e}");
+    env.ok(&["branch", "set", "tuned", "--unset-setting", "work_mem"]);
+    assert_eq!(env.sql("tuned", "show work_mem"), "4MB");
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub pg_bin: Option<PathBuf>,
     /// The root branch created on first start.
     pub root_branch: String,
+    /// How often the daemon deletes expired branches.
+    pub expiry_interval: std::time::Duration,
 }
 
 impl Config {
@@ -37,6 +39,7 @@ impl Config {
             compute_user: None,
             pg_bin: None,
             root_branch: "main".into(),
+            expiry_interval: std::time::Duration::from_secs(30),
         }
     }
 

@@ -5,7 +5,6 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use stemma_compute::{ComputeUser, PgInstall, Supervisor};
@@ -15,9 +14,6 @@ use crate::api::{router, AppState};
 use crate::config::{info_path, DaemonInfo};
 use crate::metadata::Metadata;
 use crate::{Config, Engine};
-
-/// How often expired branches are looked for.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until SIGINT, SIGTERM or `POST /v1/shutdown`; then stops every compute.
 pub async fn serve(cfg: Config) -> Result<()> {
@@ -126,9 +122,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
 }
 
 async fn expiry_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let interval = engine.config().expiry_interval;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(EXPIRY_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
         }
         match engine.expire_branches().await {

@@ -187,6 +187,7 @@ impl Engine {
             timeline_id: b.timeline_id.clone(),
             last_reset_at: b.last_reset_at,
             suspend_timeout_seconds: b.suspend_timeout_secs,
+            settings: b.settings.clone(),
             compute: compute.map(|c| api::Compute {
                 branch: b.name.clone(),
                 pid: c.pid,
@@ -472,6 +473,45 @@ impl Engine {
         }
     }
 
+    /// Checks per-branch PostgreSQL settings. Stemma owns the settings that decide where the
+    /// compute listens and logs; everything else PostgreSQL validates when the compute starts.
+    fn check_settings<'a>(
+        keys: impl IntoIterator<Item = (&'a String, Option<&'a String>)>,
+    ) -> Result<()> {
+        const MANAGED: &[&str] = &[
+            "port",
+            "listen_addresses",
+            "unix_socket_directories",
+            "data_directory",
+            "config_file",
+            "hba_file",
+            "ident_file",
+            "external_pid_file",
+            "logging_collector",
+        ];
+        for (k, v) in keys {
+            let valid = k.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            if !valid {
+                return Err(ControlError::Invalid(format!(
+                    "invalid PostgreSQL setting name {k:?}"
+                )));
+            }
+            if MANAGED.contains(&k.as_str()) {
+                return Err(ControlError::Invalid(format!(
+                    "the setting {k:?} is managed by Stemma and cannot be overridden"
+                )));
+            }
+            if v.is_some_and(|v| v.contains(['\n', '\r', '\0'])) {
+                return Err(ControlError::Invalid(format!(
+                    "the value of {k:?} holds a line break"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn suspend_timeout(s: Option<&str>) -> Result<Option<u64>> {
         s.map(|s| parse_duration(s).map(|d| d.as_secs()))
             .transpose()
@@ -496,6 +536,15 @@ impl Engine {
         }
         let expires_at = Self::expires_at(req.ttl.as_deref())?;
         let suspend_timeout_secs = Self::suspend_timeout(req.suspend_timeout.as_deref())?;
+        let settings = match &req.settings {
+            Some(s) => {
+                Self::check_settings(s.iter().map(|(k, v)| (k, Some(v))))?;
+                let mut merged = parent.settings.clone();
+                merged.extend(s.clone());
+                merged
+            }
+            None => parent.settings.clone(),
+        };
         let port = self.allocate_port(&[])?;
 
         let tl = self.fork_timeline(&parent).await?;
@@ -510,7 +559,7 @@ impl Engine {
             db_password: parent.db_password.clone(),
             database: parent.database.clone(),
             suspend_timeout_secs,
-            settings: parent.settings.clone(),
+            settings,
         };
         let row = match self.meta.commit_new_branch(&new) {
             Ok(r) => r,
@@ -715,7 +764,22 @@ impl Engine {
     ) -> Result<api::Branch> {
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
+        let settings = match &req.settings {
+            Some(changes) => {
+                Self::check_settings(changes.iter().map(|(k, v)| (k, v.as_ref())))?;
+                let mut merged = b.settings.clone();
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => merged.insert(k.clone(), v.clone()),
+                        None => merged.remove(k),
+                    };
+                }
+                (merged != b.settings).then_some(merged)
+            }
+            None => None,
+        };
         let update = BranchUpdate {
+            settings: settings.clone(),
             protected: req.protected,
             expires_at: match &req.ttl {
                 Some(t) => Some(Self::expires_at(Some(t))?),
@@ -727,6 +791,23 @@ impl Engine {
             },
         };
         self.meta.update_branch(b.id, &update)?;
+        if settings.is_some() && b.compute_running {
+            // Apply the new settings; if PostgreSQL refuses them, go back to the old ones.
+            let updated = self.row(name)?;
+            self.stop_compute_of(&b).await?;
+            if let Err(e) = self.start_compute_of(&updated).await {
+                let revert = BranchUpdate {
+                    settings: Some(b.settings.clone()),
+                    ..BranchUpdate::default()
+                };
+                self.meta.update_branch(b.id, &revert)?;
+                let _ = self.stop_compute_of(&updated).await;
+                self.start_compute_of(&b).await?;
+                return Err(ControlError::Invalid(format!(
+                    "the compute did not start with the new settings, which were not applied: {e}"
+                )));
+            }
+        }
         self.view(&self.row(name)?).await
     }
 

@@ -135,6 +135,7 @@ pub struct BranchUpdate {
     pub protected: Option<bool>,
     pub expires_at: Option<Option<DateTime<Utc>>>,
     pub suspend_timeout_secs: Option<Option<u64>>,
+    pub settings: Option<BTreeMap<String, String>>,
 }
 
 pub struct Metadata {
@@ -421,6 +422,12 @@ impl Metadata {
                 tx.execute(
                     "UPDATE branches SET expires_at = ?2 WHERE id = ?1",
                     params![id, e.as_ref().map(ts)],
+                )?;
+            }
+            if let Some(settings) = &u.settings {
+                tx.execute(
+                    "UPDATE branches SET settings = ?2 WHERE id = ?1",
+                    params![id, serde_json::to_string(settings)?],
                 )?;
             }
             if let Some(s) = u.suspend_timeout_secs {

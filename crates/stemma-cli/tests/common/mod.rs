@@ -113,8 +113,14 @@ impl Env {
     }
 
     pub fn up(&self) -> String {
+        self.up_with(&[])
+    }
+
+    pub fn up_with(&self, extra: &[&str]) -> String {
         let base = self.port_base.to_string();
-        self.ok(&["up", "--api-listen", "127.0.0.1:0", "--port-base", &base])
+        let mut args = vec!["up", "--api-listen", "127.0.0.1:0", "--port-base", &base];
+        args.extend_from_slice(extra);
+        self.ok(&args)
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
