@@ -48,6 +48,8 @@ pub struct Branch {
     pub compute: Option<Compute>,
     /// Why the compute is not running although it should, when it failed to start.
     pub compute_error: Option<String>,
+    /// Why the branch's port is not served, when another program holds it.
+    pub endpoint_error: Option<String>,
 }
 
 /// A running compute (one stock `postgres` process).

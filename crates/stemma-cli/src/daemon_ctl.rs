@@ -48,6 +48,9 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Config {
     cfg.compute_user = Some(args.compute_user.clone());
     cfg.pg_bin = args.pg_bin.clone();
     cfg.expiry_interval = args.expiry_interval;
+    cfg.proxy_listen = args.proxy_listen;
+    cfg.suspend_timeout = args.suspend_timeout;
+    cfg.max_computes = args.max_computes.max(1);
     cfg
 }
 
@@ -140,7 +143,17 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
         .arg("--compute-user")
         .arg(&args.compute_user)
         .arg("--expiry-interval")
-        .arg(humantime::format_duration(args.expiry_interval).to_string());
+        .arg(humantime::format_duration(args.expiry_interval).to_string())
+        .arg("--proxy-listen")
+        .arg(args.proxy_listen.to_string())
+        .arg("--suspend-timeout")
+        .arg(if args.suspend_timeout.is_zero() {
+            "0".to_string()
+        } else {
+            humantime::format_duration(args.suspend_timeout).to_string()
+        })
+        .arg("--max-computes")
+        .arg(args.max_computes.to_string());
     if let Some(bin) = &args.pg_bin {
         cmd.arg("--pg-bin").arg(bin);
     }

@@ -61,6 +61,15 @@ struct ServeArgs {
     /// The directory holding `postgres`, `initdb`, `pg_dump`...
     #[arg(long, env = "STEMMA_PG_BIN")]
     pg_bin: Option<PathBuf>,
+    /// The shared proxy port, where `options=branch=NAME` chooses the branch.
+    #[arg(long, default_value = stemma_control::DEFAULT_PROXY_LISTEN)]
+    proxy_listen: std::net::SocketAddr,
+    /// Suspend a compute after this much idleness, unless its branch says otherwise; 0 never.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
+    suspend_timeout: std::time::Duration,
+    /// At most this many computes run at once; the least recently used idle one is suspended.
+    #[arg(long, default_value_t = 32)]
+    max_computes: usize,
     /// How often expired branches are deleted.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, hide = true)]
     expiry_interval: std::time::Duration,
@@ -174,6 +183,13 @@ enum BranchCommand {
         #[arg(long = "unset-setting", value_name = "NAME")]
         unset_settings: Vec<String>,
     },
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_setting(s: &str) -> Result<(String, String), String> {

@@ -114,6 +114,9 @@ impl Output {
         if let Some(e) = &b.compute_error {
             println!("compute error:     {e}");
         }
+        if let Some(e) = &b.endpoint_error {
+            println!("endpoint error:    {e}");
+        }
     }
 
     pub fn branches(&self, branches: &[Branch]) {
@@ -276,6 +279,7 @@ mod tests {
             settings: Default::default(),
             compute: None,
             compute_error: None,
+            endpoint_error: None,
         }
     }
 

@@ -225,16 +225,28 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(count(), 2);
     assert_eq!(timelines(), 2);
 
-    // A port taken by another program while the branch is suspended.
-    env.ok(&["compute", "stop", "child"]);
+    // A branch's port taken by another program while the daemon was down.
     let port = env.json(&["branch", "get", "child"])["port"]
         .as_u64()
         .unwrap() as u16;
+    env.ok(&["down"]);
     let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
-    let e = env.fail(&["compute", "start", "child"]);
-    assert!(e.contains(&format!("port {port} is already in use")), "{e}");
+    env.up();
+    let e = env.json(&["branch", "get", "child"])["endpoint_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "port {port} of branch \"child\" is already in use"
+        )),
+        "{e}"
+    );
     drop(squatter);
-    env.ok(&["compute", "start", "child"]);
+    env.ok(&["down"]);
+    env.up();
+    assert!(env.json(&["branch", "get", "child"])["endpoint_error"].is_null());
+    assert_eq!(env.sql("child", "select 1"), "1");
 
     env.ok(&[
         "branch",

@@ -30,11 +30,18 @@ pub struct OnlineBackup {
 }
 
 impl OnlineBackup {
-    /// Connects to the compute on 127.0.0.1:`port` and starts a backup with a fast checkpoint.
-    pub async fn start(port: u16, user: &str, password: &str, label: &str) -> Result<Self> {
+    /// Connects to the compute's Unix socket in `socket_dir` and starts a backup with a fast
+    /// checkpoint.
+    pub async fn start(
+        socket_dir: &std::path::Path,
+        port: u16,
+        user: &str,
+        password: &str,
+        label: &str,
+    ) -> Result<Self> {
         let mut config = tokio_postgres::Config::new();
         config
-            .host("127.0.0.1")
+            .host_path(socket_dir)
             .port(port)
             .user(user)
             .password(password)

@@ -102,6 +102,8 @@ pub struct PostmasterPid {
     pub pid: i32,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// The first Unix socket directory.
+    pub socket_dir: PathBuf,
     /// `starting`, `ready`, `standby` or `stopping`.
     pub status: String,
 }
@@ -114,6 +116,7 @@ pub fn read_postmaster_pid(data_dir: &Path) -> Option<PostmasterPid> {
         pid: lines.first()?.trim().parse().ok()?,
         data_dir: PathBuf::from(lines.get(1)?.trim()),
         port: lines.get(3)?.trim().parse().ok()?,
+        socket_dir: PathBuf::from(lines.get(4)?.trim()),
         status: lines
             .get(7)
             .map(|s| s.trim().to_string())
@@ -236,11 +239,6 @@ pub(crate) async fn stop_postmaster(pid: i32, data_dir: &Path, mut reap: impl Fn
     }
 }
 
-/// Whether something already listens on (or holds) 127.0.0.1:`port`.
-pub(crate) fn port_in_use(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,13 +248,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(
             dir.path().join("postmaster.pid"),
-            "4242\n/var/lib/x\n1700000000\n5433\n\n127.0.0.1\n  1234  5678\nready   \n",
+            "4242\n/var/lib/x\n1700000000\n5433\n/run/s\n127.0.0.1\n  1234  5678\nready   \n",
         )
         .unwrap();
         let pm = read_postmaster_pid(dir.path()).unwrap();
         assert_eq!(pm.pid, 4242);
         assert_eq!(pm.port, 5433);
         assert_eq!(pm.status, "ready");
+        assert_eq!(pm.socket_dir, PathBuf::from("/run/s"));
         assert_eq!(pm.data_dir, PathBuf::from("/var/lib/x"));
         fs::write(dir.path().join("postmaster.pid"), "garbage").unwrap();
         assert!(read_postmaster_pid(dir.path()).is_none());

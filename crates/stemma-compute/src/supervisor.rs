@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::process::{
-    is_live_postmaster, log_tail, port_in_use, read_postmaster_pid, spawn_postgres,
-    stop_postmaster, wait_ready,
+    is_live_postmaster, log_tail, read_postmaster_pid, spawn_postgres, stop_postmaster, wait_ready,
 };
 use crate::{ComputeError, ComputeUser, PgInstall, Result};
 
@@ -27,10 +26,21 @@ pub struct ComputeSpec {
     /// A human name for logs and errors (the branch name).
     pub label: String,
     pub data_dir: PathBuf,
+    /// The compute listens only on a Unix socket in this directory (created, owned by the
+    /// compute's user); clients reach it through the proxy.
+    pub socket_dir: PathBuf,
+    /// The port number in the socket's name (`.s.PGSQL.<port>`).
     pub port: u16,
     /// `-c name=value` settings.
     pub settings: BTreeMap<String, String>,
     pub log_path: PathBuf,
+}
+
+impl ComputeSpec {
+    /// The path of the compute's Unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join(format!(".s.PGSQL.{}", self.port))
+    }
 }
 
 /// A running compute, as reported to the control plane.
@@ -40,6 +50,8 @@ pub struct ComputeInfo {
     pub label: String,
     pub pid: i32,
     pub port: u16,
+    /// The Unix socket to connect to.
+    pub socket_path: PathBuf,
     pub started_at: SystemTime,
     /// Restarts after unexpected exits since the daemon started.
     pub restarts: u32,
@@ -84,6 +96,7 @@ struct Inner {
     computes: Mutex<HashMap<String, Entry>>,
     /// Serialises starts and stops of one key, so concurrent callers start exactly one compute.
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    starts: std::sync::atomic::AtomicU64,
 }
 
 /// Starts, adopts, restarts and stops computes. Cheap to clone.
@@ -100,6 +113,7 @@ impl Supervisor {
                 user,
                 computes: Mutex::new(HashMap::new()),
                 key_locks: Mutex::new(HashMap::new()),
+                starts: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -155,7 +169,7 @@ impl Supervisor {
         // Running from before a daemon restart? postmaster.pid is the truth.
         if let Some(pm) = read_postmaster_pid(&spec.data_dir) {
             if is_live_postmaster(pm.pid, &spec.data_dir) {
-                if pm.port == spec.port {
+                if pm.port == spec.port && pm.socket_dir == spec.socket_dir {
                     tracing::info!(compute = %spec.label, pid = pm.pid, "adopting running compute");
                     let mut entry = new_entry(spec.clone(), pm.pid, None, restarts);
                     entry.adopted = true;
@@ -171,17 +185,24 @@ impl Supervisor {
                 stop_postmaster(pm.pid, &spec.data_dir, || false).await;
             }
         }
-        if port_in_use(spec.port) {
-            return Err(ComputeError::PortInUse { port: spec.port });
-        }
+        self.prepare_socket_dir(&spec.socket_dir)?;
+        let mut settings = spec.settings.clone();
+        settings.insert("listen_addresses".into(), String::new());
+        settings.insert(
+            "unix_socket_directories".into(),
+            spec.socket_dir.display().to_string(),
+        );
         let child = spawn_postgres(
             &self.inner.install,
             &self.inner.user,
             &spec.data_dir,
             spec.port,
-            &spec.settings,
+            &settings,
             &spec.log_path,
         )?;
+        self.inner
+            .starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = child.id() as i32;
         tracing::info!(compute = %spec.label, pid, port = spec.port, "starting compute");
         let entry = new_entry(spec.clone(), pid, Some(child), restarts);
@@ -196,6 +217,35 @@ impl Supervisor {
         }
         self.mark_ready(&spec.key);
         Ok(out)
+    }
+
+    /// The socket directory, private to the compute's user. Unix socket paths are limited to
+    /// 107 bytes, so a long data directory path is refused here with a clear error.
+    fn prepare_socket_dir(&self, dir: &std::path::Path) -> Result<()> {
+        let path_len = dir.as_os_str().len() + ".s.PGSQL.65535".len() + 1;
+        if path_len > 107 {
+            return Err(ComputeError::Failed(format!(
+                "the socket directory {} is too long for a Unix socket ({path_len} > 107 bytes); choose a shorter data directory",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(ComputeError::io(format!("creating {}", dir.display())))?;
+        if let Some(u) = &self.inner.user {
+            std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid)).map_err(ComputeError::io(
+                format!("handing {} to the compute user", dir.display()),
+            ))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            ComputeError::io(format!("setting the mode of {}", dir.display())),
+        )?;
+        Ok(())
+    }
+
+    /// How many computes this supervisor has spawned (restarts included).
+    pub fn starts(&self) -> u64 {
+        self.inner.starts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn mark_ready(&self, key: &str) {
@@ -241,9 +291,13 @@ impl Supervisor {
     pub async fn stop(&self, key: &str, data_dir: &std::path::Path) -> Result<()> {
         let lock = self.key_lock(key);
         let _guard = lock.lock().await;
-        let entry = self.computes().remove(key);
-        let (pid, dir, mut child) = match entry {
-            Some(e) => (e.pid, e.spec.data_dir, e.child),
+        // The entry stays (reported as running) until the process is gone.
+        let found = self
+            .computes()
+            .get_mut(key)
+            .map(|e| (e.pid, e.spec.data_dir.clone(), e.child.take()));
+        let (pid, dir, mut child) = match found {
+            Some(x) => x,
             None => (
                 read_postmaster_pid(data_dir).map(|p| p.pid),
                 data_dir.to_path_buf(),
@@ -258,6 +312,7 @@ impl Supervisor {
             .await;
             tracing::info!(key, pid, "compute stopped");
         }
+        self.computes().remove(key);
         Ok(())
     }
 
@@ -405,6 +460,7 @@ fn info(e: &Entry) -> ComputeInfo {
         label: e.spec.label.clone(),
         pid: e.pid.unwrap_or(0),
         port: e.spec.port,
+        socket_path: e.spec.socket_path(),
         started_at: e.started_at,
         restarts: e.restarts,
         adopted: e.adopted,

@@ -112,6 +112,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .with_state(state)
 }
@@ -137,6 +138,17 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Prometheus metrics (loopback, no token: scrapers rarely carry one).
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.engine.metrics_text(),
+    )
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where the API listens unless told otherwise: loopback only.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7540";
+/// The shared proxy port, where `options=branch=NAME` chooses the branch.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:55431";
 /// The first port handed to branches.
 pub const DEFAULT_PORT_BASE: u16 = 55432;
 
@@ -25,6 +27,12 @@ pub struct Config {
     pub root_branch: String,
     /// How often the daemon deletes expired branches.
     pub expiry_interval: std::time::Duration,
+    /// The shared proxy port.
+    pub proxy_listen: SocketAddr,
+    /// Idle time after which a compute is suspended, unless its branch says otherwise.
+    pub suspend_timeout: std::time::Duration,
+    /// At most this many computes run at once.
+    pub max_computes: usize,
 }
 
 impl Config {
@@ -40,6 +48,11 @@ impl Config {
             pg_bin: None,
             root_branch: "main".into(),
             expiry_interval: std::time::Duration::from_secs(30),
+            proxy_listen: DEFAULT_PROXY_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 55431))),
+            suspend_timeout: std::time::Duration::from_secs(300),
+            max_computes: 32,
         }
     }
 

@@ -57,6 +57,21 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
     let supervisor = Supervisor::new(install, user);
     let engine = Arc::new(Engine::new(cfg.clone(), meta, storage, supervisor.clone()));
+    let proxy = stemma_proxy::Proxy::new(
+        Arc::new(crate::endpoints::ProxyBackend(Arc::downgrade(&engine))),
+        engine.metrics.proxy.clone(),
+    );
+    let _ = engine.proxy.set(proxy.clone());
+    let shared = proxy
+        .listen_shared(cfg.proxy_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the shared proxy port; choose another with --proxy-listen",
+                cfg.proxy_listen
+            )
+        })?;
+    engine.set_proxy_port(shared.port());
 
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
@@ -76,6 +91,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let monitor = tokio::spawn(supervisor.clone().run_monitor(shutdown_rx.clone()));
     let expiry = tokio::spawn(expiry_loop(engine.clone(), shutdown_rx.clone()));
+    let suspender = tokio::spawn(suspend_loop(engine.clone(), shutdown_rx.clone()));
 
     write_info(
         &data_dir,
@@ -114,11 +130,25 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = monitor.await;
     let _ = expiry.await;
+    let _ = suspender.await;
     tracing::info!("stopping computes");
     supervisor.stop_all().await;
     let _ = fs::remove_file(info_path(&data_dir));
     tracing::info!("stemma daemon stopped");
     served.context("serving the API")
+}
+
+/// How often idle computes are looked for.
+const SUSPEND_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+async fn suspend_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SUSPEND_CHECK_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        engine.suspend_idle().await;
+    }
 }
 
 async fn expiry_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {

@@ -8,23 +8,26 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use stemma_api::{self as api, BranchState};
 use stemma_compute::{ComputeSpec, OnlineBackup, Supervisor};
+use stemma_proxy::Proxy;
 use stemma_storage::{CloneConsistency, CloneFilter, StorageDriver, TimelineId, Usage};
 
 use crate::metadata::{BranchRow, BranchUpdate, Metadata, NewBranch, TimelineState};
+use crate::metrics::Metrics;
 use crate::names::{parse_duration, validate_branch_name};
 use crate::{Config, ControlError, Result};
+
+/// The port number in a compute's socket name; every compute has its own socket directory.
+pub(crate) const COMPUTE_SOCKET_PORT: u16 = 5432;
 
 /// The database superuser of every branch (created by `initdb`).
 pub const DB_SUPERUSER: &str = "stemma";
 
-/// Settings every compute runs with: sized for development, loopback only, no Unix socket (the
-/// data directory is the only per-branch path and socket paths are length-limited).
-/// A branch's own settings override these.
+/// Settings every compute runs with, sized for development. Computes listen only on a Unix
+/// socket (the supervisor sets that); clients come through the proxy. A branch's own settings
+/// override these.
 const DEFAULT_SETTINGS: &[(&str, &str)] = &[
-    ("listen_addresses", "127.0.0.1"),
-    ("unix_socket_directories", ""),
     ("shared_buffers", "32MB"),
-    ("max_connections", "50"),
+    ("max_connections", "100"),
     ("work_mem", "4MB"),
     ("maintenance_work_mem", "32MB"),
     ("effective_cache_size", "256MB"),
@@ -76,6 +79,17 @@ pub struct Engine {
     pub(crate) reserved: Mutex<HashSet<String>>,
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) api_url: Mutex<String>,
+    /// Set once by the daemon right after the engine is made (the proxy calls back into it).
+    pub(crate) proxy: std::sync::OnceLock<Arc<Proxy>>,
+    pub(crate) proxy_port: Mutex<Option<u16>>,
+    /// Per branch: wakes take it shared; reset, delete and suspension take it exclusive, so a
+    /// connection never wakes a compute on a timeline that is being swapped or removed.
+    pub(crate) gates: Mutex<HashMap<i64, Arc<tokio::sync::RwLock<()>>>>,
+    /// Serialises cold starts so that the cap on running computes holds.
+    pub(crate) wake_lock: tokio::sync::Mutex<()>,
+    /// Why a branch's port could not be listened on, per branch id.
+    pub(crate) endpoint_errors: Mutex<HashMap<i64, String>>,
+    pub(crate) metrics: Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,6 +135,12 @@ impl Engine {
             reserved: Mutex::new(HashSet::new()),
             started_at: Utc::now(),
             api_url: Mutex::new(String::new()),
+            proxy: std::sync::OnceLock::new(),
+            proxy_port: Mutex::new(None),
+            gates: Mutex::new(HashMap::new()),
+            wake_lock: tokio::sync::Mutex::new(()),
+            endpoint_errors: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
         }
     }
 
@@ -136,10 +156,24 @@ impl Engine {
         *lock(&self.api_url) = url.to_string();
     }
 
+    pub(crate) fn set_proxy_port(&self, port: u16) {
+        *lock(&self.proxy_port) = Some(port);
+    }
+
+    /// The Prometheus text exposition of the daemon's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics
+            .render(self.supervisor.list().len(), self.supervisor.starts())
+    }
+
     // ----- views -------------------------------------------------------------------------
 
-    fn compute_key(b: &BranchRow) -> String {
+    pub(crate) fn compute_key(b: &BranchRow) -> String {
         format!("branch-{}", b.id)
+    }
+
+    pub(crate) fn branch_id_of_key(key: &str) -> Option<i64> {
+        key.strip_prefix("branch-")?.parse().ok()
     }
 
     pub(crate) fn compute_spec(&self, b: &BranchRow) -> Result<ComputeSpec> {
@@ -153,7 +187,8 @@ impl Engine {
             key: Self::compute_key(b),
             label: b.name.clone(),
             data_dir: self.storage.data_dir(&tl),
-            port: b.port,
+            socket_dir: self.cfg.data_dir.join("run").join(Self::compute_key(b)),
+            port: COMPUTE_SOCKET_PORT,
             settings,
             log_path: self.cfg.logs_dir().join(format!("compute-{}.log", b.id)),
         })
@@ -200,6 +235,7 @@ impl Engine {
             } else {
                 None
             },
+            endpoint_error: lock(&self.endpoint_errors).get(&b.id).cloned(),
         }
     }
 
@@ -298,7 +334,7 @@ impl Engine {
             data_dir: self.cfg.data_dir.display().to_string(),
             storage: self.storage.name().to_string(),
             storage_detail: self.storage.describe(),
-            proxy_port: None,
+            proxy_port: *lock(&self.proxy_port),
             postgres_version: install.major_version,
             postgres_bin_dir: install.bin_dir.display().to_string(),
             compute_user: match self.supervisor.user() {
@@ -353,7 +389,19 @@ impl Engine {
 
     pub(crate) async fn start_compute_of(&self, b: &BranchRow) -> Result<()> {
         let spec = self.compute_spec(b)?;
-        self.supervisor.start(spec).await?;
+        let was_running = self.supervisor.info(&spec.key).is_some();
+        if !was_running {
+            self.make_room(&spec.key)
+                .await
+                .map_err(|r| ControlError::Conflict(r.message))?;
+        }
+        self.supervisor.start(spec.clone()).await?;
+        if !was_running {
+            // A compute started by a command counts as activity, so it is not suspended at once.
+            if let Some(p) = self.proxy.get() {
+                p.touch(&spec.key);
+            }
+        }
         Ok(())
     }
 
@@ -409,8 +457,15 @@ impl Engine {
         }
 
         let label = format!("stemma clone of {} into {}", parent.name, child);
-        let backup =
-            OnlineBackup::start(parent.port, &parent.db_user, &parent.db_password, &label).await?;
+        let spec = self.compute_spec(parent)?;
+        let backup = OnlineBackup::start(
+            &spec.socket_dir,
+            spec.port,
+            &parent.db_user,
+            &parent.db_password,
+            &label,
+        )
+        .await?;
         let mut data_filter = base_filter.clone();
         data_filter.exclude.push(PathBuf::from("pg_wal"));
         {
@@ -568,9 +623,15 @@ impl Engine {
                 return Err(e.into());
             }
         };
+        if let Err(e) = self.open_endpoint(&row).await {
+            self.meta.delete_branch(row.id)?;
+            self.destroy_timeline(tl.as_str()).await?;
+            return Err(e);
+        }
         if let Err(e) = self.start_compute_of(&row).await {
             // A branch that cannot start is no branch: roll back.
             tracing::warn!(branch = %row.name, error = %e, "compute did not start; rolling back");
+            self.close_endpoint(&row, "the branch could not start");
             let _ = self.stop_compute_of(&row).await;
             self.meta.delete_branch(row.id)?;
             self.destroy_timeline(tl.as_str()).await?;
@@ -634,7 +695,13 @@ impl Engine {
                 return Err(e);
             }
         };
+        if let Err(e) = self.open_endpoint(&row).await {
+            self.meta.delete_branch(row.id)?;
+            self.destroy_timeline(tl.as_str()).await?;
+            return Err(e);
+        }
         if let Err(e) = self.start_compute_of(&row).await {
+            self.close_endpoint(&row, "the branch could not start");
             let _ = self.stop_compute_of(&row).await;
             self.meta.delete_branch(row.id)?;
             self.destroy_timeline(tl.as_str()).await?;
@@ -663,8 +730,12 @@ impl Engine {
                 children.join(", ")
             )));
         }
+        let gate = self.gate(b.id);
+        let _exclusive = gate.write().await;
+        self.close_endpoint(&b, &format!("branch \"{name}\" was deleted"));
         self.stop_compute_of(&b).await?;
         self.meta.delete_branch(b.id)?;
+        lock(&self.gates).remove(&b.id);
         self.destroy_timeline(&b.timeline_id).await?;
         tracing::info!(branch = name, "branch deleted");
         Ok(())
@@ -707,6 +778,15 @@ impl Engine {
             }),
             None => None,
         };
+        let gate = self.gate(b.id);
+        let _exclusive = gate.write().await;
+        let was_running = self.supervisor.info(&Self::compute_key(&b)).is_some();
+        if let Some(p) = self.proxy.get() {
+            p.terminate(
+                &Self::compute_key(&b),
+                &format!("branch \"{name}\" was reset to the current state of \"{}\"; reconnect with the same connection string", parent.name),
+            );
+        }
         if let Err(e) = self.stop_compute_of(&b).await {
             let _ = self.destroy_timeline(tl.as_str()).await;
             return Err(e);
@@ -721,14 +801,14 @@ impl Engine {
         };
         match &preserved {
             Some(p) => {
-                if let Err(e) = self.start_compute_of(p).await {
-                    tracing::warn!(branch = %p.name, error = %e, "preserved branch did not start");
+                if let Err(e) = self.open_endpoint(p).await {
+                    tracing::warn!(branch = %p.name, error = %e, "preserved branch has no endpoint");
                 }
             }
             None => self.destroy_timeline(&old).await?,
         }
         let b = self.row(name)?;
-        if b.compute_running {
+        if was_running {
             self.start_compute_of(&b).await?;
         }
         tracing::info!(branch = name, parent = %parent.name, "branch reset");
@@ -752,6 +832,9 @@ impl Engine {
         let b = self.row(name)?;
         self.check_new_name(new_name)?;
         self.meta.rename_branch(b.id, new_name)?;
+        if let Some(p) = self.proxy.get() {
+            p.rename(&Self::compute_key(&b), new_name);
+        }
         let b = self.row(new_name)?;
         tracing::info!(from = name, to = new_name, "branch renamed");
         self.view(&b).await
@@ -791,9 +874,11 @@ impl Engine {
             },
         };
         self.meta.update_branch(b.id, &update)?;
-        if settings.is_some() && b.compute_running {
+        if settings.is_some() && self.supervisor.info(&Self::compute_key(&b)).is_some() {
             // Apply the new settings; if PostgreSQL refuses them, go back to the old ones.
             let updated = self.row(name)?;
+            let gate = self.gate(b.id);
+            let _exclusive = gate.write().await;
             self.stop_compute_of(&b).await?;
             if let Err(e) = self.start_compute_of(&updated).await {
                 let revert = BranchUpdate {
@@ -815,6 +900,8 @@ impl Engine {
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
         self.meta.set_compute_running(b.id, true)?;
+        let gate = self.gate(b.id);
+        let _shared = gate.read().await;
         self.start_compute_of(&b).await?;
         self.view(&self.row(name)?).await
     }
@@ -823,7 +910,10 @@ impl Engine {
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
         self.meta.set_compute_running(b.id, false)?;
+        let gate = self.gate(b.id);
+        let _exclusive = gate.write().await;
         self.stop_compute_of(&b).await?;
+        self.metrics.suspensions.inc();
         self.view(&self.row(name)?).await
     }
 
@@ -851,15 +941,18 @@ impl Engine {
             }
         }
         for b in self.meta.branches()? {
-            if b.compute_running {
+            // Scale to zero: computes that still run (a daemon restart) are adopted; the others
+            // stay suspended until a connection wakes them.
+            let spec = self.compute_spec(&b)?;
+            let alive = stemma_compute::read_postmaster_pid(&spec.data_dir)
+                .is_some_and(|pm| std::path::Path::new(&format!("/proc/{}", pm.pid)).exists());
+            if alive {
                 if let Err(e) = self.start_compute_of(&b).await {
-                    // Keep serving the other branches; the monitor does not retry computes
-                    // that never started, `stemma compute start` does.
-                    tracing::error!(branch = %b.name, error = %e, "compute did not start");
+                    tracing::error!(branch = %b.name, error = %e, "adopting the compute failed");
                 }
-            } else {
-                // Stopped on record: make sure no compute survived (a crash mid-stop).
-                self.stop_compute_of(&b).await?;
+            }
+            if let Err(e) = self.open_endpoint(&b).await {
+                tracing::error!(branch = %b.name, error = %e, "no endpoint for the branch");
             }
         }
         Ok(())

@@ -198,8 +198,16 @@ impl Import {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    fn target(&self, password: &str, port: u16, db: &str) -> String {
-        format!("postgresql://{DB_SUPERUSER}:{password}@127.0.0.1:{port}/{db}")
+    /// The import's own compute, through its Unix socket.
+    fn target(&self, password: &str, db: &str) -> String {
+        match &self.temp_compute {
+            Some(spec) => format!(
+                "postgresql://{DB_SUPERUSER}:{password}@/{db}?host={}&port={}",
+                spec.socket_dir.display(),
+                spec.port
+            ),
+            None => String::new(),
+        }
     }
 
     async fn run(&mut self) -> Result<api::Branch> {
@@ -259,9 +267,14 @@ impl Import {
             .await
             .map_err(|e| anyhow!("initdb task failed: {e}"))??;
         }
-        let port = self.engine.allocate_port(&[])?;
-        let mut spec = self.engine.compute_spec(&NewBranchView::row(&tl, port))?;
+        let mut spec = self.engine.compute_spec(&NewBranchView::row(&tl, 0))?;
         spec.key = format!("import-{}", self.op);
+        spec.socket_dir = self
+            .engine
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("import-{:08x}", rand::random::<u32>()));
         spec.label = format!("{} (importing)", self.name);
         spec.log_path = self.engine.cfg.logs_dir().join(format!("{}.log", self.op));
         self.engine.supervisor.start(spec.clone()).await?;
@@ -291,7 +304,7 @@ impl Import {
             }
             tracing::info!(errors = ?out.errors, "pg_dumpall --roles-only was refused");
         }
-        let admin = self.target(&password, port, "postgres");
+        let admin = self.target(&password, "postgres");
         if roles {
             // The source may have a role named like our superuser: its password must not
             // replace ours.
@@ -361,7 +374,7 @@ impl Import {
             self.jobs.to_string(),
             "-v".into(),
             "-d".into(),
-            self.target(&password, port, &database),
+            self.target(&password, &database),
         ];
         if !roles {
             args.extend(["--no-owner".to_string(), "--no-privileges".to_string()]);
@@ -406,6 +419,7 @@ impl Import {
         }
         self.engine.release_name(&self.name);
         self.engine.check_new_name(&self.name)?;
+        let port = self.engine.allocate_port(&[])?;
         let row = self.engine.meta.commit_new_branch(&NewBranch {
             name: self.name.clone(),
             parent_id: None,
@@ -420,6 +434,9 @@ impl Import {
             settings: Default::default(),
         })?;
         self.timeline = None;
+        if let Err(e) = self.engine.open_endpoint(&row).await {
+            tracing::error!(branch = %row.name, error = %e, "imported branch has no endpoint");
+        }
         if let Err(e) = self.engine.start_compute_of(&row).await {
             tracing::error!(branch = %row.name, error = %e, "imported branch did not start");
         }

@@ -17,12 +17,14 @@
 pub mod api;
 mod config;
 pub mod daemon;
+mod endpoints;
 mod engine;
 mod import;
 pub mod metadata;
+mod metrics;
 pub mod names;
 
-pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE};
+pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE, DEFAULT_PROXY_LISTEN};
 pub use engine::Engine;
 
 /// An error of a user operation, with the class the API maps to an HTTP status.
@@ -51,10 +53,7 @@ impl From<stemma_storage::StorageError> for ControlError {
 
 impl From<stemma_compute::ComputeError> for ControlError {
     fn from(e: stemma_compute::ComputeError) -> Self {
-        match e {
-            stemma_compute::ComputeError::PortInUse { .. } => ControlError::Conflict(e.to_string()),
-            other => ControlError::Internal(anyhow::Error::new(other)),
-        }
+        ControlError::Internal(anyhow::Error::new(e))
     }
 }
 

@@ -118,7 +118,15 @@ impl Env {
 
     pub fn up_with(&self, extra: &[&str]) -> String {
         let base = self.port_base.to_string();
-        let mut args = vec!["up", "--api-listen", "127.0.0.1:0", "--port-base", &base];
+        let mut args = vec![
+            "up",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--port-base",
+            &base,
+        ];
         args.extend_from_slice(extra);
         self.ok(&args)
     }
@@ -152,6 +160,39 @@ impl Env {
             }
         }
         pids
+    }
+
+    /// A URI that reaches a branch's compute directly through its Unix socket, bypassing the
+    /// proxy (the socket's lock file names the postmaster's pid).
+    pub fn direct_uri(&self, branch: &str) -> String {
+        let b = self.json(&["branch", "get", branch]);
+        let pid = b["compute"]["pid"].as_i64().expect("the compute runs");
+        let conn = b["connection_string"].as_str().unwrap();
+        let creds = conn
+            .trim_start_matches("postgresql://")
+            .split('@')
+            .next()
+            .unwrap();
+        for dir in fs::read_dir(self.data_dir.join("run"))
+            .expect("run dir")
+            .flatten()
+        {
+            let lock =
+                fs::read_to_string(dir.path().join(".s.PGSQL.5432.lock")).unwrap_or_default();
+            if lock
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<i64>().ok())
+                == Some(pid)
+            {
+                return format!(
+                    "postgresql://{creds}@/{}?host={}&port=5432",
+                    b["database"].as_str().unwrap(),
+                    dir.path().display()
+                );
+            }
+        }
+        panic!("no socket for the compute of {branch}");
     }
 
     pub fn timeline_dirs(&self) -> Vec<PathBuf> {
@@ -250,6 +291,9 @@ pub fn psql(conn: &str, sql: &str) -> String {
 
 /// The Chinook sample database shipped beside the repository (`../shared/data`).
 pub fn chinook_sql() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STEMMA_SHARED_DIR") {
+        return Path::new(&dir).join("data/chinook_postgresql.sql");
+    }
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     for dir in here.ancestors() {
         for candidate in [

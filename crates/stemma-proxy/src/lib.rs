@@ -1,0 +1,438 @@
+//! Stemma's PostgreSQL-protocol proxy.
+//!
+//! The proxy owns the listening sockets that clients connect to: one per branch, on the port
+//! the branch keeps for its whole life, and one shared port where the startup parameter
+//! `options=branch=NAME` chooses the branch. It speaks the startup part of the protocol itself
+//! (refusing SSL and GSS encryption cleanly, routing CancelRequests to the right compute), asks
+//! its [`Backend`] to wake the branch's compute, then relays bytes. Authentication stays end to
+//! end between the client and the compute.
+//!
+//! Architecture invariants:
+//! - The proxy knows nothing about metadata, storage or how computes start: it asks the
+//!   [`Backend`] for a route and for a socket to connect to.
+//! - Server-to-client traffic is relayed message by message, so the proxy can end a connection
+//!   with a proper ErrorResponse (a branch reset or deleted) at a message boundary.
+//! - Every connection counts in its branch's activity while it is open; idleness, and so
+//!   suspension, is decided from that count by the control plane.
+
+mod protocol;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::broadcast;
+
+use protocol::{encode_cancel, encode_startup, read_startup};
+pub use protocol::{error_response, take_branch_option, StartupPacket};
+
+/// Where a connection goes: the branch's stable key (its id) and its current name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub key: String,
+    pub branch: String,
+}
+
+/// Why a connection could not be routed, as the client will read it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The SQLSTATE: `3D000` for an unknown branch, `57P03` when a compute cannot start,
+    /// `53300` when too many computes run.
+    pub sqlstate: &'static str,
+    pub message: String,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the proxy needs from the control plane.
+pub trait Backend: Send + Sync + 'static {
+    /// The branch called `name`, for the shared port.
+    fn resolve(&self, name: &str) -> Option<Route>;
+    /// Makes sure the branch's compute runs; returns the path of its Unix socket.
+    fn wake<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<PathBuf, Refusal>>;
+}
+
+/// The proxy's Prometheus metrics; the control plane registers them.
+#[derive(Default, Clone)]
+pub struct ProxyMetrics {
+    pub connections_open: Gauge,
+    pub connections_total: Counter,
+    pub bytes_client_to_compute: Counter,
+    pub bytes_compute_to_client: Counter,
+}
+
+/// Open connections and the time of the last connect or disconnect of one branch.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    pub open: usize,
+    pub last_change: Instant,
+}
+
+struct BranchState {
+    activity: Activity,
+    /// Ends every open connection of the branch with the message sent.
+    terminate: broadcast::Sender<String>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+    route: Option<Route>,
+}
+
+pub struct Proxy {
+    backend: Arc<dyn Backend>,
+    metrics: ProxyMetrics,
+    branches: Mutex<HashMap<String, BranchState>>,
+    /// (pid, secret key) of each backend behind an open connection -> its socket, so that a
+    /// CancelRequest reaches the right compute.
+    cancel_keys: Mutex<HashMap<(i32, i32), PathBuf>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Proxy {
+    pub fn new(backend: Arc<dyn Backend>, metrics: ProxyMetrics) -> Arc<Self> {
+        Arc::new(Proxy {
+            backend,
+            metrics,
+            branches: Mutex::new(HashMap::new()),
+            cancel_keys: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    fn with_branch<T>(&self, key: &str, f: impl FnOnce(&mut BranchState) -> T) -> T {
+        let mut branches = lock(&self.branches);
+        let state = branches
+            .entry(key.to_string())
+            .or_insert_with(|| BranchState {
+                activity: Activity {
+                    open: 0,
+                    last_change: Instant::now(),
+                },
+                terminate: broadcast::channel(4).0,
+                listener: None,
+                route: None,
+            });
+        f(state)
+    }
+
+    /// Listens on 127.0.0.1:`port` for `route`'s branch. Fails when the port is taken.
+    pub async fn listen_branch(self: &Arc<Self>, port: u16, route: Route) -> std::io::Result<()> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let this = self.clone();
+        let key = route.key.clone();
+        let task = tokio::spawn(this.accept_loop(listener, Some(key.clone())));
+        self.with_branch(&key, |s| {
+            if let Some(old) = s.listener.replace(task) {
+                old.abort();
+            }
+            s.route = Some(route);
+        });
+        Ok(())
+    }
+
+    /// Listens on the shared port, where `options=branch=NAME` chooses the branch. Returns
+    /// the bound address (port 0 picks one).
+    pub async fn listen_shared(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(self.clone().accept_loop(listener, None));
+        Ok(bound)
+    }
+
+    /// The branch was renamed: error messages use the new name.
+    pub fn rename(&self, key: &str, branch: &str) {
+        self.with_branch(key, |s| {
+            if let Some(r) = &mut s.route {
+                r.branch = branch.to_string();
+            }
+        });
+    }
+
+    /// Stops listening for a branch (deleted) and ends its connections with `message`.
+    pub fn remove_branch(&self, key: &str, message: &str) {
+        self.terminate(key, message);
+        if let Some(state) = lock(&self.branches).remove(key) {
+            if let Some(l) = state.listener {
+                l.abort();
+            }
+        }
+    }
+
+    /// Ends every open connection of a branch with a FATAL ErrorResponse carrying `message`.
+    pub fn terminate(&self, key: &str, message: &str) {
+        self.with_branch(key, |s| {
+            let _ = s.terminate.send(message.to_string());
+        });
+    }
+
+    /// Open connections and the last change of a branch.
+    pub fn activity(&self, key: &str) -> Activity {
+        self.with_branch(key, |s| s.activity)
+    }
+
+    /// Counts as activity without a connection (a compute started by a command).
+    pub fn touch(&self, key: &str) {
+        self.with_branch(key, |s| s.activity.last_change = Instant::now());
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, key: Option<String>) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, typically: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.handle(stream, key).await {
+                    tracing::debug!(error = %e, "proxy connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn refuse(client: &mut TcpStream, refusal: &Refusal) -> std::io::Result<()> {
+        client
+            .write_all(&error_response(refusal.sqlstate, &refusal.message))
+            .await?;
+        client.shutdown().await
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        key: Option<String>,
+    ) -> std::io::Result<()> {
+        let _ = client.set_nodelay(true);
+        // The startup phase: at most an SSL and a GSS request before the startup message.
+        let mut packet = read_startup(&mut client).await?;
+        for _ in 0..2 {
+            match packet {
+                StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                    client.write_all(b"N").await?;
+                    packet = read_startup(&mut client).await?;
+                }
+                _ => break,
+            }
+        }
+        let (version, mut params) = match packet {
+            StartupPacket::Cancel { pid, secret } => return self.forward_cancel(pid, secret).await,
+            StartupPacket::Startup { version, params } => (version, params),
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                return Self::refuse(
+                    &mut client,
+                    &Refusal {
+                        sqlstate: "08P01",
+                        message: "too many encryption requests".into(),
+                    },
+                )
+                .await
+            }
+        };
+
+        let route = match key {
+            Some(key) => match self.with_branch(&key, |s| s.route.clone()) {
+                Some(r) => r,
+                None => {
+                    return Self::refuse(
+                        &mut client,
+                        &Refusal {
+                            sqlstate: "3D000",
+                            message: "this branch no longer exists".into(),
+                        },
+                    )
+                    .await
+                }
+            },
+            None => {
+                let options = params.iter().position(|(k, _)| k == "options");
+                let (branch, rest) = match options {
+                    Some(i) => take_branch_option(&params[i].1),
+                    None => (None, String::new()),
+                };
+                if let Some(i) = options {
+                    if rest.is_empty() {
+                        params.remove(i);
+                    } else {
+                        params[i].1 = rest;
+                    }
+                }
+                let Some(branch) = branch else {
+                    return Self::refuse(&mut client, &Refusal {
+                        sqlstate: "08004",
+                        message: "no branch chosen: on the shared port, add options=branch%3DNAME to the connection string (or PGOPTIONS='branch=NAME')".into(),
+                    }).await;
+                };
+                match self.backend.resolve(&branch) {
+                    Some(r) => r,
+                    None => {
+                        return Self::refuse(
+                            &mut client,
+                            &Refusal {
+                                sqlstate: "3D000",
+                                message: format!("branch \"{branch}\" does not exist"),
+                            },
+                        )
+                        .await
+                    }
+                }
+            }
+        };
+
+        // From here the connection counts as activity of the branch.
+        let _guard = self.open_connection(&route.key);
+        let mut terminated = self.with_branch(&route.key, |s| s.terminate.subscribe());
+        let socket = match self.backend.wake(&route).await {
+            Ok(s) => s,
+            Err(refusal) => return Self::refuse(&mut client, &refusal).await,
+        };
+        let mut server = match UnixStream::connect(&socket).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Self::refuse(
+                    &mut client,
+                    &Refusal {
+                        sqlstate: "57P03",
+                        message: format!(
+                            "the compute of branch \"{}\" is not reachable: {e}",
+                            route.branch
+                        ),
+                    },
+                )
+                .await
+            }
+        };
+        server.write_all(&encode_startup(version, &params)).await?;
+
+        let (mut client_read, client_write) = client.into_split();
+        let (server_read, mut server_write) = server.into_split();
+        let up_bytes = self.metrics.bytes_client_to_compute.clone();
+        let upstream = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = client_read.read(&mut buf).await?;
+                if n == 0 {
+                    let _ = server_write.shutdown().await;
+                    return Ok::<_, std::io::Error>(());
+                }
+                server_write.write_all(&buf[..n]).await?;
+                up_bytes.inc_by(n as u64);
+            }
+        };
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut cancel_key = None;
+        let downstream = async {
+            let mut reader = BufReader::with_capacity(64 * 1024, server_read);
+            let mut writer = BufWriter::with_capacity(64 * 1024, client_write);
+            let mut header = [0u8; 5];
+            let mut body = Vec::new();
+            loop {
+                tokio::select! {
+                    r = reader.read_exact(&mut header) => {
+                        if let Err(e) = r {
+                            let _ = writer.flush().await;
+                            return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
+                        }
+                    }
+                    msg = terminated.recv() => {
+                        let msg = msg.unwrap_or_else(|_| "the branch is going away".into());
+                        writer.write_all(&error_response("57P01", &msg)).await?;
+                        writer.flush().await?;
+                        return writer.shutdown().await;
+                    }
+                }
+                let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                if len < 4 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "bad message length from the compute",
+                    ));
+                }
+                body.resize(len as usize - 4, 0);
+                reader.read_exact(&mut body).await?;
+                if header[0] == b'K' && body.len() >= 8 {
+                    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    lock(&self.cancel_keys).insert((pid, secret), socket.clone());
+                    cancel_key = Some((pid, secret));
+                }
+                writer.write_all(&header).await?;
+                writer.write_all(&body).await?;
+                self.metrics
+                    .bytes_compute_to_client
+                    .inc_by(5 + body.len() as u64);
+                // Flush when no more server bytes are already here: batches without delaying.
+                if reader.buffer().is_empty() {
+                    writer.flush().await?;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = upstream => r,
+            r = downstream => r,
+        };
+        if let Some(k) = cancel_key {
+            lock(&self.cancel_keys).remove(&k);
+        }
+        tracing::trace!(conn_id, branch = %route.branch, "connection closed");
+        result
+    }
+
+    async fn forward_cancel(&self, pid: i32, secret: i32) -> std::io::Result<()> {
+        let socket = lock(&self.cancel_keys).get(&(pid, secret)).cloned();
+        // Unknown keys are ignored silently, as PostgreSQL does.
+        if let Some(socket) = socket {
+            let mut s = UnixStream::connect(&socket).await?;
+            s.write_all(&encode_cancel(pid, secret)).await?;
+            let mut sink = [0u8; 1];
+            let _ = s.read(&mut sink).await;
+        }
+        Ok(())
+    }
+
+    fn open_connection(self: &Arc<Self>, key: &str) -> ConnectionGuard {
+        self.with_branch(key, |s| {
+            s.activity.open += 1;
+            s.activity.last_change = Instant::now();
+        });
+        self.metrics.connections_open.inc();
+        self.metrics.connections_total.inc();
+        ConnectionGuard {
+            proxy: self.clone(),
+            key: key.to_string(),
+        }
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct ConnectionGuard {
+    proxy: Arc<Proxy>,
+    key: String,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.proxy.metrics.connections_open.dec();
+        let mut branches = lock(&self.proxy.branches);
+        if let Some(s) = branches.get_mut(&self.key) {
+            s.activity.open = s.activity.open.saturating_sub(1);
+            s.activity.last_change = Instant::now();
+        }
+    }
+}
