@@ -1,0 +1,226 @@
+//! The append-only log: numbered segment files of checksummed frames.
+//!
+//! Only the active (last) segment ever has bytes that are not yet durable: a segment is
+//! fsynced whole before the next one is created. That is what lets recovery treat damage in the
+//! last segment as a torn tail (cut it off) and damage anywhere else as corruption (refuse).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{decode_frame_header, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::types::Lsn;
+
+pub(crate) fn segment_path(dir: &Path, seg_no: u32) -> PathBuf {
+    dir.join(format!("{seg_no:010}.seg"))
+}
+
+/// Makes a directory's entries (a new or removed segment file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io("syncing directory", dir))
+}
+
+pub(crate) struct Segment {
+    pub no: u32,
+    pub path: PathBuf,
+    pub file: Arc<File>,
+}
+
+/// The writing end of the log. Lives inside the store's state lock: appends are serialized.
+pub(crate) struct LogWriter {
+    pub dir: PathBuf,
+    pub segments: Vec<Segment>,
+    /// Bytes of the active segment (header included); the next frame goes here.
+    pub active_len: u64,
+    pub segment_size: u64,
+    /// Total bytes of all segments.
+    pub total_bytes: u64,
+}
+
+/// What the last fsync made durable: every frame up to `lsn`, every byte of segment `seg`
+/// below `len` and every earlier segment whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurableMark {
+    pub seg: u32,
+    pub len: u64,
+    pub lsn: Lsn,
+}
+
+impl DurableMark {
+    pub(crate) fn advance(&mut self, other: DurableMark) {
+        if (other.seg, other.len) > (self.seg, self.len) {
+            self.seg = other.seg;
+            self.len = other.len;
+        }
+        self.lsn = self.lsn.max(other.lsn);
+    }
+}
+
+pub(crate) fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(Error::io("opening log segment", path))
+}
+
+/// Creates segment `seg_no` holding only its header, durably (file and directory entry).
+pub(crate) fn create_segment(dir: &Path, seg_no: u32, first_lsn: Lsn) -> Result<Segment> {
+    let path = segment_path(dir, seg_no);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(Error::io("creating log segment", &path))?;
+    let header = SegmentHeader { seg_no, first_lsn }.encode();
+    file.write_all_at(&header, 0)
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io("writing log segment header", &path))?;
+    sync_dir(dir)?;
+    tracing::debug!(path = %path.display(), first_lsn, "created log segment");
+    Ok(Segment {
+        no: seg_no,
+        path,
+        file: Arc::new(file),
+    })
+}
+
+impl LogWriter {
+    pub fn active(&self) -> &Segment {
+        // The writer is built with at least one segment and never drops the last one.
+        &self.segments[self.segments.len() - 1]
+    }
+
+    /// Appends one encoded frame; returns the segment number and the frame's offset in it.
+    /// `lsn` is the frame's position, the first of a new segment if this append rolls.
+    ///
+    /// On an I/O error nothing is recorded: the next append overwrites the same bytes, and a
+    /// crash before that leaves a torn tail that recovery cuts off.
+    pub fn append(
+        &mut self,
+        frame: &[u8],
+        lsn: Lsn,
+        rolled: &mut Option<DurableMark>,
+    ) -> Result<(u32, u64)> {
+        let len = frame.len() as u64;
+        if self.active_len > SEGMENT_HEADER_LEN as u64 && self.active_len + len > self.segment_size
+        {
+            // Everything in the old segment must be durable before a newer segment exists, so
+            // that recovery only ever finds a torn tail in the last segment.
+            let old = self.active();
+            old.file
+                .sync_data()
+                .map_err(Error::io("syncing full log segment", &old.path))?;
+            let next_no = old.no + 1;
+            let seg = create_segment(&self.dir, next_no, lsn)?;
+            *rolled = Some(DurableMark {
+                seg: next_no,
+                len: SEGMENT_HEADER_LEN as u64,
+                lsn: lsn - 1,
+            });
+            self.segments.push(seg);
+            self.active_len = SEGMENT_HEADER_LEN as u64;
+            self.total_bytes += SEGMENT_HEADER_LEN as u64;
+        }
+        let seg = self.active();
+        seg.file
+            .write_all_at(frame, self.active_len)
+            .map_err(Error::io("appending to log segment", &seg.path))?;
+        let (no, at) = (seg.no, self.active_len);
+        self.active_len += len;
+        self.total_bytes += len;
+        Ok((no, at))
+    }
+
+    pub fn file(&self, seg_no: u32) -> Option<&Arc<File>> {
+        // Segment numbers are contiguous from the first segment kept.
+        let first = self.segments.first()?.no;
+        self.segments
+            .get(seg_no.checked_sub(first)? as usize)
+            .map(|s| &s.file)
+    }
+}
+
+/// How the scan of one segment ended.
+pub(crate) struct ScanEnd {
+    /// Bytes of valid header and frames.
+    pub valid_len: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    pub damage: Option<String>,
+    pub file_len: u64,
+}
+
+/// Reads the frames of one segment in order, calling `f(frame_offset, frame_len, body)` for each
+/// valid one. Stops at the first frame that is short, damaged, or not at position
+/// `*next_lsn`, and reports where.
+pub(crate) fn scan_segment(
+    path: &Path,
+    file: &File,
+    next_lsn: &mut Lsn,
+    mut f: impl FnMut(u64, u64, &[u8]) -> Result<()>,
+) -> Result<ScanEnd> {
+    let file_len = file
+        .metadata()
+        .map_err(Error::io("reading log segment size", path))?
+        .len();
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut hdr = [0u8; SEGMENT_HEADER_LEN];
+    r.read_exact(&mut hdr)
+        .map_err(Error::io("reading log segment header", path))?;
+    let mut pos = SEGMENT_HEADER_LEN as u64;
+    let mut body = Vec::new();
+    let damage = loop {
+        if pos == file_len {
+            break None;
+        }
+        if file_len - pos < FRAME_HEADER_LEN as u64 {
+            break Some(format!(
+                "{} bytes too short for a frame header",
+                file_len - pos
+            ));
+        }
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut fh)
+            .map_err(Error::io("reading log frame", path))?;
+        let (len, crc) = match decode_frame_header(&fh) {
+            Ok(x) => x,
+            Err(e) => break Some(e),
+        };
+        if file_len - pos - (FRAME_HEADER_LEN as u64) < len as u64 {
+            break Some(format!(
+                "frame of {len} bytes runs past the end of the file"
+            ));
+        }
+        body.resize(len, 0);
+        r.read_exact(&mut body)
+            .map_err(Error::io("reading log frame", path))?;
+        if crc32fast::hash(&body) != crc {
+            break Some("frame checksum mismatch".to_string());
+        }
+        let lsn = u64::from_le_bytes([
+            body[0], body[1], body[2], body[3], body[4], body[5], body[6], body[7],
+        ]);
+        if lsn != *next_lsn {
+            // A stale but intact frame (left behind by an earlier cut) is still the end.
+            break Some(format!(
+                "frame at position {lsn} where {} was expected",
+                *next_lsn
+            ));
+        }
+        let frame_len = (FRAME_HEADER_LEN + len) as u64;
+        f(pos, frame_len, &body)?;
+        *next_lsn += 1;
+        pos += frame_len;
+    };
+    Ok(ScanEnd {
+        valid_len: pos,
+        damage,
+        file_len,
+    })
+}

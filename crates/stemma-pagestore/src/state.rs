@@ -1,0 +1,399 @@
+//! The in-memory index: per timeline, per inode, the versions of attributes, pages and
+//! directory entries, each pointing into the log. Rebuilt on open by replaying the log through
+//! [`State::apply_frame`], the same function the write path uses, so what a reopened store
+//! shows is by construction what the running one showed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::time::SystemTime;
+
+use crate::error::Result;
+use crate::format::{decode_body, Mutation};
+use crate::log::LogWriter;
+use crate::types::{from_nanos, Attr, Ino, Lsn, TimelineId, ROOT_INO};
+
+/// A hasher for the integer keys of the index (inode numbers, timeline ids): one multiply
+/// instead of SipHash, because a read on a deep ancestry does one lookup per level. The keys
+/// are allocated by the store, not chosen by users, so hash flooding is not a concern.
+#[derive(Default)]
+pub(crate) struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+
+/// Where a page version lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loc {
+    /// All zeros: a hole, a page written with zeros, or a page cut by a truncate.
+    Zero,
+    /// `PAGE_SIZE` bytes at `off` in segment `seg`.
+    Data { seg: u32, off: u64 },
+}
+
+/// Versions of one key, oldest first. Positions only grow, so appends keep it sorted.
+pub(crate) type Versions<T> = Vec<(Lsn, T)>;
+
+/// The newest version strictly below `bound`.
+pub(crate) fn newest_below<T>(v: &[(Lsn, T)], bound: Lsn) -> Option<&T> {
+    let n = if bound == Lsn::MAX {
+        v.len()
+    } else {
+        v.partition_point(|(l, _)| *l < bound)
+    };
+    n.checked_sub(1).map(|i| &v[i].1)
+}
+
+fn push_version<T>(v: &mut Versions<T>, lsn: Lsn, x: T) {
+    match v.last_mut() {
+        // Two changes of one key in one frame: the frame is atomic, keep the last.
+        Some((l, old)) if *l == lsn => *old = x,
+        last => {
+            debug_assert!(last.is_none_or(|(l, _)| *l < lsn), "versions out of order");
+            v.push((lsn, x));
+        }
+    }
+}
+
+/// One timeline's own changes to one inode.
+#[derive(Debug, Default)]
+pub(crate) struct InodeIndex {
+    /// `None`: the inode was freed (its last link gone and nobody holds it open).
+    pub attrs: Versions<Option<Attr>>,
+    pub pages: BTreeMap<u64, Versions<Loc>>,
+    pub entries: BTreeMap<Box<[u8]>, Versions<Option<Ino>>>,
+    /// A symlink's target never changes, so it has no versions.
+    pub symlink: Option<Box<[u8]>>,
+}
+
+pub(crate) struct Timeline {
+    pub id: TimelineId,
+    pub parent: Option<(TimelineId, Lsn)>,
+    pub label: Vec<u8>,
+    pub created_at: SystemTime,
+    /// This timeline and its ancestors, nearest first, each with the bound below which its
+    /// changes are visible here (`Lsn::MAX` for the timeline itself).
+    pub chain: Vec<(TimelineId, Lsn)>,
+    pub children: usize,
+    pub inodes: IntMap<Ino, InodeIndex>,
+    pub own_bytes: u64,
+}
+
+/// LSN ↔ wall-clock time, sampled: an entry `(t, lsn)` says frame `lsn` was committed at `t`
+/// and the frames after it, up to the next entry's, within `granularity` of `t`.
+#[derive(Debug, Default)]
+pub(crate) struct TimeIndex {
+    pub entries: Vec<(i64, Lsn)>,
+    pub granularity_ns: i64,
+    pub retention_ns: i64,
+}
+
+impl TimeIndex {
+    fn record(&mut self, time_ns: i64, lsn: Lsn) {
+        let push = match self.entries.last() {
+            None => true,
+            Some((t, _)) => time_ns > *t && time_ns - *t >= self.granularity_ns,
+        };
+        if push {
+            self.entries.push((time_ns, lsn));
+            // Bound the index by the retention window: keep one entry older than the horizon
+            // so that a moment just inside the window still resolves.
+            let horizon = time_ns.saturating_sub(self.retention_ns);
+            let old = self.entries.partition_point(|(t, _)| *t < horizon);
+            if old > 1 && old > self.entries.len() / 2 {
+                self.entries.drain(..old - 1);
+            }
+        }
+    }
+
+    /// The branch position for moment `t`: every frame known to be committed at or before `t`
+    /// (precise to `granularity`, erring towards the past). `None` when no frame is that old.
+    pub fn position_at(&self, t: i64, next_lsn: Lsn) -> Option<Lsn> {
+        let i = self.entries.partition_point(|(et, _)| *et <= t);
+        let (et, elsn) = *self.entries.get(i.checked_sub(1)?)?;
+        let end = self.entries.get(i).map_or(next_lsn, |(_, l)| *l);
+        // Frames in [elsn, end) were committed in [et, et + granularity): all of them are at or
+        // before t when t is past that interval; otherwise only elsn is known to be.
+        if t.saturating_sub(et) >= self.granularity_ns {
+            Some(end)
+        } else {
+            Some(elsn + 1)
+        }
+    }
+
+    /// A moment no later than when frame `lsn` was committed, if the index still knows it.
+    pub fn time_of(&self, lsn: Lsn) -> Option<i64> {
+        let i = self.entries.partition_point(|(_, l)| *l <= lsn);
+        self.entries.get(i.checked_sub(1)?).map(|(t, _)| *t)
+    }
+}
+
+pub(crate) struct State {
+    pub timelines: IntMap<TimelineId, Timeline>,
+    pub next_lsn: Lsn,
+    pub next_ino: Ino,
+    pub last_time_ns: i64,
+    pub log: LogWriter,
+    pub time_index: TimeIndex,
+    /// Open handles per (timeline, inode), in memory only: after a restart nothing is open.
+    pub open_counts: HashMap<(TimelineId, Ino), u32>,
+}
+
+/// A read-only view of one timeline through its ancestry.
+pub(crate) struct View<'a> {
+    pub st: &'a State,
+    pub chain: &'a [(TimelineId, Lsn)],
+}
+
+impl<'a> View<'a> {
+    pub fn new(st: &'a State, tl: &'a Timeline) -> Self {
+        View {
+            st,
+            chain: &tl.chain,
+        }
+    }
+
+    /// The first level (nearest timeline) with a version of the key below its bound decides:
+    /// a deep ancestry costs one hash lookup per level that never touched the inode.
+    fn find<T>(
+        &self,
+        ino: Ino,
+        get: impl Fn(&'a InodeIndex) -> Option<&'a Versions<T>>,
+    ) -> Option<&'a T> {
+        for (id, bound) in self.chain {
+            let Some(ii) = self.st.timelines.get(id).and_then(|t| t.inodes.get(&ino)) else {
+                continue;
+            };
+            if let Some(x) = get(ii).and_then(|v| newest_below(v, *bound)) {
+                return Some(x);
+            }
+        }
+        None
+    }
+
+    pub fn attr(&self, ino: Ino) -> Option<Attr> {
+        self.find(ino, |ii| Some(&ii.attrs)).copied().flatten()
+    }
+
+    pub fn page(&self, ino: Ino, page: u64) -> Loc {
+        self.find(ino, |ii| ii.pages.get(&page))
+            .copied()
+            .unwrap_or(Loc::Zero)
+    }
+
+    pub fn entry(&self, dir: Ino, name: &[u8]) -> Option<Ino> {
+        self.find(dir, |ii| ii.entries.get(name)).copied().flatten()
+    }
+
+    pub fn symlink(&self, ino: Ino) -> Option<&'a [u8]> {
+        self.chain.iter().find_map(|(id, _)| {
+            self.st
+                .timelines
+                .get(id)?
+                .inodes
+                .get(&ino)?
+                .symlink
+                .as_deref()
+        })
+    }
+
+    /// The entries of a directory: for each name the nearest level decides.
+    pub fn entries(&self, dir: Ino) -> BTreeMap<Vec<u8>, Ino> {
+        let mut decided: BTreeMap<&[u8], Option<Ino>> = BTreeMap::new();
+        for (id, bound) in self.chain {
+            let Some(ii) = self.st.timelines.get(id).and_then(|t| t.inodes.get(&dir)) else {
+                continue;
+            };
+            for (name, v) in &ii.entries {
+                if decided.contains_key(&**name) {
+                    continue;
+                }
+                if let Some(x) = newest_below(v, *bound) {
+                    decided.insert(name, *x);
+                }
+            }
+        }
+        decided
+            .into_iter()
+            .filter_map(|(n, c)| c.map(|c| (n.to_vec(), c)))
+            .collect()
+    }
+
+    pub fn is_empty_dir(&self, dir: Ino) -> bool {
+        // Cheap enough: directories that get removed are small in practice.
+        self.entries(dir).is_empty()
+    }
+
+    /// Pages at or after `from` that are visible and not zero.
+    pub fn data_pages_from(&self, ino: Ino, from: u64) -> BTreeSet<u64> {
+        let mut candidates = BTreeSet::new();
+        for (id, _) in self.chain {
+            if let Some(ii) = self.st.timelines.get(id).and_then(|t| t.inodes.get(&ino)) {
+                candidates.extend(ii.pages.range(from..).map(|(p, _)| *p));
+            }
+        }
+        candidates
+            .into_iter()
+            .filter(|p| self.page(ino, *p) != Loc::Zero)
+            .collect()
+    }
+}
+
+impl State {
+    /// Applies one frame (already durable or about to be) to the index. `frame_off` is where
+    /// the frame starts in segment `seg`, `frame_len` its total size. Errors mean the log
+    /// contradicts itself (a frame for a missing timeline, say): corruption, not a torn tail.
+    pub fn apply_frame(
+        &mut self,
+        seg: u32,
+        frame_off: u64,
+        frame_len: u64,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let fb = decode_body(body)?;
+        if fb.lsn != self.next_lsn {
+            return Err(format!(
+                "frame at position {} where {} was expected",
+                fb.lsn, self.next_lsn
+            ));
+        }
+        let lsn = fb.lsn;
+        let tl = TimelineId(fb.timeline);
+        let body_off = frame_off + crate::format::FRAME_HEADER_LEN as u64;
+        self.last_time_ns = self.last_time_ns.max(fb.time_ns);
+        self.time_index.record(fb.time_ns, lsn);
+
+        for m in &fb.muts {
+            match *m {
+                Mutation::CreateTimeline { parent, label } => {
+                    if tl.0 != lsn || self.timelines.contains_key(&tl) {
+                        return Err(format!("timeline {tl} created at position {lsn}"));
+                    }
+                    let mut chain = vec![(tl, Lsn::MAX)];
+                    let parent = match parent {
+                        None => None,
+                        Some((p, at)) => {
+                            let p = TimelineId(p);
+                            let pt = self
+                                .timelines
+                                .get_mut(&p)
+                                .ok_or_else(|| format!("branch of missing timeline {p}"))?;
+                            if at > lsn || at <= p.0 {
+                                return Err(format!("branch of {p} at impossible position {at}"));
+                            }
+                            pt.children += 1;
+                            chain.push((p, at));
+                            chain.extend(pt.chain.iter().skip(1).copied());
+                            Some((p, at))
+                        }
+                    };
+                    self.timelines.insert(
+                        tl,
+                        Timeline {
+                            id: tl,
+                            parent,
+                            label: label.to_vec(),
+                            created_at: from_nanos(fb.time_ns),
+                            chain,
+                            children: 0,
+                            inodes: IntMap::default(),
+                            own_bytes: 0,
+                        },
+                    );
+                }
+                Mutation::DeleteTimeline => {
+                    let t = self
+                        .timelines
+                        .remove(&tl)
+                        .ok_or_else(|| format!("deletion of missing timeline {tl}"))?;
+                    if t.children != 0 {
+                        return Err(format!("deletion of timeline {tl} that has children"));
+                    }
+                    if let Some((p, _)) = t.parent {
+                        if let Some(pt) = self.timelines.get_mut(&p) {
+                            pt.children -= 1;
+                        }
+                    }
+                    self.open_counts.retain(|(t, _), _| *t != tl);
+                }
+                Mutation::Truncate { ino, from_page } => {
+                    let t = self
+                        .timelines
+                        .get(&tl)
+                        .ok_or_else(|| format!("change to missing timeline {tl}"))?;
+                    let cut = View::new(self, t).data_pages_from(ino, from_page);
+                    let ii = self.inode_mut(tl, ino)?;
+                    for p in cut {
+                        push_version(ii.pages.entry(p).or_default(), lsn, Loc::Zero);
+                    }
+                }
+                Mutation::SetAttr(a) => {
+                    self.next_ino = self.next_ino.max(a.ino + 1);
+                    push_version(&mut self.inode_mut(tl, a.ino)?.attrs, lsn, Some(a));
+                }
+                Mutation::FreeInode { ino } => {
+                    push_version(&mut self.inode_mut(tl, ino)?.attrs, lsn, None);
+                    self.open_counts.remove(&(tl, ino));
+                }
+                Mutation::Page {
+                    ino,
+                    page,
+                    data_off,
+                    ..
+                } => {
+                    let off = body_off + data_off as u64;
+                    let ii = self.inode_mut(tl, ino)?;
+                    push_version(
+                        ii.pages.entry(page).or_default(),
+                        lsn,
+                        Loc::Data { seg, off },
+                    );
+                }
+                Mutation::ZeroPage { ino, page } => {
+                    let ii = self.inode_mut(tl, ino)?;
+                    push_version(ii.pages.entry(page).or_default(), lsn, Loc::Zero);
+                }
+                Mutation::DirEntry { dir, name, child } => {
+                    let ii = self.inode_mut(tl, dir)?;
+                    match ii.entries.get_mut(name) {
+                        Some(v) => push_version(v, lsn, child),
+                        None => {
+                            ii.entries.insert(name.into(), vec![(lsn, child)]);
+                        }
+                    }
+                }
+                Mutation::Symlink { ino, target } => {
+                    self.inode_mut(tl, ino)?.symlink = Some(target.into());
+                }
+            }
+        }
+        if let Some(t) = self.timelines.get_mut(&tl) {
+            t.own_bytes += frame_len;
+        }
+        self.next_lsn = lsn + 1;
+        debug_assert!(self.next_ino > ROOT_INO);
+        Ok(())
+    }
+
+    fn inode_mut(&mut self, tl: TimelineId, ino: Ino) -> Result<&mut InodeIndex, String> {
+        let t = self
+            .timelines
+            .get_mut(&tl)
+            .ok_or_else(|| format!("change to missing timeline {tl}"))?;
+        Ok(t.inodes.entry(ino).or_default())
+    }
+}

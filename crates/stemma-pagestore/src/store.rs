@@ -1,0 +1,1304 @@
+//! [`PageStore`]: the filesystem operations, branching and durability on top of the log and
+//! the index.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::format::{
+    encode_frame, Mutation, SegmentHeader, FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME,
+    SEGMENT_HEADER_LEN,
+};
+use crate::log::{
+    self, create_segment, open_rw, scan_segment, segment_path, DurableMark, LogWriter, Segment,
+};
+use crate::state::{IntMap, Loc, State, TimeIndex, Timeline, View};
+use crate::types::*;
+
+/// Where the store gets the time from. Tests substitute a fake clock to exercise point-in-time
+/// branching and the retention window deterministically.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock(Arc::new(SystemTime::now))
+    }
+
+    pub fn new(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(f))
+    }
+
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// Settings of a store. `Config::default()` is what production uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A segment is closed (fsynced whole) and a new one started once it would grow past this.
+    pub segment_size: u64,
+    /// How far back a branch can be taken (by time or position).
+    pub retention: Duration,
+    /// Precision of the position ↔ time map: one entry per this much time, so the map holds at
+    /// most `retention / time_granularity` entries. A branch at a moment includes every change
+    /// committed at least this long before it, and maybe later ones up to that moment.
+    pub time_granularity: Duration,
+    pub clock: Clock,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            segment_size: 256 << 20,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            time_granularity: Duration::from_secs(1),
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// The page store: one filesystem per timeline over one append-only log. See the crate docs.
+///
+/// All methods take `&self` and may be called from many threads: reads share a lock and do
+/// their disk reads outside it; changes are serialized by the same lock (an append to the log
+/// and an index update each); [`PageStore::sync`] runs outside it and merges concurrent callers
+/// into one fsync (group commit).
+pub struct PageStore {
+    dir: PathBuf,
+    config: Config,
+    state: RwLock<State>,
+    /// Held while an fsync runs, so that callers queue behind it and then find their changes
+    /// already durable.
+    sync_serial: Mutex<()>,
+    durable: Mutex<DurableMark>,
+    /// Set when an fsync (or an append) failed: after a failed fsync the kernel may have dropped
+    /// the dirty pages, so the only safe way on is to reopen and trust the log.
+    poisoned: AtomicBool,
+    _lock: Flock<File>,
+}
+
+impl fmt::Debug for PageStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|x| *x == 0)
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::NameTooLong {
+            len: name.len(),
+            max: MAX_NAME_LEN,
+        });
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{:?} is not a valid file name",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    Ok(())
+}
+
+fn timeline(st: &State, tl: TimelineId) -> Result<&Timeline> {
+    st.timelines.get(&tl).ok_or(Error::TimelineNotFound(tl))
+}
+
+fn not_found(tl: TimelineId, what: String) -> Error {
+    Error::NotFound { timeline: tl, what }
+}
+
+fn attr_of(v: &View<'_>, tl: TimelineId, ino: Ino) -> Result<Attr> {
+    v.attr(ino)
+        .ok_or_else(|| not_found(tl, format!("inode {ino}")))
+}
+
+fn dir_attr(v: &View<'_>, tl: TimelineId, ino: Ino) -> Result<Attr> {
+    let a = attr_of(v, tl, ino)?;
+    if a.kind != FileKind::Directory {
+        return Err(Error::NotADirectory { timeline: tl, ino });
+    }
+    Ok(a)
+}
+
+fn regular_attr(v: &View<'_>, tl: TimelineId, ino: Ino) -> Result<Attr> {
+    let a = attr_of(v, tl, ino)?;
+    match a.kind {
+        FileKind::Regular => Ok(a),
+        FileKind::Directory => Err(Error::IsADirectory { timeline: tl, ino }),
+        FileKind::Symlink => Err(Error::InvalidArgument(format!("inode {ino} is a symlink"))),
+    }
+}
+
+fn name_str(name: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(name)
+}
+
+impl PageStore {
+    /// Opens (or creates) the store in `dir`, replaying the log. A torn tail left by a crash is
+    /// cut off; damage anywhere else is reported as corruption and nothing is changed.
+    pub fn open(dir: &Path, config: Config) -> Result<Self> {
+        let started = Instant::now();
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir)
+            .map_err(Error::io("creating page store directory", &log_dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(Error::io("opening lock file", &lock_path))?;
+        let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::Locked(dir.to_path_buf()))
+            }
+            Err((_, e)) => {
+                return Err(Error::Io {
+                    context: "locking page store",
+                    path: lock_path,
+                    source: e.into(),
+                })
+            }
+        };
+
+        let mut nums = Vec::new();
+        for entry in
+            std::fs::read_dir(&log_dir).map_err(Error::io("listing log segments", &log_dir))?
+        {
+            let entry = entry.map_err(Error::io("listing log segments", &log_dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                nums.push(n);
+            }
+        }
+        nums.sort_unstable();
+        for w in nums.windows(2) {
+            if w[1] != w[0] + 1 {
+                return Err(Error::Corrupt {
+                    path: segment_path(&log_dir, w[0] + 1),
+                    offset: 0,
+                    reason: "log segment missing (segments must be numbered without gaps)".into(),
+                });
+            }
+        }
+
+        let mut st = State {
+            timelines: IntMap::default(),
+            next_lsn: 1,
+            next_ino: ROOT_INO + 1,
+            last_time_ns: i64::MIN,
+            log: LogWriter {
+                dir: log_dir.clone(),
+                segments: Vec::new(),
+                active_len: 0,
+                segment_size: config.segment_size.max(1 << 16),
+                total_bytes: 0,
+            },
+            time_index: TimeIndex {
+                entries: Vec::new(),
+                granularity_ns: to_nanos_dur(config.time_granularity),
+                retention_ns: to_nanos_dur(config.retention),
+            },
+            open_counts: HashMap::new(),
+        };
+
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut active_len = 0u64;
+        let mut total = 0u64;
+        let mut frames = 0u64;
+        for (i, &no) in nums.iter().enumerate() {
+            let last = i + 1 == nums.len();
+            let path = segment_path(&log_dir, no);
+            let file = open_rw(&path)?;
+            let file_len = file
+                .metadata()
+                .map_err(Error::io("reading log segment size", &path))?
+                .len();
+            let mut hb = [0u8; SEGMENT_HEADER_LEN];
+            let header = if file_len >= SEGMENT_HEADER_LEN as u64 {
+                file.read_exact_at(&mut hb, 0)
+                    .map_err(Error::io("reading log segment header", &path))?;
+                SegmentHeader::decode(&hb)
+            } else {
+                Err("shorter than a segment header".to_string())
+            };
+            let header = match header {
+                Ok(h) => h,
+                Err(reason) if last && file_len <= SEGMENT_HEADER_LEN as u64 => {
+                    // A crash while creating the segment: it never held a frame.
+                    tracing::warn!(path = %path.display(), %reason, "removing a log segment whose creation was cut off");
+                    std::fs::remove_file(&path)
+                        .map_err(Error::io("removing unfinished log segment", &path))?;
+                    log::sync_dir(&log_dir)?;
+                    break;
+                }
+                Err(reason) => {
+                    return Err(Error::Corrupt {
+                        path,
+                        offset: 0,
+                        reason,
+                    })
+                }
+            };
+            if header.seg_no != no || header.first_lsn != st.next_lsn {
+                return Err(Error::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: format!(
+                        "segment header says segment {} from position {}, expected segment {no} from position {}",
+                        header.seg_no, header.first_lsn, st.next_lsn
+                    ),
+                });
+            }
+            let mut expected = st.next_lsn;
+            let end = scan_segment(&path, &file, &mut expected, |off, len, body| {
+                frames += 1;
+                st.apply_frame(no, off, len, body)
+                    .map_err(|reason| Error::Corrupt {
+                        path: path.clone(),
+                        offset: off,
+                        reason,
+                    })
+            })?;
+            if let Some(reason) = end.damage {
+                if !last {
+                    return Err(Error::Corrupt {
+                        path,
+                        offset: end.valid_len,
+                        reason: format!("{reason} in a segment that was complete"),
+                    });
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    offset = end.valid_len,
+                    discarded_bytes = end.file_len - end.valid_len,
+                    %reason,
+                    "discarding the torn tail of the log (changes after the last fsync)"
+                );
+                file.set_len(end.valid_len)
+                    .map_err(Error::io("cutting the torn tail of the log", &path))?;
+            }
+            active_len = end.valid_len;
+            total += end.valid_len;
+            segments.push(Segment {
+                no,
+                path,
+                file: Arc::new(file),
+            });
+        }
+        if segments.is_empty() {
+            segments.push(create_segment(&log_dir, 0, st.next_lsn)?);
+            active_len = SEGMENT_HEADER_LEN as u64;
+            total = active_len;
+        }
+        st.log.segments = segments;
+        st.log.active_len = active_len;
+        st.log.total_bytes = total;
+        // What recovery read may sit only in the page cache (a kill -9 loses nothing, a power
+        // loss would): make it durable before anything is built on it.
+        let active = st.log.active();
+        active
+            .file
+            .sync_all()
+            .map_err(Error::io("syncing the recovered log", &active.path))?;
+        let mark = DurableMark {
+            seg: active.no,
+            len: active_len,
+            lsn: st.next_lsn - 1,
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            frames,
+            segments = st.log.segments.len(),
+            timelines = st.timelines.len(),
+            last_lsn = st.next_lsn - 1,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "page store opened"
+        );
+        Ok(PageStore {
+            dir: dir.to_path_buf(),
+            config,
+            state: RwLock::new(st),
+            sync_serial: Mutex::new(()),
+            durable: Mutex::new(mark),
+            poisoned: AtomicBool::new(false),
+            _lock: lock,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The position of the last committed change (0 when there is none).
+    pub fn last_lsn(&self) -> Lsn {
+        self.state.read().next_lsn - 1
+    }
+
+    /// What the last fsync made durable. For crash tests: bytes past `len` of segment `seg`
+    /// may be lost by a power failure.
+    #[doc(hidden)]
+    pub fn durable_mark(&self) -> DurableMark {
+        *self.durable.lock()
+    }
+
+    fn now(&self) -> SystemTime {
+        self.config.clock.now()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    fn poison(&self, e: &Error) {
+        tracing::error!(error = %e, "page store write failed; refusing further changes until reopened");
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Appends one frame and applies it to the index: the single way anything changes.
+    fn commit(&self, st: &mut State, tl: TimelineId, muts: &[Mutation<'_>]) -> Result<Lsn> {
+        self.check_writable()?;
+        let lsn = st.next_lsn;
+        let time_ns = to_nanos(self.now()).max(st.last_time_ns);
+        let frame = encode_frame(lsn, tl.0, time_ns, muts);
+        let mut rolled = None;
+        let (seg, off) = st
+            .log
+            .append(&frame, lsn, &mut rolled)
+            .inspect_err(|e| self.poison(e))?;
+        if let Some(m) = rolled {
+            self.durable.lock().advance(m);
+        }
+        let path = st.log.active().path.clone();
+        st.apply_frame(seg, off, frame.len() as u64, &frame[FRAME_HEADER_LEN..])
+            .map_err(|reason| {
+                let e = Error::Corrupt {
+                    path,
+                    offset: off,
+                    reason: format!("bug: a frame just written does not apply: {reason}"),
+                };
+                self.poison(&e);
+                e
+            })?;
+        Ok(lsn)
+    }
+
+    /// Makes every change committed so far durable (fsync, fdatasync and fsyncdir of any file
+    /// of any timeline all map here). Concurrent callers share one fsync.
+    pub fn sync(&self) -> Result<()> {
+        self.check_writable()?;
+        let target = self.state.read().next_lsn - 1;
+        if self.durable.lock().lsn >= target {
+            return Ok(());
+        }
+        let _serial = self.sync_serial.lock();
+        // Capture again: whatever was committed while we queued rides along (group commit).
+        let (file, path, mark) = {
+            let st = self.state.read();
+            let a = st.log.active();
+            (
+                a.file.clone(),
+                a.path.clone(),
+                DurableMark {
+                    seg: a.no,
+                    len: st.log.active_len,
+                    lsn: st.next_lsn - 1,
+                },
+            )
+        };
+        if self.durable.lock().lsn >= mark.lsn {
+            return Ok(());
+        }
+        if let Err(source) = file.sync_data() {
+            let e = Error::Io {
+                context: "fsync of the log",
+                path,
+                source,
+            };
+            self.poison(&e);
+            return Err(e);
+        }
+        self.durable.lock().advance(mark);
+        Ok(())
+    }
+
+    // ---- timelines ----
+
+    /// Creates an empty timeline: a root directory (mode 0700, owned by this process's user)
+    /// and nothing else. Durable when it returns.
+    pub fn create_root(&self, label: &[u8]) -> Result<TimelineId> {
+        check_label(label)?;
+        let id = {
+            let mut st = self.state.write();
+            let id = TimelineId(st.next_lsn);
+            let now = self.now();
+            let root = Attr {
+                ino: ROOT_INO,
+                kind: FileKind::Directory,
+                perm: 0o700,
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                nlink: 2,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+            };
+            self.commit(
+                &mut st,
+                id,
+                &[
+                    Mutation::CreateTimeline {
+                        parent: None,
+                        label,
+                    },
+                    Mutation::SetAttr(root),
+                ],
+            )?;
+            id
+        };
+        self.sync()?;
+        tracing::info!(timeline = %id, "created root timeline");
+        Ok(id)
+    }
+
+    /// Creates a child of `parent` that sees the parent's state at `at`. Records one frame and
+    /// copies nothing, whatever the size of the parent, and needs nothing from whoever writes
+    /// the parent: the child sees exactly the changes before its position, a state a crash of
+    /// the parent could have left. Durable when it returns.
+    pub fn branch(&self, parent: TimelineId, at: BranchPoint, label: &[u8]) -> Result<TimelineId> {
+        check_label(label)?;
+        let id = {
+            let mut st = self.state.write();
+            timeline(&st, parent)?;
+            let now_ns = to_nanos(self.now()).max(st.last_time_ns);
+            let horizon_ns = now_ns.saturating_sub(st.time_index.retention_ns);
+            let outside = |requested: i64| Error::OutsideRetention {
+                requested: from_nanos(requested),
+                oldest: from_nanos(horizon_ns),
+            };
+            let pos = match at {
+                BranchPoint::Now => st.next_lsn,
+                BranchPoint::Lsn(p) => {
+                    if p > st.next_lsn {
+                        return Err(Error::PositionInFuture {
+                            lsn: p,
+                            last: st.next_lsn - 1,
+                        });
+                    }
+                    if p < st.next_lsn {
+                        // The state at p lasted until frame p replaced it: inside the window
+                        // when frame p was committed after the horizon.
+                        let t = st.time_index.time_of(p).ok_or_else(|| outside(i64::MIN))?;
+                        if t.saturating_add(st.time_index.granularity_ns) < horizon_ns {
+                            return Err(outside(t));
+                        }
+                    }
+                    p
+                }
+                BranchPoint::Time(t) => {
+                    let t_ns = to_nanos(t);
+                    if t_ns > now_ns {
+                        return Err(Error::InFuture(t));
+                    }
+                    if t_ns < horizon_ns {
+                        return Err(outside(t_ns));
+                    }
+                    st.time_index
+                        .position_at(t_ns, st.next_lsn)
+                        .ok_or_else(|| outside(t_ns))?
+                }
+            };
+            if pos <= parent.0 {
+                return Err(Error::BeforeTimelineCreated {
+                    timeline: parent,
+                    lsn: pos,
+                    created: parent.0,
+                });
+            }
+            let id = TimelineId(st.next_lsn);
+            self.commit(
+                &mut st,
+                id,
+                &[Mutation::CreateTimeline {
+                    parent: Some((parent.0, pos)),
+                    label,
+                }],
+            )?;
+            id
+        };
+        self.sync()?;
+        tracing::info!(timeline = %id, %parent, ?at, "created branch");
+        Ok(id)
+    }
+
+    /// Deletes a timeline that has no children. Its log records become garbage for compaction.
+    pub fn delete_timeline(&self, tl: TimelineId) -> Result<()> {
+        {
+            let mut st = self.state.write();
+            let t = timeline(&st, tl)?;
+            if t.children > 0 {
+                return Err(Error::TimelineHasChildren {
+                    timeline: tl,
+                    children: t.children,
+                });
+            }
+            self.commit(&mut st, tl, &[Mutation::DeleteTimeline])?;
+        }
+        self.sync()?;
+        tracing::info!(timeline = %tl, "deleted timeline");
+        Ok(())
+    }
+
+    /// Every timeline, by id.
+    pub fn timelines(&self) -> Vec<TimelineInfo> {
+        let st = self.state.read();
+        let mut v: Vec<TimelineInfo> = st.timelines.values().map(info).collect();
+        v.sort_by_key(|t| t.id);
+        v
+    }
+
+    pub fn timeline(&self, tl: TimelineId) -> Result<TimelineInfo> {
+        let st = self.state.read();
+        timeline(&st, tl).map(info)
+    }
+
+    /// Measures a timeline. Walks its directory tree, so it costs one step per file.
+    pub fn usage(&self, tl: TimelineId) -> Result<Usage> {
+        let st = self.state.read();
+        let t = timeline(&st, tl)?;
+        let v = View::new(&st, t);
+        let mut seen = HashSet::new();
+        let mut stack = vec![ROOT_INO];
+        let mut logical = 0u64;
+        while let Some(dir) = stack.pop() {
+            for ino in v.entries(dir).into_values() {
+                let Some(a) = v.attr(ino) else { continue };
+                match a.kind {
+                    FileKind::Directory => stack.push(ino),
+                    FileKind::Regular if seen.insert(ino) => logical += a.size,
+                    _ => {}
+                }
+            }
+        }
+        Ok(Usage {
+            logical_size_bytes: logical,
+            own_storage_bytes: t.own_bytes,
+        })
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let s = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| Error::Io {
+            context: "statfs of the page store's filesystem",
+            path: self.dir.clone(),
+            source: e.into(),
+        })?;
+        let frag = s.fragment_size();
+        let st = self.state.read();
+        Ok(StatFs {
+            total_bytes: s.blocks() * frag,
+            free_bytes: s.blocks_free() * frag,
+            available_bytes: s.blocks_available() * frag,
+            log_bytes: st.log.total_bytes,
+            inodes: st.next_ino - 1,
+            block_size: PAGE_SIZE as u32,
+            max_name_len: MAX_NAME_LEN as u32,
+        })
+    }
+
+    // ---- reading ----
+
+    pub fn getattr(&self, tl: TimelineId, ino: Ino) -> Result<Attr> {
+        let st = self.state.read();
+        attr_of(&View::new(&st, timeline(&st, tl)?), tl, ino)
+    }
+
+    pub fn lookup(&self, tl: TimelineId, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let st = self.state.read();
+        let v = View::new(&st, timeline(&st, tl)?);
+        dir_attr(&v, tl, parent)?;
+        let ino = v.entry(parent, name).ok_or_else(|| {
+            not_found(
+                tl,
+                format!("{:?} in directory inode {parent}", name_str(name)),
+            )
+        })?;
+        attr_of(&v, tl, ino)
+    }
+
+    /// The entries of a directory, sorted by name, without `.` and `..`.
+    pub fn readdir(&self, tl: TimelineId, ino: Ino) -> Result<Vec<DirEntry>> {
+        let st = self.state.read();
+        let v = View::new(&st, timeline(&st, tl)?);
+        dir_attr(&v, tl, ino)?;
+        Ok(v.entries(ino)
+            .into_iter()
+            .filter_map(|(name, child)| {
+                let a = v.attr(child)?;
+                Some(DirEntry {
+                    name,
+                    ino: child,
+                    kind: a.kind,
+                })
+            })
+            .collect())
+    }
+
+    pub fn readlink(&self, tl: TimelineId, ino: Ino) -> Result<Vec<u8>> {
+        let st = self.state.read();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let a = attr_of(&v, tl, ino)?;
+        match (a.kind, v.symlink(ino)) {
+            (FileKind::Symlink, Some(t)) => Ok(t.to_vec()),
+            _ => Err(Error::InvalidArgument(format!(
+                "inode {ino} is not a symlink"
+            ))),
+        }
+    }
+
+    /// Reads up to `len` bytes at `offset`; fewer at the end of the file. Holes read as zeros.
+    pub fn read(&self, tl: TimelineId, ino: Ino, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut plan = Vec::new();
+        let end = {
+            let st = self.state.read();
+            let v = View::new(&st, timeline(&st, tl)?);
+            let a = regular_attr(&v, tl, ino)?;
+            if offset >= a.size || len == 0 {
+                return Ok(Vec::new());
+            }
+            let end = a.size.min(offset.saturating_add(len as u64));
+            let ps = PAGE_SIZE as u64;
+            for page in offset / ps..end.div_ceil(ps) {
+                if let Loc::Data { seg, off } = v.page(ino, page) {
+                    let file = st.log.file(seg).cloned().ok_or_else(|| Error::Corrupt {
+                        path: segment_path(&st.log.dir, seg),
+                        offset: off,
+                        reason: "index points into a missing segment".into(),
+                    })?;
+                    plan.push((page, file, seg, off));
+                }
+            }
+            end
+        };
+        // The log is append-only, so the bytes an index entry points at never change: the disk
+        // reads run without the lock.
+        let ps = PAGE_SIZE as u64;
+        let mut out = vec![0u8; (end - offset) as usize];
+        for (page, file, seg, off) in plan {
+            let from = (page * ps).max(offset);
+            let to = ((page + 1) * ps).min(end);
+            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            file.read_exact_at(dst, off + (from - page * ps))
+                .map_err(Error::io(
+                    "reading a page from the log",
+                    segment_path(&self.dir.join("log"), seg),
+                ))?;
+        }
+        Ok(out)
+    }
+
+    fn read_page(&self, st: &State, loc: Loc, buf: &mut [u8]) -> Result<()> {
+        match loc {
+            Loc::Zero => buf.fill(0),
+            Loc::Data { seg, off } => {
+                let path = segment_path(&st.log.dir, seg);
+                let file = st.log.file(seg).ok_or_else(|| Error::Corrupt {
+                    path: path.clone(),
+                    offset: off,
+                    reason: "index points into a missing segment".into(),
+                })?;
+                file.read_exact_at(buf, off)
+                    .map_err(Error::io("reading a page from the log", path))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- changing files ----
+
+    /// Writes `data` at `offset`, extending the file as needed (a gap reads as zeros). Each
+    /// chunk of up to 1 MiB is one atomic frame.
+    pub fn write(&self, tl: TimelineId, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or_else(|| {
+                Error::FileTooLarge(format!("write of {} bytes at offset {offset}", data.len()))
+            })?;
+        let ps = PAGE_SIZE as u64;
+        let chunk = (MAX_PAGES_PER_FRAME * PAGE_SIZE) as u64;
+        let mut pos = offset;
+        while pos < end {
+            // Chunks end on page boundaries so that no page is split between two frames.
+            let next = ((pos / ps) * ps + chunk).min(end);
+            let d = &data[(pos - offset) as usize..(next - offset) as usize];
+            let mut st = self.state.write();
+            self.write_chunk(&mut st, tl, ino, pos, d)?;
+            pos = next;
+        }
+        Ok(data.len())
+    }
+
+    fn write_chunk(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let ps = PAGE_SIZE as u64;
+        let end = offset + data.len() as u64;
+        let mut a = {
+            let v = View::new(st, timeline(st, tl)?);
+            regular_attr(&v, tl, ino)?
+        };
+        // (page, new contents): borrowed when the write covers the whole page, else merged
+        // with the current version (read-modify-write).
+        let mut pages: Vec<(u64, Cow<'_, [u8]>, Loc)> = Vec::new();
+        for page in offset / ps..end.div_ceil(ps) {
+            let ps_start = page * ps;
+            let from = ps_start.max(offset);
+            let to = (ps_start + ps).min(end);
+            let src = &data[(from - offset) as usize..(to - offset) as usize];
+            let cur = View::new(st, timeline(st, tl)?).page(ino, page);
+            let new: Cow<'_, [u8]> = if src.len() == PAGE_SIZE {
+                Cow::Borrowed(src)
+            } else {
+                let mut buf = vec![0u8; PAGE_SIZE];
+                self.read_page(st, cur, &mut buf)?;
+                buf[(from - ps_start) as usize..(to - ps_start) as usize].copy_from_slice(src);
+                Cow::Owned(buf)
+            };
+            pages.push((page, new, cur));
+        }
+        let mut muts = Vec::with_capacity(pages.len() + 1);
+        for (page, new, cur) in &pages {
+            if is_zero(new) {
+                // Zero pages cost no data: PostgreSQL extends files with them.
+                if *cur != Loc::Zero {
+                    muts.push(Mutation::ZeroPage { ino, page: *page });
+                }
+            } else {
+                muts.push(Mutation::Page {
+                    ino,
+                    page: *page,
+                    data: new,
+                    data_off: 0,
+                });
+            }
+        }
+        let now = self.now();
+        a.size = a.size.max(end);
+        a.mtime = now;
+        a.ctime = now;
+        muts.push(Mutation::SetAttr(a));
+        self.commit(st, tl, &muts)?;
+        Ok(())
+    }
+
+    /// chmod, chown, truncate or extend, utimes: the `Some` fields of `set`.
+    pub fn setattr(&self, tl: TimelineId, ino: Ino, set: SetAttr) -> Result<Attr> {
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let old = attr_of(&v, tl, ino)?;
+        let now = self.now();
+        let mut a = old;
+        if let Some(m) = set.mode {
+            a.perm = (m & 0o7777) as u16;
+        }
+        if let Some(u) = set.uid {
+            a.uid = u;
+        }
+        if let Some(g) = set.gid {
+            a.gid = g;
+        }
+        if let Some(t) = set.atime {
+            a.atime = t;
+        }
+        a.ctime = now;
+        let mut muts = Vec::new();
+        let mut tail = Vec::new();
+        if let Some(size) = set.size {
+            regular_attr(&v, tl, ino)?;
+            if size > MAX_FILE_SIZE {
+                return Err(Error::FileTooLarge(format!("size {size}")));
+            }
+            let ps = PAGE_SIZE as u64;
+            if size < old.size {
+                // Bytes past the end must read as zeros if the file grows again: cut the
+                // partial last page's tail and every later page.
+                let within = (size % ps) as usize;
+                if within != 0 {
+                    let page = size / ps;
+                    let cur = v.page(ino, page);
+                    if cur != Loc::Zero {
+                        let mut buf = vec![0u8; PAGE_SIZE];
+                        self.read_page(&st, cur, &mut buf)?;
+                        buf[within..].fill(0);
+                        tail.push((page, buf));
+                    }
+                }
+                muts.push(Mutation::Truncate {
+                    ino,
+                    from_page: size.div_ceil(ps),
+                });
+            }
+            if size != old.size {
+                a.mtime = now;
+            }
+            a.size = size;
+        }
+        if let Some(t) = set.mtime {
+            a.mtime = t;
+        }
+        for (page, buf) in &tail {
+            muts.push(if is_zero(buf) {
+                Mutation::ZeroPage { ino, page: *page }
+            } else {
+                Mutation::Page {
+                    ino,
+                    page: *page,
+                    data: buf,
+                    data_off: 0,
+                }
+            });
+        }
+        muts.push(Mutation::SetAttr(a));
+        self.commit(&mut st, tl, &muts)?;
+        Ok(a)
+    }
+
+    // ---- changing directories ----
+
+    fn new_inode(&self, st: &State, kind: FileKind, perm: u16, uid: u32, gid: u32) -> Attr {
+        let now = self.now();
+        Attr {
+            ino: st.next_ino,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        }
+    }
+
+    fn touched(&self, mut a: Attr) -> Attr {
+        let now = self.now();
+        a.mtime = now;
+        a.ctime = now;
+        a
+    }
+
+    /// Adds a new inode under `parent`.
+    fn add_inode(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        mut attr_fn: impl FnMut(&State) -> Attr,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let pa = dir_attr(&v, tl, parent)?;
+        if v.entry(parent, name).is_some() {
+            return Err(Error::AlreadyExists {
+                timeline: tl,
+                what: format!("{:?} in directory inode {parent}", name_str(name)),
+            });
+        }
+        let a = attr_fn(&st);
+        let mut muts = vec![
+            Mutation::SetAttr(a),
+            Mutation::DirEntry {
+                dir: parent,
+                name,
+                child: Some(a.ino),
+            },
+            Mutation::SetAttr(self.touched(pa)),
+        ];
+        if let Some(target) = target {
+            muts.push(Mutation::Symlink { ino: a.ino, target });
+        }
+        self.commit(&mut st, tl, &muts)?;
+        Ok(a)
+    }
+
+    /// Creates an empty regular file; fails if the name exists.
+    pub fn create(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.add_inode(
+            tl,
+            parent,
+            name,
+            |st| self.new_inode(st, FileKind::Regular, (mode & 0o7777) as u16, uid, gid),
+            None,
+        )
+    }
+
+    pub fn mkdir(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.add_inode(
+            tl,
+            parent,
+            name,
+            |st| self.new_inode(st, FileKind::Directory, (mode & 0o7777) as u16, uid, gid),
+            None,
+        )
+    }
+
+    pub fn symlink(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        if target.is_empty() || target.len() > MAX_SYMLINK_LEN || target.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "symlink target of {} bytes",
+                target.len()
+            )));
+        }
+        self.add_inode(
+            tl,
+            parent,
+            name,
+            |st| {
+                let mut a = self.new_inode(st, FileKind::Symlink, 0o777, uid, gid);
+                a.size = target.len() as u64;
+                a
+            },
+            Some(target),
+        )
+    }
+
+    /// A new name for an existing file (not a directory).
+    pub fn link(&self, tl: TimelineId, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+        check_name(new_name)?;
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let mut a = attr_of(&v, tl, ino)?;
+        if a.kind == FileKind::Directory {
+            return Err(Error::NotPermitted(format!(
+                "hard link to directory inode {ino}"
+            )));
+        }
+        let pa = dir_attr(&v, tl, new_parent)?;
+        if v.entry(new_parent, new_name).is_some() {
+            return Err(Error::AlreadyExists {
+                timeline: tl,
+                what: format!("{:?} in directory inode {new_parent}", name_str(new_name)),
+            });
+        }
+        a.nlink += 1;
+        a.ctime = self.now();
+        let muts = [
+            Mutation::SetAttr(a),
+            Mutation::DirEntry {
+                dir: new_parent,
+                name: new_name,
+                child: Some(ino),
+            },
+            Mutation::SetAttr(self.touched(pa)),
+        ];
+        self.commit(&mut st, tl, &muts)?;
+        Ok(a)
+    }
+
+    /// The change that removes one link of `a`: fewer links, or the inode freed when that was
+    /// the last link and nobody holds it open (else [`PageStore::release_handle`] frees it).
+    fn drop_link(&self, st: &State, tl: TimelineId, mut a: Attr) -> Mutation<'static> {
+        a.nlink = a.nlink.saturating_sub(1);
+        if a.nlink == 0 && !st.open_counts.contains_key(&(tl, a.ino)) {
+            Mutation::FreeInode { ino: a.ino }
+        } else {
+            a.ctime = self.now();
+            Mutation::SetAttr(a)
+        }
+    }
+
+    /// Removes a name of a file or symlink. A file still open stays readable by inode until
+    /// its last [`PageStore::release_handle`].
+    pub fn unlink(&self, tl: TimelineId, parent: Ino, name: &[u8]) -> Result<()> {
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let pa = dir_attr(&v, tl, parent)?;
+        let child = v.entry(parent, name).ok_or_else(|| {
+            not_found(
+                tl,
+                format!("{:?} in directory inode {parent}", name_str(name)),
+            )
+        })?;
+        let ca = attr_of(&v, tl, child)?;
+        if ca.kind == FileKind::Directory {
+            return Err(Error::IsADirectory {
+                timeline: tl,
+                ino: child,
+            });
+        }
+        let muts = [
+            Mutation::DirEntry {
+                dir: parent,
+                name,
+                child: None,
+            },
+            Mutation::SetAttr(self.touched(pa)),
+            self.drop_link(&st, tl, ca),
+        ];
+        self.commit(&mut st, tl, &muts)?;
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, tl: TimelineId, parent: Ino, name: &[u8]) -> Result<()> {
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let pa = dir_attr(&v, tl, parent)?;
+        let child = v.entry(parent, name).ok_or_else(|| {
+            not_found(
+                tl,
+                format!("{:?} in directory inode {parent}", name_str(name)),
+            )
+        })?;
+        dir_attr(&v, tl, child)?;
+        if !v.is_empty_dir(child) {
+            return Err(Error::DirectoryNotEmpty {
+                timeline: tl,
+                ino: child,
+            });
+        }
+        let muts = [
+            Mutation::DirEntry {
+                dir: parent,
+                name,
+                child: None,
+            },
+            Mutation::SetAttr(self.touched(pa)),
+            Mutation::FreeInode { ino: child },
+        ];
+        self.commit(&mut st, tl, &muts)?;
+        Ok(())
+    }
+
+    /// Moves `parent/name` to `new_parent/new_name` in one atomic frame, replacing what is
+    /// there (a file by a file, an empty directory by a directory), as rename(2) does.
+    pub fn rename(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> Result<()> {
+        check_name(new_name)?;
+        let mut st = self.state.write();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let pa = dir_attr(&v, tl, parent)?;
+        let npa = dir_attr(&v, tl, new_parent)?;
+        let src = v.entry(parent, name).ok_or_else(|| {
+            not_found(
+                tl,
+                format!("{:?} in directory inode {parent}", name_str(name)),
+            )
+        })?;
+        let sa = attr_of(&v, tl, src)?;
+        if parent == new_parent && name == new_name {
+            return Ok(());
+        }
+        if sa.kind == FileKind::Directory && is_in_subtree(&v, src, new_parent) {
+            return Err(Error::InvalidArgument(format!(
+                "cannot move directory inode {src} inside itself"
+            )));
+        }
+        let dst = v.entry(new_parent, new_name);
+        if dst == Some(src) {
+            // Two links of one inode: rename(2) does nothing.
+            return Ok(());
+        }
+        let mut muts = vec![
+            Mutation::DirEntry {
+                dir: parent,
+                name,
+                child: None,
+            },
+            Mutation::DirEntry {
+                dir: new_parent,
+                name: new_name,
+                child: Some(src),
+            },
+        ];
+        if let Some(d) = dst {
+            let da = attr_of(&v, tl, d)?;
+            match (
+                sa.kind == FileKind::Directory,
+                da.kind == FileKind::Directory,
+            ) {
+                (true, false) => {
+                    return Err(Error::NotADirectory {
+                        timeline: tl,
+                        ino: d,
+                    })
+                }
+                (false, true) => {
+                    return Err(Error::IsADirectory {
+                        timeline: tl,
+                        ino: d,
+                    })
+                }
+                (true, true) => {
+                    if !v.is_empty_dir(d) {
+                        return Err(Error::DirectoryNotEmpty {
+                            timeline: tl,
+                            ino: d,
+                        });
+                    }
+                    muts.push(Mutation::FreeInode { ino: d });
+                }
+                (false, false) => muts.push(self.drop_link(&st, tl, da)),
+            }
+        }
+        muts.push(Mutation::SetAttr(self.touched(pa)));
+        if new_parent != parent {
+            muts.push(Mutation::SetAttr(self.touched(npa)));
+        }
+        let mut sa = sa;
+        sa.ctime = self.now();
+        muts.push(Mutation::SetAttr(sa));
+        self.commit(&mut st, tl, &muts)?;
+        Ok(())
+    }
+
+    // ---- open files ----
+
+    /// Notes an open handle on `ino`, so that unlinking its last name keeps it readable.
+    pub fn open_handle(&self, tl: TimelineId, ino: Ino) -> Result<Attr> {
+        let mut st = self.state.write();
+        let a = attr_of(&View::new(&st, timeline(&st, tl)?), tl, ino)?;
+        // A counter, not a queue: bounded by the handles the kernel holds.
+        *st.open_counts.entry((tl, ino)).or_insert(0) += 1;
+        Ok(a)
+    }
+
+    /// Drops a handle taken by [`PageStore::open_handle`]; the last one frees an unlinked inode.
+    pub fn release_handle(&self, tl: TimelineId, ino: Ino) -> Result<()> {
+        let mut st = self.state.write();
+        let Some(n) = st.open_counts.get_mut(&(tl, ino)) else {
+            tracing::warn!(timeline = %tl, ino, "release of an inode that is not open");
+            return Ok(());
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Ok(());
+        }
+        st.open_counts.remove(&(tl, ino));
+        let Some(t) = st.timelines.get(&tl) else {
+            return Ok(());
+        };
+        if let Some(a) = View::new(&st, t).attr(ino) {
+            if a.nlink == 0 {
+                self.commit(&mut st, tl, &[Mutation::FreeInode { ino }])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `ino` is `dir` or lies below it.
+fn is_in_subtree(v: &View<'_>, dir: Ino, ino: Ino) -> bool {
+    let mut stack = vec![dir];
+    let mut seen = HashSet::new();
+    while let Some(d) = stack.pop() {
+        if d == ino {
+            return true;
+        }
+        if !seen.insert(d) {
+            continue;
+        }
+        for child in v.entries(d).into_values() {
+            if v.attr(child).is_some_and(|a| a.kind == FileKind::Directory) {
+                stack.push(child);
+            }
+        }
+    }
+    false
+}
+
+fn check_label(label: &[u8]) -> Result<()> {
+    if label.len() > MAX_LABEL_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "timeline label of {} bytes (at most {MAX_LABEL_LEN})",
+            label.len()
+        )));
+    }
+    Ok(())
+}
+
+fn info(t: &Timeline) -> TimelineInfo {
+    TimelineInfo {
+        id: t.id,
+        parent: t.parent,
+        label: t.label.clone(),
+        created_at: t.created_at,
+    }
+}
+
+fn to_nanos_dur(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,598 @@
+//! Unit tests of the store through its public API. The model-based test is in
+//! `tests/model.rs`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::*;
+
+fn open(dir: &Path) -> PageStore {
+    PageStore::open(dir, Config::default()).unwrap()
+}
+
+fn small_segments() -> Config {
+    Config {
+        segment_size: 1 << 16,
+        ..Config::default()
+    }
+}
+
+fn file(s: &PageStore, tl: TimelineId, name: &str) -> Ino {
+    s.create(tl, ROOT_INO, name.as_bytes(), 0o600, 1, 1)
+        .unwrap()
+        .ino
+}
+
+fn all(s: &PageStore, tl: TimelineId, ino: Ino) -> Vec<u8> {
+    s.read(tl, ino, 0, usize::MAX / 2).unwrap()
+}
+
+/// Compares contents without printing megabytes on failure.
+fn assert_same(got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "contents differ first at byte {i}: {} != {}",
+            got[i], want[i]
+        );
+    }
+}
+
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<PageStore>();
+}
+
+#[test]
+fn writes_at_any_offset_and_holes_read_as_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 3 * PAGE_SIZE as u64 + 100, b"hello")
+        .unwrap();
+    let a = s.getattr(tl, f).unwrap();
+    assert_eq!(a.size, 3 * PAGE_SIZE as u64 + 105);
+    let data = all(&s, tl, f);
+    assert_eq!(data.len() as u64, a.size);
+    assert!(data[..3 * PAGE_SIZE + 100].iter().all(|b| *b == 0));
+    assert_eq!(&data[3 * PAGE_SIZE + 100..], b"hello");
+    // A write straddling pages, then a partial overwrite.
+    let big: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+    s.write(tl, f, 1000, &big).unwrap();
+    s.write(tl, f, 2000, b"XY").unwrap();
+    let data = all(&s, tl, f);
+    assert_eq!(&data[1000..2000], &big[..1000]);
+    assert_eq!(&data[2000..2002], b"XY");
+    assert_eq!(&data[2002..1000 + big.len()], &big[1002..]);
+    // Reads past the end are short; reads at the end empty.
+    let size = s.getattr(tl, f).unwrap().size;
+    assert_eq!(size, 1000 + big.len() as u64);
+    assert_eq!(s.read(tl, f, size - 2, 10).unwrap(), &big[big.len() - 2..]);
+    assert!(s.read(tl, f, size + 10, 10).unwrap().is_empty());
+    // A write larger than one frame (1 MiB) is split and reads back whole.
+    let huge: Vec<u8> = (0..(3 << 20)).map(|i| (i % 13) as u8).collect();
+    s.write(tl, f, 77, &huge).unwrap();
+    assert_same(&s.read(tl, f, 77, huge.len()).unwrap(), &huge);
+}
+
+#[test]
+fn truncate_then_extend_reads_zeros_even_over_ancestor_pages() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, &vec![0xAA; 4 * PAGE_SIZE]).unwrap();
+    let child = s.branch(tl, BranchPoint::Now, b"c").unwrap();
+    let cut = PAGE_SIZE as u64 + 10;
+    s.setattr(
+        child,
+        f,
+        SetAttr {
+            size: Some(cut),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    s.setattr(
+        child,
+        f,
+        SetAttr {
+            size: Some(4 * PAGE_SIZE as u64),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let data = all(&s, child, f);
+    assert!(data[..cut as usize].iter().all(|b| *b == 0xAA));
+    assert!(data[cut as usize..].iter().all(|b| *b == 0));
+    // The parent is untouched.
+    assert!(all(&s, tl, f).iter().all(|b| *b == 0xAA));
+    // A write past the end after a truncate leaves zeros in between.
+    s.setattr(
+        child,
+        f,
+        SetAttr {
+            size: Some(5),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    s.write(child, f, 3 * PAGE_SIZE as u64, b"z").unwrap();
+    let data = all(&s, child, f);
+    assert_eq!(&data[..5], &[0xAA; 5]);
+    assert!(data[5..3 * PAGE_SIZE].iter().all(|b| *b == 0));
+    assert_eq!(data[3 * PAGE_SIZE], b'z');
+}
+
+#[test]
+fn branches_are_isolated_and_see_the_parent_at_the_branch_point() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    s.write(main, f, 0, b"one").unwrap();
+    let before_two = s.last_lsn() + 1;
+    s.write(main, f, 0, b"two").unwrap();
+    let a = s.branch(main, BranchPoint::Now, b"a").unwrap();
+    let b = s.branch(main, BranchPoint::Now, b"b").unwrap();
+    s.write(main, f, 0, b"MMM").unwrap();
+    s.write(a, f, 0, b"AAA").unwrap();
+    let g = file(&s, b, "g");
+    assert_eq!(all(&s, main, f), b"MMM");
+    assert_eq!(all(&s, a, f), b"AAA");
+    assert_eq!(all(&s, b, f), b"two");
+    assert!(s.lookup(main, ROOT_INO, b"g").is_err());
+    assert!(s.lookup(a, ROOT_INO, b"g").is_err());
+    assert_eq!(s.lookup(b, ROOT_INO, b"g").unwrap().ino, g);
+    // A branch at a past position, and a branch of a branch.
+    let past = s
+        .branch(main, BranchPoint::Lsn(before_two), b"past")
+        .unwrap();
+    assert_eq!(all(&s, past, f), b"one");
+    let aa = s.branch(a, BranchPoint::Now, b"aa").unwrap();
+    s.write(a, f, 0, b"a2!").unwrap();
+    assert_eq!(all(&s, aa, f), b"AAA");
+    // Deleting: refused while children exist.
+    assert_eq!(s.delete_timeline(a).unwrap_err().errno(), libc::ENOTEMPTY);
+    s.delete_timeline(aa).unwrap();
+    s.delete_timeline(a).unwrap();
+    assert!(matches!(s.getattr(a, f), Err(Error::TimelineNotFound(_))));
+    // Positions outside the parent's life are refused.
+    assert!(matches!(
+        s.branch(past, BranchPoint::Lsn(past.0), b"x"),
+        Err(Error::BeforeTimelineCreated { .. })
+    ));
+    assert!(matches!(
+        s.branch(main, BranchPoint::Lsn(s.last_lsn() + 5), b"x"),
+        Err(Error::PositionInFuture { .. })
+    ));
+}
+
+#[test]
+fn an_unchanged_branch_costs_almost_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    s.write(main, f, 0, &vec![1u8; 100 * PAGE_SIZE]).unwrap();
+    let child = s.branch(main, BranchPoint::Now, b"child").unwrap();
+    let u = s.usage(child).unwrap();
+    assert_eq!(u.logical_size_bytes, 100 * PAGE_SIZE as u64);
+    assert!(u.own_storage_bytes < 1024, "{u:?}");
+    assert!(s.usage(main).unwrap().own_storage_bytes > 100 * PAGE_SIZE as u64);
+    s.write(child, f, 0, &[2u8; PAGE_SIZE]).unwrap();
+    let u = s.usage(child).unwrap();
+    assert!(
+        u.own_storage_bytes > PAGE_SIZE as u64 && u.own_storage_bytes < 2 * PAGE_SIZE as u64,
+        "{u:?}"
+    );
+}
+
+#[test]
+fn point_in_time_branches_and_the_retention_window() {
+    let d = tempfile::tempdir().unwrap();
+    let now = Arc::new(AtomicI64::new(1_000_000));
+    let n2 = now.clone();
+    let config = Config {
+        retention: Duration::from_secs(3600),
+        time_granularity: Duration::ZERO,
+        clock: Clock::new(move || {
+            UNIX_EPOCH + Duration::from_secs(n2.load(Ordering::SeqCst) as u64)
+        }),
+        ..Config::default()
+    };
+    let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(secs as u64);
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    for (t, v) in [(1_000_100, b"v1"), (1_000_200, b"v2"), (1_000_300, b"v3")] {
+        now.store(t, Ordering::SeqCst);
+        s.write(main, f, 0, v).unwrap();
+    }
+    now.store(1_002_000, Ordering::SeqCst);
+    let b = s
+        .branch(main, BranchPoint::Time(at(1_000_250)), b"t")
+        .unwrap();
+    assert_eq!(all(&s, b, f), b"v2");
+    let b = s
+        .branch(main, BranchPoint::Time(at(1_000_200)), b"t")
+        .unwrap();
+    assert_eq!(all(&s, b, f), b"v2");
+    let b = s
+        .branch(main, BranchPoint::Time(at(1_000_199)), b"t")
+        .unwrap();
+    assert_eq!(all(&s, b, f), b"v1");
+    // Before the file existed, but after the timeline did.
+    let b = s
+        .branch(main, BranchPoint::Time(at(1_000_050)), b"t")
+        .unwrap();
+    assert_eq!(s.readdir(b, ROOT_INO).unwrap().len(), 1);
+    assert!(matches!(
+        s.branch(main, BranchPoint::Time(at(999_000)), b"t"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    assert!(matches!(
+        s.branch(main, BranchPoint::Time(at(1_003_000)), b"t"),
+        Err(Error::InFuture(_))
+    ));
+    // Time moves on: the early states leave the window, the state that still holds does not.
+    now.store(1_000_250 + 3600, Ordering::SeqCst);
+    assert!(matches!(
+        s.branch(main, BranchPoint::Time(at(1_000_240)), b"t"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    assert!(matches!(
+        s.branch(main, BranchPoint::Lsn(f + 1), b"t"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    let b = s.branch(main, BranchPoint::Time(at(1_000_260 + 3600 - 3600)), b"t");
+    assert!(b.is_err() || all(&s, b.unwrap(), f) == b"v2");
+    // The map survives a reopen.
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    let b = s
+        .branch(main, BranchPoint::Time(at(1_000_300)), b"t")
+        .unwrap();
+    assert_eq!(all(&s, b, f), b"v3");
+}
+
+#[test]
+fn an_unlinked_file_stays_readable_while_open() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, b"still here").unwrap();
+    s.open_handle(tl, f).unwrap();
+    s.unlink(tl, ROOT_INO, b"f").unwrap();
+    assert!(s.lookup(tl, ROOT_INO, b"f").is_err());
+    assert_eq!(all(&s, tl, f), b"still here");
+    assert_eq!(s.getattr(tl, f).unwrap().nlink, 0);
+    s.write(tl, f, 0, b"STILL").unwrap();
+    s.release_handle(tl, f).unwrap();
+    assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
+    // Replaced by a rename while open: the same.
+    let a = file(&s, tl, "a");
+    let b = file(&s, tl, "b");
+    s.write(tl, b, 0, b"old b").unwrap();
+    s.open_handle(tl, b).unwrap();
+    s.rename(tl, ROOT_INO, b"a", ROOT_INO, b"b").unwrap();
+    assert_eq!(s.lookup(tl, ROOT_INO, b"b").unwrap().ino, a);
+    assert_eq!(all(&s, tl, b), b"old b");
+    s.release_handle(tl, b).unwrap();
+    assert!(s.getattr(tl, b).is_err());
+}
+
+#[test]
+fn directories_rename_and_links_follow_posix() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let x = s.mkdir(tl, ROOT_INO, b"x", 0o700, 1, 1).unwrap().ino;
+    let y = s.mkdir(tl, x, b"y", 0o700, 1, 1).unwrap().ino;
+    let f = s.create(tl, y, b"f", 0o600, 1, 1).unwrap().ino;
+    assert_eq!(
+        s.create(tl, y, b"f", 0o600, 1, 1).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        s.rmdir(tl, ROOT_INO, b"x").unwrap_err().errno(),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(s.rmdir(tl, y, b"f").unwrap_err().errno(), libc::ENOTDIR);
+    assert_eq!(
+        s.unlink(tl, ROOT_INO, b"x").unwrap_err().errno(),
+        libc::EISDIR
+    );
+    assert_eq!(
+        s.rename(tl, ROOT_INO, b"x", y, b"z").unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        s.create(tl, f, b"q", 0o600, 1, 1).unwrap_err().errno(),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        s.create(tl, ROOT_INO, b"a/b", 0o600, 1, 1)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        s.create(tl, ROOT_INO, &[b'a'; 256], 0o600, 1, 1)
+            .unwrap_err()
+            .errno(),
+        libc::ENAMETOOLONG
+    );
+    // Directory over an empty directory; over a non-empty one is refused; over a file too.
+    let e = s.mkdir(tl, ROOT_INO, b"e", 0o700, 1, 1).unwrap().ino;
+    s.rename(tl, x, b"y", ROOT_INO, b"e").unwrap();
+    assert_eq!(s.lookup(tl, ROOT_INO, b"e").unwrap().ino, y);
+    assert!(s.getattr(tl, e).is_err());
+    assert_eq!(s.lookup(tl, y, b"f").unwrap().ino, f);
+    let g = s.create(tl, ROOT_INO, b"g", 0o600, 1, 1).unwrap().ino;
+    assert_eq!(
+        s.rename(tl, ROOT_INO, b"x", ROOT_INO, b"e")
+            .unwrap_err()
+            .errno(),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        s.rename(tl, ROOT_INO, b"x", ROOT_INO, b"g")
+            .unwrap_err()
+            .errno(),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        s.rename(tl, ROOT_INO, b"g", ROOT_INO, b"x")
+            .unwrap_err()
+            .errno(),
+        libc::EISDIR
+    );
+    // Hard links.
+    s.link(tl, g, x, b"g2").unwrap();
+    assert_eq!(s.getattr(tl, g).unwrap().nlink, 2);
+    s.unlink(tl, ROOT_INO, b"g").unwrap();
+    assert_eq!(s.getattr(tl, g).unwrap().nlink, 1);
+    assert_eq!(
+        s.link(tl, x, ROOT_INO, b"xx").unwrap_err().errno(),
+        libc::EPERM
+    );
+    // Symlinks.
+    let l = s.symlink(tl, ROOT_INO, b"ts", b"/mnt/ts1", 1, 1).unwrap();
+    assert_eq!(l.kind, FileKind::Symlink);
+    assert_eq!(s.readlink(tl, l.ino).unwrap(), b"/mnt/ts1");
+    assert_eq!(s.readlink(tl, g).unwrap_err().errno(), libc::EINVAL);
+    let names: Vec<_> = s
+        .readdir(tl, ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"e".to_vec(), b"ts".to_vec(), b"x".to_vec()]);
+}
+
+#[test]
+fn setattr_changes_mode_owner_and_times() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    assert_eq!(s.getattr(tl, ROOT_INO).unwrap().perm, 0o700);
+    let f = file(&s, tl, "f");
+    let t = UNIX_EPOCH + Duration::new(1_600_000_000, 123);
+    let a = s
+        .setattr(
+            tl,
+            f,
+            SetAttr {
+                mode: Some(0o100640),
+                uid: Some(70),
+                gid: Some(71),
+                atime: Some(t),
+                mtime: Some(t),
+                size: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (a.perm, a.uid, a.gid, a.atime, a.mtime),
+        (0o640, 70, 71, t, t)
+    );
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(s.getattr(tl, f).unwrap(), a);
+}
+
+#[test]
+fn reopen_replays_everything_and_a_torn_tail_is_cut() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    for i in 0..40u8 {
+        s.write(tl, f, u64::from(i) * 3000, &[i + 1; 3000]).unwrap();
+    }
+    s.sync().unwrap();
+    let expect = all(&s, tl, f);
+    let durable = s.durable_mark();
+    s.write(tl, f, 0, b"not synced").unwrap();
+    drop(s);
+    // Power loss: the unsynced write is half on disk.
+    let seg = d
+        .path()
+        .join("log")
+        .join(format!("{:010}.seg", durable.seg));
+    let len = std::fs::metadata(&seg).unwrap().len();
+    assert!(len > durable.len);
+    let fh = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    fh.set_len(durable.len + (len - durable.len) / 2).unwrap();
+    drop(fh);
+    let s = open(d.path());
+    assert_same(&all(&s, tl, f), &expect);
+    assert_eq!(s.last_lsn(), durable.lsn);
+    // And the store carries on writing after the cut.
+    s.write(tl, f, 0, b"after").unwrap();
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(&all(&s, tl, f)[..5], b"after");
+}
+
+#[test]
+fn segments_roll_and_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let s = PageStore::open(d.path(), small_segments()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    for i in 0..40u8 {
+        s.write(tl, f, u64::from(i) * 3000, &[i + 1; 3000]).unwrap();
+    }
+    let expect = all(&s, tl, f);
+    let last = s.last_lsn();
+    drop(s);
+    assert!(std::fs::read_dir(d.path().join("log")).unwrap().count() > 3);
+    let s = PageStore::open(d.path(), small_segments()).unwrap();
+    assert_same(&all(&s, tl, f), &expect);
+    assert_eq!(s.last_lsn(), last);
+}
+
+#[test]
+fn damage_in_a_complete_segment_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let s = PageStore::open(d.path(), small_segments()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    for i in 0..30u64 {
+        s.write(tl, f, i * PAGE_SIZE as u64, &[7; PAGE_SIZE])
+            .unwrap();
+    }
+    drop(s);
+    let seg0 = d.path().join("log").join(format!("{:010}.seg", 0));
+    let mut bytes = std::fs::read(&seg0).unwrap();
+    bytes[5000] ^= 0xFF;
+    std::fs::write(&seg0, bytes).unwrap();
+    let err = PageStore::open(d.path(), small_segments()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let _s = open(d.path());
+    assert!(matches!(
+        PageStore::open(d.path(), Config::default()),
+        Err(Error::Locked(_))
+    ));
+}
+
+#[test]
+fn deep_ancestry_reads_the_nearest_version() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let mut tl = s.create_root(b"g0").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, &vec![0u8; 30 * PAGE_SIZE]).unwrap();
+    let mut expect = vec![0u8; 30 * PAGE_SIZE];
+    for g in 1..=25u8 {
+        // Each generation changes its own page, then branches.
+        let p = usize::from(g);
+        s.write(tl, f, (p * PAGE_SIZE) as u64, &[g; PAGE_SIZE])
+            .unwrap();
+        expect[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(g);
+        tl = s.branch(tl, BranchPoint::Now, b"g").unwrap();
+    }
+    assert_same(&all(&s, tl, f), &expect);
+    drop(s);
+    let s = open(d.path());
+    assert_same(&all(&s, tl, f), &expect);
+}
+
+/// A branch taken while another thread writes sees a prefix of the writes: the writer fills
+/// page i with byte i in order, so a crash-consistent child holds pages 1..=k and zeros after.
+#[test]
+fn a_branch_of_a_parent_being_written_is_crash_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(d.path()));
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    let pages = 300u64;
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            for i in 1..=pages {
+                s.write(main, f, i * PAGE_SIZE as u64, &[i as u8; PAGE_SIZE])
+                    .unwrap();
+                if i % 50 == 0 {
+                    s.sync().unwrap();
+                }
+            }
+        })
+    };
+    let mut children = Vec::new();
+    for _ in 0..20 {
+        children.push(s.branch(main, BranchPoint::Now, b"c").unwrap());
+    }
+    writer.join().unwrap();
+    let mut seen = Vec::new();
+    for c in children {
+        let data = all(&s, c, f);
+        let k = data.len() / PAGE_SIZE;
+        for i in 1..k {
+            assert!(
+                data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .iter()
+                    .all(|b| *b == i as u8),
+                "child {c} page {i}"
+            );
+        }
+        seen.push(k);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "later branches see more: {seen:?}"
+    );
+}
+
+#[test]
+fn concurrent_readers_and_writers_on_many_timelines() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Arc::new(PageStore::open(d.path(), small_segments()).unwrap());
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    s.write(main, f, 0, &vec![9u8; 64 * PAGE_SIZE]).unwrap();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let tl = s.branch(main, BranchPoint::Now, b"t").unwrap();
+                for i in 0..200u64 {
+                    let page = (i * 7 + u64::from(t)) % 64;
+                    s.write(tl, f, page * PAGE_SIZE as u64, &[t + 10; PAGE_SIZE])
+                        .unwrap();
+                    let back = s.read(tl, f, page * PAGE_SIZE as u64, PAGE_SIZE).unwrap();
+                    assert!(back.iter().all(|b| *b == t + 10));
+                    if i % 20 == 0 {
+                        s.sync().unwrap();
+                    }
+                }
+                tl
+            })
+        })
+        .collect();
+    let tls: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(all(&s, main, f).iter().all(|b| *b == 9));
+    drop(tls);
+}
+
+#[test]
+fn statfs_reports_totals() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    file(&s, tl, "f");
+    let st = s.statfs().unwrap();
+    assert!(st.total_bytes > 0 && st.log_bytes > 0 && st.inodes >= 2);
+}
