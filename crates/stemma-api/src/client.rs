@@ -199,6 +199,51 @@ impl Client {
         self.call("GET", &path, None::<&()>)
     }
 
+    pub fn pr_open(&self, number: u64, parent: Option<&str>) -> Result<Branch, ClientError> {
+        let req = PullRequestRequest {
+            parent: parent.map(String::from),
+        };
+        self.call(
+            "POST",
+            &format!("/v1/pull-requests/{number}/open"),
+            Some(&req),
+        )
+    }
+
+    pub fn pr_close(&self, number: u64) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/pull-requests/{number}/close"),
+            None::<&()>,
+        )
+    }
+
+    pub fn schema_diff(
+        &self,
+        name: &str,
+        against: Option<&str>,
+        markdown: bool,
+    ) -> Result<SchemaDiff, ClientError> {
+        let mut path = format!(
+            "/v1/branches/{}/schema-diff?format={}",
+            Self::seg(name),
+            if markdown { "markdown" } else { "unified" }
+        );
+        if let Some(a) = against {
+            path.push_str("&against=");
+            path.push_str(&Self::seg(a));
+        }
+        self.call("GET", &path, None::<&()>)
+    }
+
+    pub fn migrate(&self, name: &str) -> Result<Branch, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/branches/{}/migrate", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
     pub fn init(&self, req: &InitRequest) -> Result<Operation, ClientError> {
         self.call("POST", "/v1/init", Some(req))
     }

@@ -50,6 +50,50 @@ pub struct Branch {
     pub compute_error: Option<String>,
     /// Why the branch's port is not served, when another program holds it.
     pub endpoint_error: Option<String>,
+    /// `expires_at` has passed but the branch is kept: it has children.
+    pub expired: bool,
+    /// The last migration run (pull-request branches).
+    pub migration: Option<Migration>,
+    /// The next scheduled reset, when `stemma.toml` schedules one.
+    pub next_reset_at: Option<DateTime<Utc>>,
+    pub last_scheduled_reset: Option<ScheduledReset>,
+}
+
+/// The outcome of a migration run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    /// `ok`, `failed` or `running`.
+    pub status: String,
+    pub finished_at: DateTime<Utc>,
+    /// The tail of the migration's output.
+    pub log: String,
+}
+
+/// The last run of a scheduled reset.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ScheduledReset {
+    pub at: DateTime<Utc>,
+    /// `ok` or `failed`.
+    pub outcome: String,
+    pub message: Option<String>,
+}
+
+/// Opens the branch of a pull request (idempotent).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PullRequestRequest {
+    /// The parent; default from `stemma.toml`, else `staging` when it exists, else the default
+    /// parent.
+    pub parent: Option<String>,
+}
+
+/// The schema differences between two branches, per database.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SchemaDiff {
+    pub branch: String,
+    pub against: String,
+    pub identical: bool,
+    /// A unified diff (`format=unified`) or a Markdown comment (`format=markdown`).
+    pub diff: String,
 }
 
 /// A running compute (one stock `postgres` process).

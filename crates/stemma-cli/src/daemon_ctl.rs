@@ -39,7 +39,23 @@ pub fn init_logging() {
         .init();
 }
 
-pub fn config(data_dir: &Path, args: &ServeArgs) -> Config {
+/// The project configuration file: `--config`/`STEMMA_CONFIG`, else `./stemma.toml` when it
+/// exists; as an absolute path, since the daemon does not run from the caller's directory.
+pub fn config_file(args: &ServeArgs) -> Option<PathBuf> {
+    let path = match &args.config {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from("stemma.toml");
+            if !p.is_file() {
+                return None;
+            }
+            p
+        }
+    };
+    Some(std::path::absolute(&path).unwrap_or(path))
+}
+
+pub fn config(data_dir: &Path, args: &ServeArgs) -> Result<Config> {
     let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let mut cfg = Config::new(data_dir);
     cfg.api_listen = args.api_listen;
@@ -51,7 +67,10 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Config {
     cfg.proxy_listen = args.proxy_listen;
     cfg.suspend_timeout = args.suspend_timeout;
     cfg.max_computes = args.max_computes.max(1);
-    cfg
+    if let Some(path) = config_file(args) {
+        cfg.project = stemma_control::ProjectConfig::load(&path)?;
+    }
+    Ok(cfg)
 }
 
 /// Whether `pid` is a live process (a zombie, dead but not yet reaped, is not).
@@ -154,6 +173,11 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
         })
         .arg("--max-computes")
         .arg(args.max_computes.to_string());
+    if let Some(path) = config_file(args) {
+        // Checked here too, so that a mistake is reported by `up` itself.
+        stemma_control::ProjectConfig::load(&path)?;
+        cmd.arg("--config").arg(path);
+    }
     if let Some(bin) = &args.pg_bin {
         cmd.arg("--pg-bin").arg(bin);
     }

@@ -4,6 +4,7 @@
 //! `up`/`down` manage it in the background, and every other command is a client of the
 //! daemon's HTTP API (`stemma-api`).
 
+mod bench;
 mod daemon_ctl;
 mod output;
 
@@ -42,6 +43,8 @@ struct Cli {
 enum Format {
     Human,
     Json,
+    /// A pull-request comment (`schema-diff`); other commands print as `human`.
+    Markdown,
 }
 
 #[derive(Args, Clone)]
@@ -70,6 +73,9 @@ struct ServeArgs {
     /// At most this many computes run at once; the least recently used idle one is suspended.
     #[arg(long, default_value_t = 32)]
     max_computes: usize,
+    /// The project's configuration [default: ./stemma.toml when it exists].
+    #[arg(long, env = "STEMMA_CONFIG")]
+    config: Option<PathBuf>,
     /// How often expired branches are deleted.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, hide = true)]
     expiry_interval: std::time::Duration,
@@ -117,6 +123,54 @@ enum Command {
     /// Start or stop a branch's compute.
     #[command(subcommand)]
     Compute(ComputeCommand),
+    /// Print DATABASE_URL and the PG* variables of a branch, for `eval` or a .env file.
+    Env {
+        name: String,
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Branches of pull requests, for CI systems without inbound webhooks.
+    #[command(subcommand)]
+    Pr(PrCommand),
+    /// The schema of a branch against another (default: its parent), as a unified diff.
+    SchemaDiff {
+        name: String,
+        #[arg(long)]
+        against: Option<String>,
+    },
+    /// Run the configured migrations on a branch now.
+    Migrate { name: String },
+    /// Measure Stemma against a baseline in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum PrCommand {
+    /// Create the branch of a pull request (idempotent) and run migrations on it.
+    Open {
+        #[arg(long)]
+        number: u64,
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Delete the branch of a pull request (idempotent).
+    Close {
+        #[arg(long)]
+        number: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Connect-to-first-result time on a suspended branch (cold) against a running one (warm).
+    ColdStart {
+        /// The branch to measure (created from main when it does not exist).
+        #[arg(long, default_value = "bench-cold-start")]
+        branch: String,
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,7 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             daemon_ctl::init_logging();
-            let cfg = daemon_ctl::config(&data_dir, &args);
+            let cfg = daemon_ctl::config(&data_dir, &args)?;
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(stemma_control::daemon::serve(cfg))?;
         }
@@ -334,6 +388,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cs = client.connection_string(&name, database.as_deref())?;
             let psql = daemon_ctl::psql_path(&client);
             return daemon_ctl::exec_psql(&psql, &cs.connection_string, &args);
+        }
+        Command::Env { name, database } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let b = client.get_branch(&name)?;
+            let cs = client.connection_string(&name, database.as_deref())?;
+            out.env(&b, &cs);
+        }
+        Command::Pr(PrCommand::Open { number, parent }) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            out.branch(&client.pr_open(number, parent.as_deref())?);
+        }
+        Command::Pr(PrCommand::Close { number }) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let v = client.pr_close(number)?;
+            let name = v["branch"].as_str().unwrap_or_default().to_string();
+            let text = if v["deleted"].as_bool() == Some(true) {
+                format!("deleted branch {name}")
+            } else {
+                format!("branch {name} does not exist; nothing to do")
+            };
+            out.message(&text, v);
+        }
+        Command::SchemaDiff { name, against } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let markdown = cli.output == Format::Markdown;
+            let d = client.schema_diff(&name, against.as_deref(), markdown)?;
+            out.schema_diff(&d);
+        }
+        Command::Migrate { name } => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let b = client.migrate(&name)?;
+            let failed = b.migration.as_ref().is_some_and(|m| m.status == "failed");
+            out.branch(&b);
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Bench(BenchCommand::ColdStart { branch, trials }) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            bench::cold_start(&client, &branch, trials.max(1), cli.output == Format::Json)?;
         }
         Command::Compute(cmd) => {
             let client = daemon_ctl::client(&data_dir)?;

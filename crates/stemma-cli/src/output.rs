@@ -108,6 +108,43 @@ impl Output {
         for (k, v) in &b.settings {
             println!("setting:           {k} = {v}");
         }
+        if b.expired {
+            println!("expired:           yes, kept because it has children");
+        }
+        if let Some(m) = &b.migration {
+            println!(
+                "migration:         {} at {}",
+                m.status,
+                m.finished_at.to_rfc3339()
+            );
+            if m.status == "failed" {
+                for line in m
+                    .log
+                    .lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
+                    println!("    {line}");
+                }
+            }
+        }
+        if let Some(t) = b.next_reset_at {
+            println!("next reset:        {}", t.to_rfc3339());
+        }
+        if let Some(r) = &b.last_scheduled_reset {
+            println!(
+                "last sched. reset: {} at {}{}",
+                r.outcome,
+                r.at.to_rfc3339(),
+                r.message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(c) = &b.compute {
             println!("compute:           pid {} on port {}", c.pid, c.port);
         }
@@ -116,6 +153,47 @@ impl Output {
         }
         if let Some(e) = &b.endpoint_error {
             println!("endpoint error:    {e}");
+        }
+    }
+
+    /// `KEY='value'` lines for `eval $(stemma env NAME)` or a `.env` file.
+    pub fn env(&self, b: &Branch, cs: &stemma_api::ConnectionString) {
+        let (user, password) = cs
+            .connection_string
+            .trim_start_matches("postgresql://")
+            .split('@')
+            .next()
+            .and_then(|creds| creds.split_once(':'))
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .unwrap_or_default();
+        let vars = [
+            ("DATABASE_URL", cs.connection_string.clone()),
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", b.port.to_string()),
+            ("PGUSER", user),
+            ("PGPASSWORD", password),
+            ("PGDATABASE", cs.database.clone()),
+        ];
+        if self.json {
+            let map: serde_json::Map<String, serde_json::Value> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                .collect();
+            return Self::print_json(&map);
+        }
+        for (k, v) in vars {
+            println!("{k}='{}'", v.replace('\'', "'\\''"));
+        }
+    }
+
+    pub fn schema_diff(&self, d: &stemma_api::SchemaDiff) {
+        if self.json {
+            return Self::print_json(d);
+        }
+        if d.identical && !d.diff.starts_with('#') {
+            println!("no schema changes in {} against {}", d.branch, d.against);
+        } else {
+            print!("{}", d.diff);
         }
     }
 
@@ -280,6 +358,10 @@ mod tests {
             compute: None,
             compute_error: None,
             endpoint_error: None,
+            expired: false,
+            migration: None,
+            next_reset_at: None,
+            last_scheduled_reset: None,
         }
     }
 

@@ -68,7 +68,8 @@ type ApiResult<T> = Result<Json<T>, HttpError>;
     paths(
         status, list_branches, create_branch, get_branch, delete_branch, update_branch,
         reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
-        connection_string, init, operation, shutdown
+        connection_string, init, operation, shutdown, pr_open, pr_close, schema_diff,
+        migrate, github_webhook
     ),
     modifiers(&BearerAuth)
 )]
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
         .route("/branches/{name}/compute/start", post(start_compute))
         .route("/branches/{name}/compute/stop", post(stop_compute))
         .route("/branches/{name}/connection-string", get(connection_string))
+        .route("/branches/{name}/schema-diff", get(schema_diff))
+        .route("/branches/{name}/migrate", post(migrate))
+        .route("/pull-requests/{number}/open", post(pr_open))
+        .route("/pull-requests/{number}/close", post(pr_close))
         .route("/init", post(init))
         .route("/operations/{id}", get(operation))
         .route("/shutdown", post(shutdown))
@@ -113,6 +118,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        // Authenticated by its signature, not by the API token.
+        .route("/webhooks/github", post(github_webhook))
         .nest("/v1", v1)
         .with_state(state)
 }
@@ -138,6 +145,174 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[utoipa::path(post, path = "/v1/pull-requests/{number}/open", params(("number" = u64, Path)),
+    request_body = PullRequestRequest, responses((status = 200, body = Branch)))]
+async fn pr_open(
+    State(s): State<AppState>,
+    Path(number): Path<u64>,
+    body: Option<Json<PullRequestRequest>>,
+) -> ApiResult<Branch> {
+    let parent = body.and_then(|Json(b)| b.parent);
+    Ok(Json(s.engine.pr_open(number, parent.as_deref()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/pull-requests/{number}/close", params(("number" = u64, Path)),
+    responses((status = 200, body = Object)))]
+async fn pr_close(
+    State(s): State<AppState>,
+    Path(number): Path<u64>,
+) -> ApiResult<serde_json::Value> {
+    let deleted = s.engine.pr_close(number).await?;
+    Ok(Json(serde_json::json!({
+        "branch": s.engine.pr_branch_name(number),
+        "deleted": deleted,
+    })))
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    against: Option<String>,
+    format: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/branches/{name}/schema-diff",
+    params(("name" = String, Path), ("against" = Option<String>, Query), ("format" = Option<String>, Query)),
+    responses((status = 200, body = SchemaDiff)))]
+async fn schema_diff(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DiffQuery>,
+) -> ApiResult<SchemaDiff> {
+    let markdown = q.format.as_deref() == Some("markdown");
+    Ok(Json(
+        s.engine
+            .schema_diff(&name, q.against.as_deref(), markdown)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/migrate", params(("name" = String, Path)),
+    responses((status = 200, body = Branch)))]
+async fn migrate(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+    Ok(Json(s.engine.run_migrations(&name).await?))
+}
+
+/// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` with `secret`.
+fn signature_valid(secret: &str, body: &[u8], signature: Option<&str>) -> bool {
+    use hmac::{KeyInit, Mac};
+    let Some(hex_sig) = signature.and_then(|s| s.strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_sig.trim()) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+fn webhook_answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+/// GitHub webhooks: `pull_request` opened/reopened creates the PR's branch, `synchronize`
+/// migrates it again (resetting first when configured), `closed` deletes it. The work is
+/// queued and done in order; the answer comes at once (GitHub gives up after 10 s).
+#[utoipa::path(post, path = "/webhooks/github", request_body = Object,
+    responses((status = 200), (status = 202), (status = 400), (status = 401)), security(()))]
+async fn github_webhook(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(secret) = s.engine.config().project.webhook_secret() else {
+        return webhook_answer(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "no webhook secret is configured (STEMMA_GITHUB_WEBHOOK_SECRET or [github] webhook_secret)" }),
+        );
+    };
+    if !signature_valid(&secret, &body, header("x-hub-signature-256")) {
+        return webhook_answer(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "missing or invalid X-Hub-Signature-256" }),
+        );
+    }
+    let event = header("x-github-event").unwrap_or("");
+    if event == "ping" {
+        return webhook_answer(StatusCode::OK, serde_json::json!({ "ok": true }));
+    }
+    if event != "pull_request" {
+        return webhook_answer(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "ignored": format!("event {event:?} needs no action") }),
+        );
+    }
+    let payload: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return webhook_answer(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": format!("the body is not valid JSON: {e}") }),
+            )
+        }
+    };
+    let action = payload["action"].as_str().unwrap_or("");
+    let number = payload["number"]
+        .as_u64()
+        .or_else(|| payload["pull_request"]["number"].as_u64());
+    let Some(number) = number else {
+        return webhook_answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "a pull_request event without a number" }),
+        );
+    };
+    let repository = payload["repository"]["full_name"]
+        .as_str()
+        .map(String::from);
+    let event = match action {
+        "opened" | "reopened" => crate::workflows::PrEvent::Open { number, repository },
+        "synchronize" => crate::workflows::PrEvent::Synchronize { number, repository },
+        "closed" => crate::workflows::PrEvent::Close { number },
+        other => {
+            return webhook_answer(
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "ignored": format!("action {other:?} needs no action") }),
+            )
+        }
+    };
+    if let Some(id) = header("x-github-delivery") {
+        match s.engine.meta.record_delivery(id) {
+            Ok(true) => {}
+            Ok(false) => {
+                return webhook_answer(
+                    StatusCode::OK,
+                    serde_json::json!({ "duplicate": true, "delivery": id }),
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "recording a webhook delivery"),
+        }
+    }
+    let Some(queue) = s.engine.pr_events.get() else {
+        return webhook_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "the daemon is starting" }),
+        );
+    };
+    match queue.try_send(event) {
+        Ok(()) => webhook_answer(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "queued": action, "branch": s.engine.pr_branch_name(number) }),
+        ),
+        Err(_) => webhook_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "too many pull request events queued; retry later" }),
+        ),
+    }
 }
 
 /// Prometheus metrics (loopback, no token: scrapers rarely carry one).

@@ -33,6 +33,8 @@ pub struct Config {
     pub suspend_timeout: std::time::Duration,
     /// At most this many computes run at once.
     pub max_computes: usize,
+    /// The project's `stemma.toml` (defaults when there is none).
+    pub project: crate::ProjectConfig,
 }
 
 impl Config {
@@ -47,12 +49,14 @@ impl Config {
             compute_user: None,
             pg_bin: None,
             root_branch: "main".into(),
-            expiry_interval: std::time::Duration::from_secs(30),
+            // Expired branches go within 30 seconds of expiry.
+            expiry_interval: std::time::Duration::from_secs(10),
             proxy_listen: DEFAULT_PROXY_LISTEN
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 55431))),
             suspend_timeout: std::time::Duration::from_secs(300),
             max_computes: 32,
+            project: crate::ProjectConfig::default(),
         }
     }
 

@@ -92,6 +92,18 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let monitor = tokio::spawn(supervisor.clone().run_monitor(shutdown_rx.clone()));
     let expiry = tokio::spawn(expiry_loop(engine.clone(), shutdown_rx.clone()));
     let suspender = tokio::spawn(suspend_loop(engine.clone(), shutdown_rx.clone()));
+    let scheduler = tokio::spawn(schedule_loop(engine.clone(), shutdown_rx.clone()));
+    // Pull-request events: a bounded queue, handled in order.
+    let (pr_tx, mut pr_rx) = tokio::sync::mpsc::channel(1024);
+    let _ = engine.pr_events.set(pr_tx);
+    let pr_worker = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            while let Some(event) = pr_rx.recv().await {
+                engine.handle_pr_event(event).await;
+            }
+        })
+    };
 
     write_info(
         &data_dir,
@@ -131,6 +143,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = monitor.await;
     let _ = expiry.await;
     let _ = suspender.await;
+    let _ = scheduler.await;
+    pr_worker.abort();
     tracing::info!("stopping computes");
     supervisor.stop_all().await;
     let _ = fs::remove_file(info_path(&data_dir));
@@ -148,6 +162,19 @@ async fn suspend_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Rec
             _ = shutdown.changed() => return,
         }
         engine.suspend_idle().await;
+    }
+}
+
+async fn schedule_loop(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    if engine.config().project.schedules.is_empty() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+        engine.run_due_schedules().await;
     }
 }
 

@@ -90,6 +90,10 @@ pub struct Engine {
     /// Why a branch's port could not be listened on, per branch id.
     pub(crate) endpoint_errors: Mutex<HashMap<i64, String>>,
     pub(crate) metrics: Metrics,
+    /// The next time of each scheduled reset, by branch.
+    pub(crate) schedule_next: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// Pull-request events from the webhook, handled in order by one worker.
+    pub(crate) pr_events: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::workflows::PrEvent>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +145,8 @@ impl Engine {
             wake_lock: tokio::sync::Mutex::new(()),
             endpoint_errors: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
+            schedule_next: Mutex::new(HashMap::new()),
+            pr_events: std::sync::OnceLock::new(),
         }
     }
 
@@ -236,6 +242,20 @@ impl Engine {
                 None
             },
             endpoint_error: lock(&self.endpoint_errors).get(&b.id).cloned(),
+            expired: b.expires_at.is_some_and(|t| t <= Utc::now()),
+            migration: b.migration.as_ref().map(|m| api::Migration {
+                status: m.status.clone(),
+                finished_at: m.at,
+                log: m.log.clone(),
+            }),
+            next_reset_at: self.next_reset_at(&b.name),
+            last_scheduled_reset: self.meta.schedule_run(&b.name).ok().flatten().map(|r| {
+                api::ScheduledReset {
+                    at: r.at,
+                    outcome: r.outcome,
+                    message: r.message,
+                }
+            }),
         }
     }
 
@@ -577,7 +597,8 @@ impl Engine {
     pub async fn create_branch(&self, req: &api::CreateBranchRequest) -> Result<api::Branch> {
         let _op = self.op_lock.lock().await;
         self.check_new_name(&req.name)?;
-        let parent_name = req.parent.as_deref().unwrap_or(&self.cfg.root_branch);
+        let default_parent = self.default_parent();
+        let parent_name = req.parent.as_deref().unwrap_or(&default_parent);
         let parent = self.row(parent_name).map_err(|_| {
             ControlError::NotFound(format!(
                 "parent branch {parent_name:?} does not exist (see `stemma branch list`)"
@@ -972,19 +993,23 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes branches whose `expires_at` has passed (unless protected or with children).
+    /// Deletes branches whose `expires_at` has passed, unless protected; a branch with
+    /// children is kept and shows `expired` instead.
     pub async fn expire_branches(&self) -> Result<Vec<String>> {
         let now = Utc::now();
         let mut deleted = Vec::new();
         for b in self.meta.branches()? {
-            if b.expires_at.is_some_and(|t| t <= now) && !b.protected {
-                let _op = self.op_lock.lock().await;
-                match self.delete_branch_locked(&b.name).await {
-                    Ok(()) => deleted.push(b.name.clone()),
-                    Err(e) => {
-                        tracing::warn!(branch = %b.name, error = %e, "expired branch kept")
-                    }
-                }
+            if b.expires_at.is_none_or(|t| t > now) || b.protected {
+                continue;
+            }
+            if !self.meta.children(b.id)?.is_empty() {
+                tracing::debug!(branch = %b.name, "expired, but kept: it has children");
+                continue;
+            }
+            let _op = self.op_lock.lock().await;
+            match self.delete_branch_locked(&b.name).await {
+                Ok(()) => deleted.push(b.name.clone()),
+                Err(e) => tracing::warn!(branch = %b.name, error = %e, "expired branch kept"),
             }
         }
         Ok(deleted)

@@ -486,6 +486,7 @@ impl NewBranchView {
             settings: Default::default(),
             compute_running: true,
             last_reset_at: None,
+            migration: None,
         }
     }
 }

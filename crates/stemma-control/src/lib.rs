@@ -23,9 +23,12 @@ mod import;
 pub mod metadata;
 mod metrics;
 pub mod names;
+pub mod project;
+mod workflows;
 
 pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE, DEFAULT_PROXY_LISTEN};
 pub use engine::Engine;
+pub use project::ProjectConfig;
 
 /// An error of a user operation, with the class the API maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]

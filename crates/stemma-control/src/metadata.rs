@@ -57,6 +57,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX branches_parent ON branches(parent_id);
     "#,
+    // 2: migration outcomes, scheduled resets, webhook deliveries.
+    r#"
+    ALTER TABLE branches ADD COLUMN migration_status TEXT;
+    ALTER TABLE branches ADD COLUMN migration_log TEXT;
+    ALTER TABLE branches ADD COLUMN migration_at TEXT;
+    CREATE TABLE schedule_runs (
+        branch      TEXT PRIMARY KEY,
+        last_run_at TEXT NOT NULL,
+        outcome     TEXT NOT NULL,
+        message     TEXT
+    );
+    CREATE TABLE webhook_deliveries (
+        id          TEXT PRIMARY KEY,
+        received_at TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +127,25 @@ pub struct BranchRow {
     /// Whether the compute should run.
     pub compute_running: bool,
     pub last_reset_at: Option<DateTime<Utc>>,
+    pub migration: Option<MigrationRecord>,
+}
+
+/// The outcome of the last migration run on a branch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationRecord {
+    /// `ok`, `failed` or `running`.
+    pub status: String,
+    pub log: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The last run of a branch's schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRun {
+    pub at: DateTime<Utc>,
+    /// `ok` or `failed`.
+    pub outcome: String,
+    pub message: Option<String>,
 }
 
 /// What a new branch row holds (the id is assigned by the store).
@@ -154,7 +189,7 @@ fn parse_ts(s: &str) -> rusqlite::Result<DateTime<Utc>> {
         })
 }
 
-const BRANCH_COLUMNS: &str = "id, name, parent_id, timeline_id, created_at, protected, expires_at, port, db_user, db_password, database, suspend_timeout_secs, settings, compute_desired, last_reset_at";
+const BRANCH_COLUMNS: &str = "id, name, parent_id, timeline_id, created_at, protected, expires_at, port, db_user, db_password, database, suspend_timeout_secs, settings, compute_desired, last_reset_at, migration_status, migration_log, migration_at";
 
 fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<BranchRow> {
     let settings: String = r.get(12)?;
@@ -182,6 +217,18 @@ fn branch_from_row(r: &Row<'_>) -> rusqlite::Result<BranchRow> {
             .get::<_, Option<String>>(14)?
             .map(|s| parse_ts(&s))
             .transpose()?,
+        migration: match (
+            r.get::<_, Option<String>>(15)?,
+            r.get::<_, Option<String>>(16)?,
+            r.get::<_, Option<String>>(17)?,
+        ) {
+            (Some(status), log, Some(at)) => Some(MigrationRecord {
+                status,
+                log: log.unwrap_or_default(),
+                at: parse_ts(&at)?,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -437,6 +484,57 @@ impl Metadata {
                 )?;
             }
             Ok(())
+        })
+    }
+
+    pub fn set_migration(&self, id: i64, m: &MigrationRecord) -> Result<()> {
+        self.conn().execute(
+            "UPDATE branches SET migration_status = ?2, migration_log = ?3, migration_at = ?4 WHERE id = ?1",
+            params![id, m.status, m.log, ts(&m.at)],
+        )?;
+        Ok(())
+    }
+
+    pub fn schedule_run(&self, branch: &str) -> Result<Option<ScheduleRun>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT last_run_at, outcome, message FROM schedule_runs WHERE branch = ?1",
+                [branch],
+                |r| {
+                    Ok(ScheduleRun {
+                        at: parse_ts(&r.get::<_, String>(0)?)?,
+                        outcome: r.get(1)?,
+                        message: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn record_schedule_run(&self, branch: &str, run: &ScheduleRun) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO schedule_runs(branch, last_run_at, outcome, message) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT(branch) DO UPDATE SET last_run_at = excluded.last_run_at, outcome = excluded.outcome, message = excluded.message",
+            params![branch, ts(&run.at), run.outcome, run.message],
+        )?;
+        Ok(())
+    }
+
+    /// Records a webhook delivery; returns false when it was seen before. Deliveries older
+    /// than a week are forgotten (GitHub redelivers within days), which bounds the table.
+    pub fn record_delivery(&self, id: &str) -> Result<bool> {
+        self.tx(|tx| {
+            let week_ago = Utc::now() - chrono::Duration::days(7);
+            tx.execute(
+                "DELETE FROM webhook_deliveries WHERE received_at < ?1",
+                [ts(&week_ago)],
+            )?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO webhook_deliveries(id, received_at) VALUES (?1, ?2)",
+                params![id, ts(&Utc::now())],
+            )?;
+            Ok(n == 1)
         })
     }
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Density: many branches of one database, a few busy, the rest suspended.
+
+    bench/density.py [--branches 100] [--busy 10] [--seconds 20]
+
+Creates BRANCHES branches of a pgbench database (scale 1) in a temporary data directory, lets
+the idle ones suspend, runs pgbench on BUSY of them at once through the proxy, and prints:
+  - processes of the suspended branches (goal: none);
+  - total and per-compute proportional resident memory (PSS) of the busy computes
+    (goal: at most 64 MiB each with the default settings);
+  - the proxy's overhead: pgbench throughput through the proxy against the same compute's
+    Unix socket directly, in the same run (goal: within 5%).
+Everything it starts is stopped and removed at the end.
+"""
+import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEMMA = os.path.join(ROOT, "target", "release", "stemma")
+
+
+def run(*args, env=None, check=True, capture=True):
+    return subprocess.run(args, env=env, check=check, text=True,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None)
+
+
+def stemma(env, *args):
+    out = run(STEMMA, "--output", "json", *args, env=env).stdout
+    return json.loads(out) if out.strip().startswith(("{", "[")) else out
+
+
+def pss_kib(pid):
+    """PSS of a postmaster and all its children, in KiB."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                m = re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M)
+                total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total
+
+
+def pgbench_tps(pgbin, conn, seconds, extra):
+    out = run(os.path.join(pgbin, "pgbench"), "-n", "-c", "2", "-j", "1", "-T", str(seconds), *extra, conn).stdout
+    m = re.search(r"tps = ([\d.]+)", out)
+    return float(m.group(1)) if m else 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--branches", type=int, default=100)
+    ap.add_argument("--busy", type=int, default=10)
+    ap.add_argument("--seconds", type=int, default=20)
+    a = ap.parse_args()
+
+    run("bash", os.path.join(ROOT, "scripts", "install-deps.sh"), capture=False)
+    run("cargo", "build", "--release", "--quiet", "-p", "stemma-cli", capture=False)
+    work = tempfile.mkdtemp(prefix="stemma-bench-")
+    os.chmod(work, 0o711)
+    env = dict(os.environ, STEMMA_DATA_DIR=os.path.join(work, "data"))
+    try:
+        run(STEMMA, "up", "--api-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+            "--port-base", "43000", "--suspend-timeout", "3s", "--max-computes", str(a.busy + 5), env=env)
+        status = stemma(env, "status")
+        pgbin = status["postgres_bin_dir"]
+        main_conn = stemma(env, "connection-string", "main")["connection_string"]
+        run(os.path.join(pgbin, "pgbench"), "-i", "-q", "-s", "1", main_conn)
+        t0 = time.time()
+        for i in range(a.branches):
+            stemma(env, "branch", "create", f"b{i:03}", "--parent", "main")
+        create_s = time.time() - t0
+        # Let every compute suspend.
+        deadline = time.time() + 120
+        while time.time() < deadline and stemma(env, "status")["computes"]:
+            time.sleep(1)
+        branches = {b["name"]: b for b in stemma(env, "branch", "list")}
+        busy = [f"b{i:03}" for i in range(a.busy)]
+        for b in busy:
+            stemma(env, "branch", "set", b, "--suspend-timeout", "0")
+        procs = [subprocess.Popen([os.path.join(pgbin, "pgbench"), "-n", "-c", "1", "-T", str(a.seconds),
+                                   branches[b]["connection_string"]], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for b in busy]
+        time.sleep(a.seconds / 2)
+        status = stemma(env, "status")
+        running = {c["branch"]: c["pid"] for c in status["computes"]}
+        pss = {b: pss_kib(pid) for b, pid in running.items()}
+        tps = []
+        for p in procs:
+            out, _ = p.communicate()
+            m = re.search(r"tps = ([\d.]+)", out)
+            tps.append(float(m.group(1)) if m else 0.0)
+        suspended = [b for b in branches if b not in running]
+        pg_procs = int(run("pgrep", "-c", "-x", "postgres", check=False).stdout.strip() or 0)
+
+        print(f"branches: {a.branches} (+ main), created in {create_s:.1f}s "
+              f"({create_s / a.branches * 1000:.0f} ms each, copy driver)")
+        print(f"running computes: {len(running)}; suspended branches: {len(suspended)} with no process "
+              f"(postgres processes on the host: {pg_procs})")
+        if pss:
+            vals = sorted(pss.values())
+            print(f"busy compute PSS: total {sum(vals) / 1024:.1f} MiB, per compute "
+                  f"median {vals[len(vals) // 2] / 1024:.1f} MiB, max {vals[-1] / 1024:.1f} MiB (goal <= 64 MiB)")
+        print(f"pgbench on {a.busy} branches at once: {sum(tps):.0f} tps total")
+
+        # Proxy overhead: the same compute, through the proxy and through its Unix socket.
+        b = busy[0]
+        stemma(env, "branch", "set", b, "--suspend-timeout", "0")
+        info = stemma(env, "branch", "get", b)
+        proxy_conn = info["connection_string"]
+        pid = info["compute"]["pid"]
+        sock_dir = None
+        run_dir = os.path.join(work, "data", "run")
+        for d in os.listdir(run_dir):
+            try:
+                with open(os.path.join(run_dir, d, ".s.PGSQL.5432.lock")) as f:
+                    if int(f.readline()) == pid:
+                        sock_dir = os.path.join(run_dir, d)
+            except (OSError, ValueError):
+                pass
+        creds = proxy_conn.split("//", 1)[1].split("@", 1)[0]
+        direct_conn = f"postgresql://{creds}@/{info['database']}?host={sock_dir}&port=5432"
+        secs = max(5, a.seconds // 2)
+        for label, extra in [("select-only", ["-S"]), ("tpc-b", [])]:
+            via, direct = [], []
+            for _ in range(3):
+                via.append(pgbench_tps(pgbin, proxy_conn, secs, extra))
+                direct.append(pgbench_tps(pgbin, direct_conn, secs, extra))
+            v, d = sorted(via)[1], sorted(direct)[1]
+            print(f"proxy overhead, {label}: {v:.0f} tps via proxy (TCP) vs {d:.0f} tps direct (Unix socket): "
+                  f"ratio {v / d:.3f} (goal >= 0.95)")
+    finally:
+        run(STEMMA, "down", env=env, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
