@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::broadcast;
 
@@ -77,8 +77,58 @@ pub struct Activity {
     pub last_change: Instant,
 }
 
+/// Lets the control plane end one open connection.
+struct ConnControl {
+    /// Set before the sockets are shut down: the reason given to the client.
+    message: Mutex<Option<String>>,
+    server: std::os::unix::net::UnixStream,
+}
+
+impl ConnControl {
+    fn terminate(&self, message: &str) {
+        *lock(&self.message) = Some(message.to_string());
+        // Wakes the relay threads blocked in read(); the downstream one then writes the
+        // ErrorResponse and closes the client.
+        let _ = self.server.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn message_is_set(control: &ConnControl) -> bool {
+    lock(&control.message).is_some()
+}
+
+/// Per relay thread: the stack (the relay loops are shallow) and the buffer.
+const RELAY_STACK: usize = 256 * 1024;
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Client to compute: raw bytes.
+fn relay_upstream(
+    from: &mut std::net::TcpStream,
+    to: &mut std::os::unix::net::UnixStream,
+    bytes: &Counter,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        bytes.inc_by(n as u64);
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
 struct BranchState {
     activity: Activity,
+    /// Open connections, to end them on reset or delete.
+    connections: HashMap<u64, Arc<ConnControl>>,
     /// Ends every open connection of the branch with the message sent.
     terminate: broadcast::Sender<String>,
     listener: Option<tokio::task::JoinHandle<()>>,
@@ -120,6 +170,7 @@ impl Proxy {
                     last_change: Instant::now(),
                 },
                 terminate: broadcast::channel(4).0,
+                connections: HashMap::new(),
                 listener: None,
                 route: None,
             });
@@ -172,7 +223,11 @@ impl Proxy {
     /// Ends every open connection of a branch with a FATAL ErrorResponse carrying `message`.
     pub fn terminate(&self, key: &str, message: &str) {
         self.with_branch(key, |s| {
+            // Connections still starting up see the broadcast; running ones are ended here.
             let _ = s.terminate.send(message.to_string());
+            for c in s.connections.values() {
+                c.terminate(message);
+            }
         });
     }
 
@@ -320,78 +375,158 @@ impl Proxy {
         };
         server.write_all(&encode_startup(version, &params)).await?;
 
-        let (mut client_read, client_write) = client.into_split();
-        let (server_read, mut server_write) = server.into_split();
-        let up_bytes = self.metrics.bytes_client_to_compute.clone();
-        let upstream = async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = client_read.read(&mut buf).await?;
-                if n == 0 {
-                    let _ = server_write.shutdown().await;
-                    return Ok::<_, std::io::Error>(());
-                }
-                server_write.write_all(&buf[..n]).await?;
-                up_bytes.inc_by(n as u64);
-            }
-        };
+        // The relay runs on two plain threads with blocking I/O: the kernel wakes the thread
+        // that waits for the bytes, with no reactor in between. Measured on 2 cores, this
+        // halves the proxy's cost per round trip against relaying on the async runtime; a
+        // development host has tens of connections, not thousands, so two small threads per
+        // connection are affordable.
+        let client = client.into_std()?;
+        client.set_nonblocking(false)?;
+        let server = server.into_std()?;
+        server.set_nonblocking(false)?;
+        let control = Arc::new(ConnControl {
+            message: Mutex::new(None),
+            server: server.try_clone()?,
+        });
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.with_branch(&route.key, |s| {
+            s.connections.insert(conn_id, control.clone());
+        });
+        // A termination requested before this connection registered still applies.
+        if let Ok(msg) = terminated.try_recv() {
+            control.terminate(&msg);
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+        let up = {
+            let (mut from, mut to) = (client.try_clone()?, server.try_clone()?);
+            let bytes = self.metrics.bytes_client_to_compute.clone();
+            std::thread::Builder::new()
+                .name("proxy-up".into())
+                .stack_size(RELAY_STACK)
+                .spawn(move || relay_upstream(&mut from, &mut to, &bytes))?
+        };
+        let this = self.clone();
+        let key = route.key.clone();
+        std::thread::Builder::new()
+            .name("proxy-down".into())
+            .stack_size(RELAY_STACK)
+            .spawn(move || {
+                let r = this.relay_downstream(server, client, &socket, &control);
+                let _ = up.join();
+                this.with_branch(&key, |s| {
+                    s.connections.remove(&conn_id);
+                });
+                drop(_guard);
+                let _ = done_tx.send(r);
+            })?;
+        done_rx.await.unwrap_or(Ok(()))
+    }
+
+    /// Compute to client, message by message: only whole messages are forwarded, so that a
+    /// termination can end the stream with an ErrorResponse at a message boundary, and the
+    /// BackendKeyData of the session is seen (for CancelRequests).
+    fn relay_downstream(
+        &self,
+        mut server: std::os::unix::net::UnixStream,
+        mut client: std::net::TcpStream,
+        socket: &std::path::Path,
+        control: &ConnControl,
+    ) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut buf = vec![0u8; RELAY_BUFFER];
+        let (mut start, mut end) = (0usize, 0usize);
+        // Bytes of a message larger than the buffer still to pass through unparsed.
+        let mut passthrough = 0usize;
         let mut cancel_key = None;
-        let downstream = async {
-            let mut reader = BufReader::with_capacity(64 * 1024, server_read);
-            let mut writer = BufWriter::with_capacity(64 * 1024, client_write);
-            let mut header = [0u8; 5];
-            let mut body = Vec::new();
+        let result = loop {
+            // Forward what is complete.
+            let mut cut = start;
             loop {
-                tokio::select! {
-                    r = reader.read_exact(&mut header) => {
-                        if let Err(e) = r {
-                            let _ = writer.flush().await;
-                            return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
-                        }
+                if passthrough > 0 {
+                    let n = passthrough.min(end - cut);
+                    cut += n;
+                    passthrough -= n;
+                    if passthrough > 0 {
+                        break;
                     }
-                    msg = terminated.recv() => {
-                        let msg = msg.unwrap_or_else(|_| "the branch is going away".into());
-                        writer.write_all(&error_response("57P01", &msg)).await?;
-                        writer.flush().await?;
-                        return writer.shutdown().await;
-                    }
+                    continue;
                 }
-                let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                if end - cut < 5 {
+                    break;
+                }
+                let len =
+                    i32::from_be_bytes([buf[cut + 1], buf[cut + 2], buf[cut + 3], buf[cut + 4]]);
                 if len < 4 {
-                    return Err(std::io::Error::new(
+                    break Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "bad message length from the compute",
-                    ));
+                    ))?;
                 }
-                body.resize(len as usize - 4, 0);
-                reader.read_exact(&mut body).await?;
-                if header[0] == b'K' && body.len() >= 8 {
-                    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    let secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                    lock(&self.cancel_keys).insert((pid, secret), socket.clone());
-                    cancel_key = Some((pid, secret));
+                let total = 1 + len as usize;
+                if buf[cut] == b'K' && total >= 13 && end - cut >= 13 {
+                    let b = &buf[cut + 5..cut + 13];
+                    let key = (
+                        i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                        i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+                    );
+                    lock(&self.cancel_keys).insert(key, socket.to_path_buf());
+                    cancel_key = Some(key);
                 }
-                writer.write_all(&header).await?;
-                writer.write_all(&body).await?;
-                self.metrics
-                    .bytes_compute_to_client
-                    .inc_by(5 + body.len() as u64);
-                // Flush when no more server bytes are already here: batches without delaying.
-                if reader.buffer().is_empty() {
-                    writer.flush().await?;
+                if end - cut >= total {
+                    cut += total;
+                } else if total > buf.len() {
+                    // Too big to hold: stream it.
+                    passthrough = total - (end - cut);
+                    cut = end;
+                    break;
+                } else {
+                    break;
                 }
             }
-        };
-        let result = tokio::select! {
-            r = upstream => r,
-            r = downstream => r,
+            if cut > start {
+                if let Err(e) = client.write_all(&buf[start..cut]) {
+                    break Err(e);
+                }
+                self.metrics
+                    .bytes_compute_to_client
+                    .inc_by((cut - start) as u64);
+                start = cut;
+            }
+            if start == end {
+                start = 0;
+                end = 0;
+            } else if end == buf.len() {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            match server.read(&mut buf[end..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
         };
         if let Some(k) = cancel_key {
             lock(&self.cancel_keys).remove(&k);
         }
-        tracing::trace!(conn_id, branch = %route.branch, "connection closed");
-        result
+        let message = lock(&control.message).clone();
+        if let Some(msg) = message {
+            // Ended on purpose (reset, delete): say why, at a message boundary. A termination
+            // in the middle of a streamed message cannot be framed: the socket just closes.
+            if passthrough == 0 {
+                let _ = client.write_all(&error_response("57P01", &msg));
+            }
+        }
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        let _ = server.shutdown(std::net::Shutdown::Both);
+        match result {
+            Err(e) if message_is_set(control) => {
+                tracing::debug!(error = %e, "connection terminated");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     async fn forward_cancel(&self, pid: i32, secret: i32) -> std::io::Result<()> {
