@@ -70,6 +70,12 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Result<Config> {
     if let Some(path) = config_file(args) {
         cfg.project = stemma_control::ProjectConfig::load(&path)?;
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls = Some((
+            std::path::absolute(cert).unwrap_or(cert.clone()),
+            std::path::absolute(key).unwrap_or(key.clone()),
+        ));
+    }
     Ok(cfg)
 }
 
@@ -173,6 +179,12 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
         })
         .arg("--max-computes")
         .arg(args.max_computes.to_string());
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cmd.arg("--tls-cert")
+            .arg(std::path::absolute(cert).unwrap_or(cert.clone()))
+            .arg("--tls-key")
+            .arg(std::path::absolute(key).unwrap_or(key.clone()));
+    }
     if let Some(path) = config_file(args) {
         // Checked here too, so that a mistake is reported by `up` itself.
         stemma_control::ProjectConfig::load(&path)?;

@@ -73,6 +73,13 @@ struct ServeArgs {
     /// At most this many computes run at once; the least recently used idle one is suspended.
     #[arg(long, default_value_t = 32)]
     max_computes: usize,
+    /// A TLS certificate chain (PEM) for the proxy; with --tls-key, clients may use TLS, and on
+    /// the shared port the first label of the server name chooses the branch.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The project's configuration [default: ./stemma.toml when it exists].
     #[arg(long, env = "STEMMA_CONFIG")]
     config: Option<PathBuf>,

@@ -358,3 +358,54 @@ fn a_daemon_restart_keeps_every_port() {
         assert_eq!(psql(conn, "select 1"), "1");
     }
 }
+
+#[test]
+fn tls_with_the_branch_chosen_by_the_server_name() {
+    let certified = rcgen::generate_simple_self_signed(vec![
+        "stemma.test".to_string(),
+        "*.stemma.test".to_string(),
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let env = Env::new();
+    env.up_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "create table only_in_dev(x int)");
+    let conn = env.connection_string("dev");
+    let creds = conn
+        .trim_start_matches("postgresql://")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    // The branch's own port, encrypted.
+    assert_eq!(
+        psql(
+            &format!("{conn}?sslmode=require"),
+            "select count(*) from only_in_dev"
+        ),
+        "0"
+    );
+    // The shared port: `dev.stemma.test` chooses dev (SNI), verified against the certificate.
+    let port = shared_port(&env);
+    let via_sni = format!(
+        "postgresql://{creds}@dev.stemma.test:{port}/postgres?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}",
+        cert.display()
+    );
+    assert_eq!(psql(&via_sni, "select count(*) from only_in_dev"), "0");
+    let unknown = via_sni.replace("dev.stemma.test", "nope.stemma.test");
+    let out = Command::new(pg_bin("psql"))
+        .args(["-X", "-c", "select 1", &unknown])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("branch \"nope\" does not exist"));
+}

@@ -33,6 +33,8 @@ pub struct Config {
     pub suspend_timeout: std::time::Duration,
     /// At most this many computes run at once.
     pub max_computes: usize,
+    /// A certificate chain and key (PEM) for TLS on the proxy's ports.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The project's `stemma.toml` (defaults when there is none).
     pub project: crate::ProjectConfig,
 }
@@ -56,6 +58,7 @@ impl Config {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 55431))),
             suspend_timeout: std::time::Duration::from_secs(300),
             max_computes: 32,
+            tls: None,
             project: crate::ProjectConfig::default(),
         }
     }

@@ -57,9 +57,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
     let supervisor = Supervisor::new(install, user);
     let engine = Arc::new(Engine::new(cfg.clone(), meta, storage, supervisor.clone()));
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(stemma_proxy::load_tls(cert, key).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let proxy = stemma_proxy::Proxy::new(
         Arc::new(crate::endpoints::ProxyBackend(Arc::downgrade(&engine))),
         engine.metrics.proxy.clone(),
+        tls,
     );
     let _ = engine.proxy.set(proxy.clone());
     let shared = proxy

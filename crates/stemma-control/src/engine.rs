@@ -434,12 +434,46 @@ impl Engine {
     }
 
     /// Deletes a timeline from storage, then from metadata (in that order: see the crate docs).
+    /// With a driver whose clones read through their parent, a timeline that still has
+    /// children is retired instead, and deleted with its last child; so is each ancestor that
+    /// this deletion frees.
     pub(crate) async fn destroy_timeline(&self, id: &str) -> Result<()> {
-        let tl = timeline(id)?;
-        let storage = self.storage.clone();
-        blocking(move || storage.delete(&tl).map_err(Into::into)).await?;
-        self.meta.forget_timeline(id)?;
+        let dependent = self.storage.capabilities().children_depend_on_parent;
+        let mut next = Some(id.to_string());
+        // Bounded by the depth of the ancestry: each round moves one timeline up.
+        while let Some(id) = next.take() {
+            if dependent && self.meta.timeline_children(&id)? > 0 {
+                tracing::info!(timeline = %id, "timeline retired: its children still read through it");
+                self.meta.retire_timeline(&id)?;
+                break;
+            }
+            let parent = self.meta.timeline_parent(&id)?;
+            let tl = timeline(&id)?;
+            let storage = self.storage.clone();
+            blocking(move || storage.delete(&tl).map_err(Into::into)).await?;
+            self.meta.forget_timeline(&id)?;
+            if let Some(p) = parent.filter(|_| dependent) {
+                let free = !self.meta.timeline_in_use(&p)? && self.meta.timeline_children(&p)? == 0;
+                let retired = self
+                    .meta
+                    .timelines()?
+                    .iter()
+                    .any(|t| t.id == p && t.state == TimelineState::Ready);
+                if free && retired {
+                    next = Some(p);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// What a clone leaves out of a data directory.
+    fn clone_filter() -> CloneFilter {
+        CloneFilter {
+            exclude: CLONE_EXCLUDE.iter().map(PathBuf::from).collect(),
+            empty: CLONE_EMPTY.iter().map(PathBuf::from).collect(),
+            only: Vec::new(),
+        }
     }
 
     /// Fills the `creating` timeline `child` with the current state of branch `parent`.
@@ -450,11 +484,7 @@ impl Engine {
     async fn clone_state(&self, parent: &BranchRow, child: &TimelineId) -> Result<()> {
         let parent_tl = timeline(&parent.timeline_id)?;
         let storage = self.storage.clone();
-        let base_filter = CloneFilter {
-            exclude: CLONE_EXCLUDE.iter().map(PathBuf::from).collect(),
-            empty: CLONE_EMPTY.iter().map(PathBuf::from).collect(),
-            only: Vec::new(),
-        };
+        let base_filter = Self::clone_filter();
         let parent_running = self.supervisor.info(&Self::compute_key(parent)).is_some();
         // A parent that should run but is between restarts is started: copying its files
         // while the supervisor may start it would not be consistent.
@@ -610,6 +640,7 @@ impl Engine {
                 self.storage.name()
             )));
         }
+        let at = req.at.as_deref().map(Self::parse_at).transpose()?;
         let expires_at = Self::expires_at(req.ttl.as_deref())?;
         let suspend_timeout_secs = Self::suspend_timeout(req.suspend_timeout.as_deref())?;
         let settings = match &req.settings {
@@ -623,7 +654,10 @@ impl Engine {
         };
         let port = self.allocate_port(&[])?;
 
-        let tl = self.fork_timeline(&parent).await?;
+        let tl = match at {
+            Some(at) => self.fork_timeline_at(&parent, at).await?,
+            None => self.fork_timeline(&parent).await?,
+        };
         let new = NewBranch {
             name: req.name.clone(),
             parent_id: Some(parent.id),
@@ -783,6 +817,26 @@ impl Engine {
             .context("the parent of a branch is missing from the metadata")?;
         // Copy first, so the branch is down only for the swap.
         let tl = self.fork_timeline(&parent).await?;
+        let why = format!(
+            "branch \"{name}\" was reset to the current state of \"{}\"; reconnect with the same connection string",
+            parent.name
+        );
+        let b = self
+            .replace_timeline(&b, &tl, preserve_under_name, &why)
+            .await?;
+        tracing::info!(branch = name, parent = %parent.name, "branch reset");
+        self.view(&b).await
+    }
+
+    /// Points branch `b` at the new (`creating`) timeline `tl`, ending its connections with
+    /// `why`; the old timeline becomes the branch `preserve_under_name`, or goes.
+    async fn replace_timeline(
+        &self,
+        b: &BranchRow,
+        tl: &TimelineId,
+        preserve_under_name: Option<&str>,
+        why: &str,
+    ) -> Result<BranchRow> {
         let preserve = match preserve_under_name {
             Some(keep) => Some(NewBranch {
                 name: keep.to_string(),
@@ -801,14 +855,11 @@ impl Engine {
         };
         let gate = self.gate(b.id);
         let _exclusive = gate.write().await;
-        let was_running = self.supervisor.info(&Self::compute_key(&b)).is_some();
+        let was_running = self.supervisor.info(&Self::compute_key(b)).is_some();
         if let Some(p) = self.proxy.get() {
-            p.terminate(
-                &Self::compute_key(&b),
-                &format!("branch \"{name}\" was reset to the current state of \"{}\"; reconnect with the same connection string", parent.name),
-            );
+            p.terminate(&Self::compute_key(b), why);
         }
-        if let Err(e) = self.stop_compute_of(&b).await {
+        if let Err(e) = self.stop_compute_of(b).await {
             let _ = self.destroy_timeline(tl.as_str()).await;
             return Err(e);
         }
@@ -816,7 +867,7 @@ impl Engine {
             Ok(x) => x,
             Err(e) => {
                 let _ = self.destroy_timeline(tl.as_str()).await;
-                let _ = self.start_compute_of(&b).await;
+                let _ = self.start_compute_of(b).await;
                 return Err(e.into());
             }
         };
@@ -828,24 +879,82 @@ impl Engine {
             }
             None => self.destroy_timeline(&old).await?,
         }
-        let b = self.row(name)?;
+        let b = self
+            .meta
+            .branch_by_id(b.id)?
+            .context("a branch vanished while its timeline was replaced")?;
         if was_running {
             self.start_compute_of(&b).await?;
         }
-        tracing::info!(branch = name, parent = %parent.name, "branch reset");
-        self.view(&b).await
+        Ok(b)
+    }
+
+    /// Parses a point in time (RFC 3339) and checks it is in the past.
+    fn parse_at(at: &str) -> Result<DateTime<Utc>> {
+        let t = DateTime::parse_from_rfc3339(at.trim())
+            .map_err(|e| {
+                ControlError::Invalid(format!(
+                    "invalid time {at:?}: {e} (use RFC 3339, e.g. 2026-11-25T14:00:00Z)"
+                ))
+            })?
+            .with_timezone(&Utc);
+        if t > Utc::now() {
+            return Err(ControlError::Invalid(format!("{at} is in the future")));
+        }
+        Ok(t)
+    }
+
+    /// A new `creating` timeline holding the state of `source`'s timeline at `at`.
+    async fn fork_timeline_at(&self, source: &BranchRow, at: DateTime<Utc>) -> Result<TimelineId> {
+        let tl = new_timeline_id();
+        self.meta
+            .begin_timeline(tl.as_str(), Some(&source.timeline_id))?;
+        let storage = self.storage.clone();
+        let (parent_tl, child) = (timeline(&source.timeline_id)?, tl.clone());
+        let filter = Self::clone_filter();
+        let result = blocking(move || {
+            storage
+                .branch_at(&parent_tl, &child, at.into(), &filter)
+                .map_err(|e| match e {
+                    stemma_storage::StorageError::Io { .. } => ControlError::from(e),
+                    other => ControlError::Invalid(other.to_string()),
+                })
+        })
+        .await;
+        if let Err(e) = result {
+            let _ = self.destroy_timeline(tl.as_str()).await;
+            return Err(e);
+        }
+        Ok(tl)
     }
 
     pub async fn restore_branch(
         &self,
         name: &str,
-        _req: &api::RestoreBranchRequest,
+        req: &api::RestoreBranchRequest,
     ) -> Result<api::Branch> {
-        self.row(name)?;
-        Err(ControlError::Unsupported(format!(
-            "the {} storage driver keeps no history, so a branch cannot be restored to a past moment; use the pagestore driver",
-            self.storage.name()
-        )))
+        let _op = self.op_lock.lock().await;
+        let b = self.row(name)?;
+        if !self.storage.capabilities().point_in_time {
+            return Err(ControlError::Unsupported(format!(
+                "the {} storage driver keeps no history, so a branch cannot be restored to a past moment; use the pagestore driver",
+                self.storage.name()
+            )));
+        }
+        let at = Self::parse_at(&req.at)?;
+        if let Some(keep) = req.preserve_under_name.as_deref() {
+            self.check_new_name(keep)?;
+        }
+        let tl = self.fork_timeline_at(&b, at).await?;
+        let why = format!(
+            "branch \"{name}\" was restored to {}; reconnect with the same connection string",
+            at.to_rfc3339()
+        );
+        let b = self
+            .replace_timeline(&b, &tl, req.preserve_under_name.as_deref(), &why)
+            .await?;
+        tracing::info!(branch = name, at = %at, "branch restored");
+        self.view(&b).await
     }
 
     pub async fn rename_branch(&self, name: &str, new_name: &str) -> Result<api::Branch> {
@@ -948,6 +1057,16 @@ impl Engine {
         for t in &timelines {
             if t.state != TimelineState::Ready {
                 tracing::warn!(timeline = %t.id, state = ?t.state, "finishing an interrupted operation: removing the timeline");
+                self.destroy_timeline(&t.id).await?;
+            }
+        }
+        // Retired timelines whose last child went while the daemon was down.
+        for t in self.meta.timelines()? {
+            if t.state == TimelineState::Ready
+                && !self.meta.timeline_in_use(&t.id)?
+                && self.meta.timeline_children(&t.id)? == 0
+            {
+                tracing::info!(timeline = %t.id, "removing a timeline nothing uses");
                 self.destroy_timeline(&t.id).await?;
             }
         }

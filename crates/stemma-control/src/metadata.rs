@@ -372,6 +372,42 @@ impl Metadata {
         Ok(())
     }
 
+    /// How many timelines were branched from `id`.
+    pub fn timeline_children(&self, id: &str) -> Result<usize> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM timelines WHERE parent_id = ?1",
+            [id],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
+    }
+
+    pub fn timeline_parent(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT parent_id FROM timelines WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .flatten())
+    }
+
+    /// Whether a branch points at timeline `id`.
+    pub fn timeline_in_use(&self, id: &str) -> Result<bool> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM branches WHERE timeline_id = ?1",
+            [id],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    /// Keeps a timeline that no branch uses but whose children still read through it: it is
+    /// `ready` again, and goes when its last child does.
+    pub fn retire_timeline(&self, id: &str) -> Result<()> {
+        self.conn()
+            .execute("UPDATE timelines SET state = 'ready' WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
     /// Forgets a timeline whose storage is gone (or never was made).
     pub fn forget_timeline(&self, id: &str) -> Result<()> {
         self.tx(|tx| {

@@ -28,12 +28,37 @@ use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::broadcast;
 
 use protocol::{encode_cancel, encode_startup, read_startup};
 pub use protocol::{error_response, take_branch_option, StartupPacket};
+
+/// Loads a TLS certificate chain and its private key (PEM files) for the proxy.
+pub fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading the TLS certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("reading the TLS key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the TLS certificate and key do not fit together: {e}"))?;
+    Ok(Arc::new(config))
+}
 
 /// Where a connection goes: the branch's stable key (its id) and its current name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +122,85 @@ fn message_is_set(control: &ConnControl) -> bool {
     lock(&control.message).is_some()
 }
 
+/// A connection routed and started: what the relay needs.
+struct Connected {
+    route: Route,
+    socket: PathBuf,
+    server: UnixStream,
+    guard: ConnectionGuard,
+    terminated: broadcast::Receiver<String>,
+}
+
+fn refusal_of(sqlstate: &'static str, message: String) -> Refusal {
+    Refusal { sqlstate, message }
+}
+
+/// Finds where whole server messages end in a buffer, so that only whole messages are
+/// forwarded (and a termination can add an ErrorResponse at a boundary). A message larger
+/// than the buffer is streamed through instead.
+#[derive(Default)]
+struct Framer {
+    /// Bytes of a streamed message still to pass.
+    passthrough: usize,
+}
+
+impl Framer {
+    /// How many leading bytes of `data` can be forwarded now. `capacity` is the buffer's size;
+    /// `on_key` receives the (pid, secret) of a BackendKeyData message.
+    fn complete(
+        &mut self,
+        data: &[u8],
+        capacity: usize,
+        mut on_key: impl FnMut((i32, i32)),
+    ) -> std::io::Result<usize> {
+        let mut cut = 0;
+        // Bounded: each round consumes a message or stops.
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(data.len() - cut);
+                cut += n;
+                self.passthrough -= n;
+                if self.passthrough > 0 {
+                    return Ok(cut);
+                }
+                continue;
+            }
+            let rest = &data[cut..];
+            if rest.len() < 5 {
+                return Ok(cut);
+            }
+            let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+            if len < 4 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "bad message length from the compute",
+                ));
+            }
+            let total = 1 + len as usize;
+            if rest[0] == b'K' && total >= 13 && rest.len() >= 13 {
+                let b = &rest[5..13];
+                on_key((
+                    i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                    i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+                ));
+            }
+            if rest.len() >= total {
+                cut += total;
+            } else if total > capacity {
+                self.passthrough = total - rest.len();
+                return Ok(data.len());
+            } else {
+                return Ok(cut);
+            }
+        }
+    }
+
+    /// Whether a streamed message is only partly forwarded.
+    fn in_message(&self) -> bool {
+        self.passthrough > 0
+    }
+}
+
 /// Per relay thread: the stack (the relay loops are shallow) and the buffer.
 const RELAY_STACK: usize = 256 * 1024;
 const RELAY_BUFFER: usize = 64 * 1024;
@@ -137,6 +241,8 @@ struct BranchState {
 
 pub struct Proxy {
     backend: Arc<dyn Backend>,
+    /// When set, SSLRequests are accepted with this certificate.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: ProxyMetrics,
     branches: Mutex<HashMap<String, BranchState>>,
     /// (pid, secret key) of each backend behind an open connection -> its socket, so that a
@@ -150,9 +256,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Proxy {
-    pub fn new(backend: Arc<dyn Backend>, metrics: ProxyMetrics) -> Arc<Self> {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        metrics: ProxyMetrics,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             backend,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
             metrics,
             branches: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
@@ -262,7 +373,10 @@ impl Proxy {
         }
     }
 
-    async fn refuse(client: &mut TcpStream, refusal: &Refusal) -> std::io::Result<()> {
+    async fn refuse<S: AsyncWrite + Unpin>(
+        client: &mut S,
+        refusal: &Refusal,
+    ) -> std::io::Result<()> {
         client
             .write_all(&error_response(refusal.sqlstate, &refusal.message))
             .await?;
@@ -279,6 +393,20 @@ impl Proxy {
         let mut packet = read_startup(&mut client).await?;
         for _ in 0..2 {
             match packet {
+                StartupPacket::SslRequest if self.tls.is_some() => {
+                    client.write_all(b"S").await?;
+                    let Some(acceptor) = self.tls.clone() else {
+                        break;
+                    };
+                    let mut tls = acceptor.accept(client).await?;
+                    let sni = tls.get_ref().1.server_name().map(String::from);
+                    let packet = read_startup(&mut tls).await?;
+                    let Some(conn) = self.route_and_connect(&mut tls, packet, key, sni).await?
+                    else {
+                        return Ok(());
+                    };
+                    return self.relay_async(tls, conn).await;
+                }
                 StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                     client.write_all(b"N").await?;
                     packet = read_startup(&mut client).await?;
@@ -286,34 +414,47 @@ impl Proxy {
                 _ => break,
             }
         }
+        let Some(conn) = self
+            .route_and_connect(&mut client, packet, key, None)
+            .await?
+        else {
+            return Ok(());
+        };
+        self.relay_threads(client, conn).await
+    }
+
+    /// Routes a startup packet to a branch, wakes its compute and forwards the startup message.
+    /// `None` when the connection was answered here (a refusal, a cancel).
+    async fn route_and_connect<S: AsyncWrite + Unpin>(
+        self: &Arc<Self>,
+        client: &mut S,
+        packet: StartupPacket,
+        key: Option<String>,
+        sni: Option<String>,
+    ) -> std::io::Result<Option<Connected>> {
         let (version, mut params) = match packet {
-            StartupPacket::Cancel { pid, secret } => return self.forward_cancel(pid, secret).await,
+            StartupPacket::Cancel { pid, secret } => {
+                self.forward_cancel(pid, secret).await?;
+                return Ok(None);
+            }
             StartupPacket::Startup { version, params } => (version, params),
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                return Self::refuse(
-                    &mut client,
+                Self::refuse(
+                    client,
                     &Refusal {
                         sqlstate: "08P01",
                         message: "too many encryption requests".into(),
                     },
                 )
-                .await
+                .await?;
+                return Ok(None);
             }
         };
-
+        let refuse = |sqlstate, message: String| Refusal { sqlstate, message };
         let route = match key {
             Some(key) => match self.with_branch(&key, |s| s.route.clone()) {
-                Some(r) => r,
-                None => {
-                    return Self::refuse(
-                        &mut client,
-                        &Refusal {
-                            sqlstate: "3D000",
-                            message: "this branch no longer exists".into(),
-                        },
-                    )
-                    .await
-                }
+                Some(r) => Ok(r),
+                None => Err(refuse("3D000", "this branch no longer exists".into())),
             },
             None => {
                 let options = params.iter().position(|(k, _)| k == "options");
@@ -328,58 +469,95 @@ impl Proxy {
                         params[i].1 = rest;
                     }
                 }
-                let Some(branch) = branch else {
-                    return Self::refuse(&mut client, &Refusal {
-                        sqlstate: "08004",
-                        message: "no branch chosen: on the shared port, add options=branch%3DNAME to the connection string (or PGOPTIONS='branch=NAME')".into(),
-                    }).await;
-                };
-                match self.backend.resolve(&branch) {
-                    Some(r) => r,
-                    None => {
-                        return Self::refuse(
-                            &mut client,
-                            &Refusal {
-                                sqlstate: "3D000",
-                                message: format!("branch \"{branch}\" does not exist"),
-                            },
-                        )
-                        .await
-                    }
+                // Without the option, the first label of the TLS server name chooses.
+                let branch = branch.or_else(|| {
+                    sni.as_deref()
+                        .and_then(|h| h.split('.').next())
+                        .map(String::from)
+                });
+                match branch {
+                    None => Err(refuse("08004", "no branch chosen: on the shared port, add options=branch%3DNAME to the connection string (or PGOPTIONS='branch=NAME'), or connect with TLS to NAME.<your domain>".into())),
+                    Some(branch) => self
+                        .backend
+                        .resolve(&branch)
+                        .ok_or_else(|| refuse("3D000", format!("branch \"{branch}\" does not exist"))),
                 }
+            }
+        };
+        let route = match route {
+            Ok(r) => r,
+            Err(refusal) => {
+                Self::refuse(client, &refusal).await?;
+                return Ok(None);
             }
         };
 
         // From here the connection counts as activity of the branch.
-        let _guard = self.open_connection(&route.key);
-        let mut terminated = self.with_branch(&route.key, |s| s.terminate.subscribe());
+        let guard = self.open_connection(&route.key);
+        let terminated = self.with_branch(&route.key, |s| s.terminate.subscribe());
         let socket = match self.backend.wake(&route).await {
             Ok(s) => s,
-            Err(refusal) => return Self::refuse(&mut client, &refusal).await,
+            Err(refusal) => {
+                Self::refuse(client, &refusal).await?;
+                return Ok(None);
+            }
         };
         let mut server = match UnixStream::connect(&socket).await {
             Ok(s) => s,
             Err(e) => {
-                return Self::refuse(
-                    &mut client,
-                    &Refusal {
-                        sqlstate: "57P03",
-                        message: format!(
-                            "the compute of branch \"{}\" is not reachable: {e}",
-                            route.branch
-                        ),
-                    },
-                )
-                .await
+                let msg = format!(
+                    "the compute of branch \"{}\" is not reachable: {e}",
+                    route.branch
+                );
+                Self::refuse(client, &refusal_of("57P03", msg)).await?;
+                return Ok(None);
             }
         };
         server.write_all(&encode_startup(version, &params)).await?;
+        Ok(Some(Connected {
+            route,
+            socket,
+            server,
+            guard,
+            terminated,
+        }))
+    }
 
-        // The relay runs on two plain threads with blocking I/O: the kernel wakes the thread
-        // that waits for the bytes, with no reactor in between. Measured on 2 cores, this
-        // halves the proxy's cost per round trip against relaying on the async runtime; a
-        // development host has tens of connections, not thousands, so two small threads per
-        // connection are affordable.
+    /// Registers a relayed connection so that reset and delete can end it.
+    fn register(
+        &self,
+        key: &str,
+        control: &Arc<ConnControl>,
+        terminated: &mut broadcast::Receiver<String>,
+    ) -> u64 {
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.with_branch(key, |s| {
+            s.connections.insert(conn_id, control.clone());
+        });
+        // A termination requested before this connection registered still applies.
+        if let Ok(msg) = terminated.try_recv() {
+            control.terminate(&msg);
+        }
+        conn_id
+    }
+
+    /// Relays a plain connection on two threads with blocking I/O: the kernel wakes the
+    /// thread that waits for the bytes, with no reactor in between. Measured on 2 cores, this
+    /// halves the proxy's cost per round trip against relaying on the async runtime; a
+    /// development host has tens of connections, not thousands, so two small threads per
+    /// connection are affordable.
+    async fn relay_threads(
+        self: Arc<Self>,
+        client: TcpStream,
+        conn: Connected,
+    ) -> std::io::Result<()> {
+        let Connected {
+            route,
+            socket,
+            server,
+            guard,
+            mut terminated,
+        } = conn;
         let client = client.into_std()?;
         client.set_nonblocking(false)?;
         let server = server.into_std()?;
@@ -388,14 +566,7 @@ impl Proxy {
             message: Mutex::new(None),
             server: server.try_clone()?,
         });
-        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.with_branch(&route.key, |s| {
-            s.connections.insert(conn_id, control.clone());
-        });
-        // A termination requested before this connection registered still applies.
-        if let Ok(msg) = terminated.try_recv() {
-            control.terminate(&msg);
-        }
+        let conn_id = self.register(&route.key, &control, &mut terminated);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
         let up = {
             let (mut from, mut to) = (client.try_clone()?, server.try_clone()?);
@@ -416,10 +587,103 @@ impl Proxy {
                 this.with_branch(&key, |s| {
                     s.connections.remove(&conn_id);
                 });
-                drop(_guard);
+                drop(guard);
                 let _ = done_tx.send(r);
             })?;
         done_rx.await.unwrap_or(Ok(()))
+    }
+
+    /// Relays a TLS connection on the async runtime (the TLS session cannot be split across
+    /// two blocking threads).
+    async fn relay_async<C: AsyncRead + AsyncWrite + Unpin>(
+        self: Arc<Self>,
+        client: C,
+        conn: Connected,
+    ) -> std::io::Result<()> {
+        let Connected {
+            route,
+            socket,
+            server,
+            guard,
+            mut terminated,
+        } = conn;
+        let std_server = server.into_std()?;
+        let control = Arc::new(ConnControl {
+            message: Mutex::new(None),
+            server: std_server.try_clone()?,
+        });
+        let server = UnixStream::from_std(std_server)?;
+        let conn_id = self.register(&route.key, &control, &mut terminated);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (mut server_read, mut server_write) = server.into_split();
+        let up_bytes = self.metrics.bytes_client_to_compute.clone();
+        let upstream = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = client_read.read(&mut buf).await?;
+                if n == 0 {
+                    let _ = server_write.shutdown().await;
+                    return Ok::<_, std::io::Error>(());
+                }
+                server_write.write_all(&buf[..n]).await?;
+                up_bytes.inc_by(n as u64);
+            }
+        };
+        let mut framer = Framer::default();
+        let mut cancel_key = None;
+        let downstream = async {
+            let mut buf = vec![0u8; RELAY_BUFFER];
+            let (mut start, mut end) = (0usize, 0usize);
+            loop {
+                let cut = start
+                    + framer.complete(&buf[start..end], buf.len(), |k| {
+                        lock(&self.cancel_keys).insert(k, socket.clone());
+                        cancel_key = Some(k);
+                    })?;
+                if cut > start {
+                    client_write.write_all(&buf[start..cut]).await?;
+                    client_write.flush().await?;
+                    self.metrics
+                        .bytes_compute_to_client
+                        .inc_by((cut - start) as u64);
+                    start = cut;
+                }
+                if start == end {
+                    (start, end) = (0, 0);
+                } else if end == buf.len() {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
+                let n = server_read.read(&mut buf[end..]).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                end += n;
+            }
+        };
+        let result = tokio::select! {
+            r = upstream => r,
+            r = downstream => r,
+        };
+        if let Some(k) = cancel_key {
+            lock(&self.cancel_keys).remove(&k);
+        }
+        let message = lock(&control.message).clone();
+        if let Some(msg) = &message {
+            if !framer.in_message() {
+                let _ = client_write.write_all(&error_response("57P01", msg)).await;
+            }
+        }
+        let _ = client_write.shutdown().await;
+        self.with_branch(&route.key, |s| {
+            s.connections.remove(&conn_id);
+        });
+        drop(guard);
+        if message.is_some() {
+            return Ok(());
+        }
+        result
     }
 
     /// Compute to client, message by message: only whole messages are forwarded, so that a
@@ -435,54 +699,17 @@ impl Proxy {
         use std::io::{Read, Write};
         let mut buf = vec![0u8; RELAY_BUFFER];
         let (mut start, mut end) = (0usize, 0usize);
-        // Bytes of a message larger than the buffer still to pass through unparsed.
-        let mut passthrough = 0usize;
+        let mut framer = Framer::default();
         let mut cancel_key = None;
         let result = loop {
-            // Forward what is complete.
-            let mut cut = start;
-            loop {
-                if passthrough > 0 {
-                    let n = passthrough.min(end - cut);
-                    cut += n;
-                    passthrough -= n;
-                    if passthrough > 0 {
-                        break;
-                    }
-                    continue;
-                }
-                if end - cut < 5 {
-                    break;
-                }
-                let len =
-                    i32::from_be_bytes([buf[cut + 1], buf[cut + 2], buf[cut + 3], buf[cut + 4]]);
-                if len < 4 {
-                    break Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "bad message length from the compute",
-                    ))?;
-                }
-                let total = 1 + len as usize;
-                if buf[cut] == b'K' && total >= 13 && end - cut >= 13 {
-                    let b = &buf[cut + 5..cut + 13];
-                    let key = (
-                        i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-                        i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-                    );
-                    lock(&self.cancel_keys).insert(key, socket.to_path_buf());
-                    cancel_key = Some(key);
-                }
-                if end - cut >= total {
-                    cut += total;
-                } else if total > buf.len() {
-                    // Too big to hold: stream it.
-                    passthrough = total - (end - cut);
-                    cut = end;
-                    break;
-                } else {
-                    break;
-                }
-            }
+            let complete = framer.complete(&buf[start..end], buf.len(), |k| {
+                lock(&self.cancel_keys).insert(k, socket.to_path_buf());
+                cancel_key = Some(k);
+            });
+            let cut = match complete {
+                Ok(n) => start + n,
+                Err(e) => break Err(e),
+            };
             if cut > start {
                 if let Err(e) = client.write_all(&buf[start..cut]) {
                     break Err(e);
@@ -514,7 +741,7 @@ impl Proxy {
         if let Some(msg) = message {
             // Ended on purpose (reset, delete): say why, at a message boundary. A termination
             // in the middle of a streamed message cannot be framed: the socket just closes.
-            if passthrough == 0 {
+            if !framer.in_message() {
                 let _ = client.write_all(&error_response("57P01", &msg));
             }
         }

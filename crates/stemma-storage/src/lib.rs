@@ -165,13 +165,39 @@ pub trait StorageDriver: Send + Sync {
         filter: &CloneFilter,
     ) -> Result<()>;
 
+    /// Creates `child` as a branch of `parent` in the state `parent` had at the moment `at`
+    /// (point in time: `branch create --at`, `branch restore`), leaving out what `filter`
+    /// excludes, as [`StorageDriver::clone_timeline`] does. The child is a crash-consistent
+    /// image (PostgreSQL recovers it like a crash), whether or not the parent's compute runs.
+    ///
+    /// Only drivers whose [`Capabilities::point_in_time`] is true implement it; the default
+    /// refuses with [`StorageError::Unsupported`]. A moment outside the driver's retention
+    /// window, in the future, or before `parent` existed is a clear error, and then `child`
+    /// is not created.
+    fn branch_at(
+        &self,
+        parent: &TimelineId,
+        child: &TimelineId,
+        at: std::time::SystemTime,
+        filter: &CloneFilter,
+    ) -> Result<()> {
+        let _ = (parent, child, at, filter);
+        Err(StorageError::Unsupported(format!(
+            "the {} storage driver cannot branch from a past moment: it keeps no history",
+            self.name()
+        )))
+    }
+
     /// Writes one file into a timeline, owned by the compute's user (a backup label, say).
     fn write_file(&self, id: &TimelineId, relative: &Path, contents: &[u8]) -> Result<()>;
 
     /// Removes one file from a timeline; a missing file is not an error.
     fn remove_file(&self, id: &TimelineId, relative: &Path) -> Result<()>;
 
-    /// The directory a compute uses as its data directory for this timeline.
+    /// The directory a compute uses as its data directory for this timeline. Drivers that
+    /// serve timelines through a mount (the pagestore) keep every existing timeline mounted
+    /// there for as long as the driver is open: from `create_empty`/`clone_timeline`/
+    /// `branch_at`, and from opening the driver for timelines made earlier.
     fn data_dir(&self, id: &TimelineId) -> PathBuf;
 
     fn exists(&self, id: &TimelineId) -> bool;
