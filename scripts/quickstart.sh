@@ -27,7 +27,7 @@ echo "==> branches"
 "$stemma" branch list
 echo
 echo "==> connecting to dev-alice"
-"$stemma" psql dev-alice -- -X -c "select 'hello from branch dev-alice' as greeting, current_setting('port') as port"
+"$stemma" psql dev-alice -- -X -c "select 'hello from branch dev-alice' as greeting, current_database() as database, pg_size_pretty(pg_database_size(current_database())) as size"
 cat <<TXT
 Connect yourself:   psql "$("$stemma" connection-string dev-alice)"
                     or: $stemma psql dev-alice
