@@ -335,3 +335,18 @@ fn per_branch_postgres_settings() {
     env.ok(&["branch", "set", "tuned", "--unset-setting", "work_mem"]);
     assert_eq!(env.sql("tuned", "show work_mem"), "4MB");
 }
+
+#[test]
+fn a_data_directory_inside_a_private_temporary_directory_works() {
+    // `mktemp -d` makes a 0700 directory: computes (user postgres) could not enter it.
+    let env = Env::new_private();
+    let parent = env.data_dir.parent().unwrap().to_path_buf();
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&parent), 0o700);
+    env.up();
+    assert_eq!(mode(&parent), 0o701, "only the search bit is added");
+    assert_eq!(env.sql("main", "select 1"), "1");
+}

@@ -259,9 +259,13 @@ fn write_info(data_dir: &Path, info: &DaemonInfo) -> Result<()> {
     Ok(())
 }
 
-/// The compute's user must reach its data directory through every ancestor directory.
+/// The compute's user must reach its data directory through every ancestor directory. An
+/// ancestor that this daemon (root) owns but that others cannot traverse, typically a
+/// `mktemp -d` directory (0700), gets the search bit for others only (o+x: enter, not list),
+/// with a warning; any other obstacle is an error that says what to change.
 fn check_traversable(data_dir: &Path, user: &ComputeUser) -> Result<()> {
     let abs = fs::canonicalize(data_dir)?;
+    let me = nix::unistd::geteuid().as_raw();
     for dir in abs.ancestors() {
         let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
         let mode = meta.mode();
@@ -272,15 +276,34 @@ fn check_traversable(data_dir: &Path, user: &ComputeUser) -> Result<()> {
         } else {
             mode & 0o001 != 0
         };
-        if !ok {
-            bail!(
-                "computes run as user {:?}, who cannot enter {} (mode {:o}); choose a data directory it can reach (for example /var/lib/stemma) or `chmod o+x {}`",
-                user.name,
-                dir.display(),
-                mode & 0o7777,
-                dir.display()
-            );
+        if ok {
+            continue;
         }
+        if meta.uid() == me && meta.uid() != user.uid && dir != Path::new("/") {
+            let fixed = (mode & 0o7777) | 0o001;
+            fs::set_permissions(dir, fs::Permissions::from_mode(fixed)).with_context(|| {
+                format!(
+                    "letting the compute user {:?} traverse {}",
+                    user.name,
+                    dir.display()
+                )
+            })?;
+            tracing::warn!(
+                dir = %dir.display(),
+                from = format!("{:o}", mode & 0o7777),
+                to = format!("{fixed:o}"),
+                "gave others the search bit on an ancestor of the data directory, so that computes (user {}) can reach it",
+                user.name
+            );
+            continue;
+        }
+        bail!(
+            "computes run as user {:?}, who cannot enter {} (mode {:o}); choose a data directory it can reach (for example /var/lib/stemma) or `chmod o+x {}`",
+            user.name,
+            dir.display(),
+            mode & 0o7777,
+            dir.display()
+        );
     }
     Ok(())
 }

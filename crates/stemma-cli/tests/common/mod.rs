@@ -62,6 +62,16 @@ impl Env {
         }
     }
 
+    /// Like [`Env::new`], with the data directory inside a directory only root can enter.
+    pub fn new_private() -> Env {
+        let mut env = Env::new();
+        let private = env.data_dir.parent().expect("parent").join("private");
+        fs::create_dir(&private).expect("mkdir");
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).expect("chmod");
+        env.data_dir = private.join("data");
+        env
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(STEMMA);
         c.args(args)
