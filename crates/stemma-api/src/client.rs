@@ -244,6 +244,15 @@ impl Client {
         )
     }
 
+    /// Proposed masking rules (TOML) for a branch.
+    pub fn anonymize_suggest(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            "GET",
+            &format!("/v1/branches/{}/anonymize/suggest", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
     pub fn init(&self, req: &InitRequest) -> Result<Operation, ClientError> {
         self.call("POST", "/v1/init", Some(req))
     }

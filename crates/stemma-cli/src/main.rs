@@ -145,11 +145,20 @@ enum Command {
         #[arg(long)]
         against: Option<String>,
     },
+    /// Anonymized branches: masking rules.
+    #[command(subcommand)]
+    Anonymize(AnonymizeCommand),
     /// Run the configured migrations on a branch now.
     Migrate { name: String },
     /// Measure Stemma against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum AnonymizeCommand {
+    /// Propose masking rules (TOML, on stdout) from column names, types and sampled values.
+    Suggest { branch: String },
 }
 
 #[derive(Subcommand)]
@@ -422,6 +431,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let markdown = cli.output == Format::Markdown;
             let d = client.schema_diff(&name, against.as_deref(), markdown)?;
             out.schema_diff(&d);
+        }
+        Command::Anonymize(AnonymizeCommand::Suggest { branch }) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            let v = client.anonymize_suggest(&branch)?;
+            let rules = v["rules"].as_str().unwrap_or_default().to_string();
+            out.message(rules.trim_end(), v);
         }
         Command::Migrate { name } => {
             let client = daemon_ctl::client(&data_dir)?;

@@ -69,7 +69,7 @@ type ApiResult<T> = Result<Json<T>, HttpError>;
         status, list_branches, create_branch, get_branch, delete_branch, update_branch,
         reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
         connection_string, init, operation, shutdown, pr_open, pr_close, schema_diff,
-        migrate, github_webhook
+        migrate, github_webhook, anonymize_suggest
     ),
     modifiers(&BearerAuth)
 )]
@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/branches/{name}/connection-string", get(connection_string))
         .route("/branches/{name}/schema-diff", get(schema_diff))
         .route("/branches/{name}/migrate", post(migrate))
+        .route("/branches/{name}/anonymize/suggest", get(anonymize_suggest))
         .route("/pull-requests/{number}/open", post(pr_open))
         .route("/pull-requests/{number}/close", post(pr_close))
         .route("/init", post(init))
@@ -197,6 +198,16 @@ async fn schema_diff(
     responses((status = 200, body = Branch)))]
 async fn migrate(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
     Ok(Json(s.engine.run_migrations(&name).await?))
+}
+
+#[utoipa::path(get, path = "/v1/branches/{name}/anonymize/suggest", params(("name" = String, Path)),
+    responses((status = 200, body = Object, description = "`{\"rules\": TOML}`")))]
+async fn anonymize_suggest(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let rules = s.engine.anonymize_suggest(&name).await?;
+    Ok(Json(serde_json::json!({ "branch": name, "rules": rules })))
 }
 
 /// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` with `secret`.

@@ -14,6 +14,7 @@
 //! - Branch operations that change metadata or storage run one at a time (the engine's
 //!   operation lock); reads do not take it.
 
+mod anonymize;
 pub mod api;
 mod config;
 pub mod daemon;
