@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# pgbench on a pagestore (FUSE) data directory against the same PostgreSQL on a plain
+# directory of the host filesystem, in the same run, interleaved, several repetitions.
+# Prints medians and the ratios the pagestore issue sets as goals:
+#   TPC-B tps ratio >= 0.90, select-only tps ratio >= 0.90, `pgbench -i` time ratio <= 1.5.
+#
+# Needs root (FUSE mounts as root, PostgreSQL runs as the `postgres` user), /dev/fuse and
+# PostgreSQL 15. Everything it starts is stopped and unmounted on exit, even on failure.
+#
+# Settings (environment): REPS (3), SCALE (20), CLIENTS (4), JOBS (2), DURATION (30 s per
+# pgbench run), PG_BIN, BENCH_DIR (a directory on the host filesystem, default /var/tmp),
+# SKIP_BUILD (use the helper already built).
+# VARIANTS compares several pagestore configurations in the same run: space-separated
+# NAME[:VAR=VALUE,...] with the STEMMA_FUSE_* variables of
+# crates/stemma-fuse/examples/pagestore-mount.rs, e.g.
+#   VARIANTS="pagestore nodirect:STEMMA_FUSE_DIRECT_DIR="
+# (default: "pagestore", the driver's defaults). Ratios are printed for each variant.
+set -euo pipefail
+
+REPS=${REPS:-3}
+SCALE=${SCALE:-20}
+CLIENTS=${CLIENTS:-4}
+JOBS=${JOBS:-2}
+DURATION=${DURATION:-30}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+BENCH_DIR=${BENCH_DIR:-/var/tmp}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+PGUID=$(id -u postgres)
+PGGID=$(id -g postgres)
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+  echo "building the mount helper (release)..." >&2
+  (cd "$HERE" && cargo build --release -q -p stemma-fuse --example pagestore-mount)
+fi
+MOUNT_BIN="$HERE/target/release/examples/pagestore-mount"
+
+WORK=$(mktemp -d "$BENCH_DIR/stemma-pgbench.XXXXXX")
+chmod 711 "$WORK"
+MOUNT_PIDS=()
+declare -A PGDATA
+
+cleanup() {
+  set +e
+  for t in "${!PGDATA[@]}"; do
+    d=${PGDATA[$t]:-}
+    [ -n "$d" ] && [ -f "$d/postmaster.pid" ] &&
+      runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d" -m fast -w -t 60 stop >/dev/null 2>&1
+  done
+  for pid in "${MOUNT_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  # Whatever is still mounted below the work directory goes (a crashed helper).
+  grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+# The compute's settings (stemma-control's DEFAULT_SETTINGS) for both sides.
+SETTINGS=(-c shared_buffers=32MB -c max_connections=100 -c work_mem=4MB
+  -c maintenance_work_mem=32MB -c effective_cache_size=256MB -c max_wal_size=512MB
+  -c min_wal_size=32MB -c wal_level=replica -c max_wal_senders=4 -c max_replication_slots=4
+  -c max_worker_processes=4 -c max_parallel_workers=2 -c max_parallel_workers_per_gather=1
+  -c autovacuum_max_workers=2 -c huge_pages=off -c jit=off -c logging_collector=off
+  -c listen_addresses=)
+
+# Native: a directory of the host filesystem.
+mkdir -p "$WORK/native"
+chown postgres:postgres "$WORK/native"
+chmod 700 "$WORK/native"
+PGDATA[native]="$WORK/native"
+
+# Pagestore: one timeline per variant, each mounted by its own helper process.
+VARIANTS=${VARIANTS:-pagestore}
+TARGETS=(native)
+MOUNT_PIDS=()
+for v in $VARIANTS; do
+  name=${v%%:*}
+  envs=()
+  [ "$name" != "$v" ] && IFS=, read -r -a envs <<<"${v#*:}"
+  env "${envs[@]}" "$MOUNT_BIN" "$WORK/$name" 0a --owner "$PGUID:$PGGID" \
+    >"$WORK/$name.out" 2>"$WORK/$name.mount.log" &
+  MOUNT_PIDS+=($!)
+  for _ in $(seq 100); do
+    [ -s "$WORK/$name.out" ] && break
+    kill -0 "${MOUNT_PIDS[-1]}" 2>/dev/null || { cat "$WORK/$name.mount.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  PGDATA[$name]=$(head -1 "$WORK/$name.out")
+  grep -q " ${PGDATA[$name]} " /proc/mounts || { echo "$name: not mounted" >&2; exit 1; }
+  echo "$name (${envs[*]:-defaults}): $(sed -n 2p "$WORK/$name.mount.log")" >&2
+  TARGETS+=("$name")
+done
+
+mkdir -p "$WORK/sock" "$WORK/logs"
+chown postgres:postgres "$WORK/sock" "$WORK/logs"
+port_of() {
+  local i
+  for i in "${!TARGETS[@]}"; do [ "${TARGETS[$i]}" = "$1" ] && echo $((5501 + i)); done
+}
+
+for t in "${TARGETS[@]}"; do
+  runuser -u postgres -- "$PG_BIN/initdb" -D "${PGDATA[$t]}" -U postgres --auth=trust \
+    --no-instructions >/dev/null
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PGDATA[$t]}" -w -t 120 \
+    -l "$WORK/logs/$t.log" -o "-p $(port_of "$t") -k $WORK/sock ${SETTINGS[*]}" start >/dev/null
+done
+
+pgb() { # target, args...
+  local t=$1
+  shift
+  runuser -u postgres -- "$PG_BIN/pgbench" -h "$WORK/sock" -p "$(port_of "$t")" -U postgres "$@" postgres
+}
+
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+for rep in $(seq "$REPS"); do
+  # Alternate the order, so that drift of the host favours no side.
+  order=("${TARGETS[@]}")
+  if [ $((rep % 2)) = 0 ]; then
+    order=()
+    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
+  fi
+  for t in "${order[@]}"; do
+    start=$(date +%s.%N)
+    pgb "$t" -i -q -s "$SCALE" >/dev/null 2>&1
+    end=$(date +%s.%N)
+    init=$(echo "$end - $start" | bc)
+    pgb "$t" -c 1 -j 1 -t 1 -n >/dev/null 2>&1 # touch
+    runuser -u postgres -- "$PG_BIN/psql" -h "$WORK/sock" -p "$(port_of "$t")" -U postgres -qc checkpoint postgres
+    tpcb=$(pgb "$t" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -n 2>/dev/null |
+      sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    sel=$(pgb "$t" -S -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -n 2>/dev/null |
+      sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$t" "$init" "$tpcb" "$sel" | tee -a "$RESULTS" >&2
+  done
+done
+
+python3 - "$RESULTS" "$SCALE" "$CLIENTS" "$JOBS" "$DURATION" "${TARGETS[@]}" <<'EOF'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
+scale, clients, jobs, dur = sys.argv[2:6]
+targets = sys.argv[6:]
+med = {}
+for t in targets:
+    r = [x for x in rows if x[1] == t]
+    med[t] = [statistics.median(float(x[i]) for x in r) for i in (2, 3, 4)]
+reps = len(rows) // len(targets)
+print(f"pgbench scale {scale}, {clients} clients, {jobs} jobs, {dur} s per run, {reps} repetitions (medians)")
+print(f"{'':12}{'pgbench -i (s)':>16}{'TPC-B tps':>12}{'select tps':>12}")
+for t in targets:
+    i, b, s = med[t]
+    print(f"{t:12}{i:16.2f}{b:12.1f}{s:12.1f}")
+ok = lambda c: "ok" if c else "BELOW GOAL"
+n = med["native"]
+for t in targets[1:]:
+    p = med[t]
+    ri, rb, rs = p[0] / n[0], p[1] / n[1], p[2] / n[2]
+    print(f"ratio {t}/native: TPC-B {rb:.2f} ({ok(rb >= 0.90)}), select-only {rs:.2f} ({ok(rs >= 0.90)}), pgbench -i time {ri:.2f}x ({ok(ri <= 1.5)})")
+EOF

@@ -1,0 +1,884 @@
+//! [`TimelineFs`]: one page-store timeline as a FUSE filesystem.
+//!
+//! Every FUSE operation maps 1:1 onto the engine's `(timeline, inode)` API; FUSE inode numbers
+//! *are* the engine's inode numbers (the engine never reuses one, so the generation is always
+//! 0), and FUSE's root inode 1 is the engine's [`ROOT_INO`].
+//!
+//! Caching: a timeline is served by exactly one mount and nothing else changes it while it is
+//! mounted (the driver writes into a mounted timeline through the mount), so the kernel may keep
+//! page cache, attributes and directory entries for long: its own changes invalidate them.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use stemma_pagestore::{
+    Attr, DirEntry, FileKind, Ino, PageStore, SetAttr, TimelineId, PAGE_SIZE, ROOT_INO,
+};
+
+use crate::FuseOptions;
+
+/// Most directory listings held open at once per mount. The kernel holds one per open
+/// directory, so this only bounds a leak (a kernel that never sends `releasedir`).
+const MAX_OPEN_DIRS: usize = 65_536;
+
+/// Most inodes remembered as living in the direct-I/O directory; past it the set is cleared
+/// (the cost is only that some files lose the optimisation until looked up again).
+const MAX_DIRECT_INODES: usize = 16_384;
+
+/// Block size reported by `statfs`: sizes are computed in these units.
+const STATFS_BLOCK: u64 = 4096;
+
+/// FUSE operations, for the request counters.
+#[derive(Clone, Copy)]
+enum Op {
+    Lookup,
+    Getattr,
+    Setattr,
+    Readlink,
+    Mknod,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    Open,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Fsync,
+    Opendir,
+    Readdir,
+    Releasedir,
+    Fsyncdir,
+    Statfs,
+    Access,
+    Create,
+    Fallocate,
+}
+
+const OP_NAMES: [&str; 25] = [
+    "lookup",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "access",
+    "create",
+    "fallocate",
+];
+
+/// Requests served, by operation, by every mount of this process: cheap (one relaxed atomic
+/// add per request) and what tells where a workload's round trips go.
+static OP_COUNTS: [AtomicU64; 25] = [const { AtomicU64::new(0) }; 25];
+
+fn count(op: Op) {
+    OP_COUNTS[op as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Whether this FUSE worker thread has had its priority set (fuser creates the threads,
+    /// so each sets its own on its first request).
+    static PRIORITY_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Gives the calling worker thread the nice value `nice`, once per thread. Every FUSE round
+/// trip waits for one of these threads to be scheduled; on a busy host they should not queue
+/// behind the computes they serve (nor behind anything else).
+fn set_thread_priority(nice: Option<i32>) {
+    let Some(nice) = nice else { return };
+    PRIORITY_SET.with(|done| {
+        if done.replace(true) {
+            return;
+        }
+        // SAFETY: plain syscall; on Linux, PRIO_PROCESS with who = 0 is the calling thread.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        if rc != 0 {
+            tracing::debug!(nice, error = %std::io::Error::last_os_error(), "could not raise the FUSE thread's priority");
+        }
+    });
+}
+
+/// FUSE requests served so far by every mount of this process, by operation (nonzero only).
+pub fn request_counts() -> Vec<(&'static str, u64)> {
+    OP_NAMES
+        .iter()
+        .zip(OP_COUNTS.iter())
+        .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+        .filter(|(_, c)| *c > 0)
+        .collect()
+}
+
+/// One timeline served through FUSE. `Send + Sync`: fuser calls it from several worker threads,
+/// and the engine locks internally.
+pub struct TimelineFs {
+    store: Arc<PageStore>,
+    tl: TimelineId,
+    options: FuseOptions,
+    /// Directory listings by handle: taken when a listing starts (offset 0), so that a
+    /// directory changed while it is being read (PostgreSQL unlinks WAL segments while it
+    /// iterates `pg_wal`) never makes the reader skip or repeat an entry.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    /// The inode of the top-level directory named `options.direct_io_dir` (0: not seen yet).
+    direct_dir: AtomicU64,
+    /// Regular files seen in that directory: opened with FOPEN_DIRECT_IO (see `open`).
+    direct: Mutex<HashSet<Ino>>,
+}
+
+impl TimelineFs {
+    pub fn new(store: Arc<PageStore>, tl: TimelineId, options: FuseOptions) -> Self {
+        TimelineFs {
+            store,
+            tl,
+            options,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            direct_dir: AtomicU64::new(0),
+            direct: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Notes that `parent/name` is `a`: remembers the direct-I/O directory and its files.
+    fn saw(&self, parent: Ino, name: &[u8], a: &Attr) {
+        let Some(dir) = self.options.direct_io_dir.as_deref() else {
+            return;
+        };
+        if parent == ROOT_INO && a.kind == FileKind::Directory && name == dir.as_bytes() {
+            self.direct_dir.store(a.ino, Ordering::Relaxed);
+        } else if a.kind == FileKind::Regular && parent == self.direct_dir.load(Ordering::Relaxed) {
+            let mut d = self.direct.lock();
+            if d.len() >= MAX_DIRECT_INODES {
+                d.clear();
+            }
+            d.insert(a.ino);
+        }
+    }
+
+    /// How a file is opened: through the page cache, kept across opens (only this mount
+    /// changes the timeline), or bypassing it for the direct-I/O directory's files.
+    ///
+    /// Why one might bypass it for the WAL: PostgreSQL fdatasyncs it at every commit, which
+    /// through the writeback cache costs three round trips (the dirty pages, a SETATTR the
+    /// kernel sends to hand over the times it kept, then FSYNC) against two with direct I/O.
+    /// Measured, it did not pay (see `FuseOptions::direct_io_dir`), so it is off by default.
+    fn open_flags(&self, ino: Ino) -> FopenFlags {
+        if self.options.direct_io_dir.is_some() && self.direct.lock().contains(&ino) {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.options.ttl
+    }
+
+    fn fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// New files belong to the caller, or to the parent's group under a setgid directory, as
+    /// on a local filesystem: the kernel's permission checks (`default_permissions`) rely on it.
+    fn owner_for(&self, req: &Request, parent: Ino) -> Result<(u32, u32, bool), Errno> {
+        let pa = self.store.getattr(self.tl, parent).map_err(errno)?;
+        let setgid = pa.perm & (libc::S_ISGID as u16) != 0;
+        let gid = if setgid { pa.gid } else { req.gid() };
+        Ok((req.uid(), gid, setgid))
+    }
+
+    fn listing(&self, fh: u64, ino: Ino, offset: u64) -> Result<Arc<Vec<DirEntry>>, Errno> {
+        let mut dirs = self.dirs.lock();
+        if offset > 0 {
+            if let Some(l) = dirs.get(&fh) {
+                return Ok(l.clone());
+            }
+        }
+        drop(dirs);
+        // A new listing (offset 0 is a rewinddir too): the engine call runs unlocked.
+        let entries = Arc::new(self.store.readdir(self.tl, ino).map_err(errno)?);
+        dirs = self.dirs.lock();
+        if dirs.len() >= MAX_OPEN_DIRS && !dirs.contains_key(&fh) {
+            tracing::warn!(timeline = %self.tl, "too many open directory listings");
+            return Err(Errno::EMFILE);
+        }
+        dirs.insert(fh, entries.clone());
+        Ok(entries)
+    }
+}
+
+/// The errno for an engine error; unexpected ones are logged, because the kernel only passes
+/// the number on.
+fn errno(e: stemma_pagestore::Error) -> Errno {
+    let n = e.errno();
+    if n == libc::EIO {
+        tracing::error!(error = %e, "page store operation failed");
+    } else {
+        tracing::debug!(error = %e, "page store operation refused");
+    }
+    Errno::from_i32(n)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn to_fuse(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks(),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: PAGE_SIZE as u32,
+        flags: 0,
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+fn ino(i: INodeNo) -> Ino {
+    // FUSE's root is 1, and so is the engine's: numbers pass through unchanged.
+    debug_assert_eq!(ROOT_INO, 1);
+    i.0
+}
+
+impl Filesystem for TimelineFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let mut wanted = InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            // Symlink targets are immutable in the engine.
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        if self.options.writeback_cache {
+            // The kernel merges small writes in its page cache and sends them in large chunks:
+            // the biggest win for `pgbench -i` (see shared/notes/fuse-findings.md). The engine
+            // opens no backing file, so the kernel's reads of write-only files and its own
+            // handling of O_APPEND need nothing from us.
+            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        if let Err(missing) = config.add_capabilities(wanted & caps) {
+            tracing::warn!(?missing, "kernel refused FUSE capabilities");
+        }
+        if !caps.contains(InitFlags::FUSE_WRITEBACK_CACHE) && self.options.writeback_cache {
+            tracing::warn!("the kernel has no FUSE writeback cache: writes will be slower");
+        }
+        if let Err(max) = config.set_max_write(self.options.max_write) {
+            tracing::warn!(max, "max_write capped by the kernel");
+            let _ = config.set_max_write(max);
+        }
+        if let Err(max) = config.set_max_background(self.options.max_background) {
+            let _ = config.set_max_background(max);
+        }
+        let _ = config.set_congestion_threshold(self.options.max_background * 3 / 4);
+        tracing::debug!(timeline = %self.tl, "FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        count(Op::Lookup);
+        set_thread_priority(self.options.nice);
+        match self.store.lookup(self.tl, ino(parent), name.as_bytes()) {
+            Ok(a) => {
+                self.saw(ino(parent), name.as_bytes(), &a);
+                reply.entry(&self.ttl(), &to_fuse(&a), Generation(0))
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    // The engine resolves inodes by number in the timeline and keeps no lookup counts:
+    // nothing to forget. Unlinked-but-open files are kept alive by open handles instead.
+    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {}
+
+    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        count(Op::Getattr);
+        set_thread_priority(self.options.nice);
+        match self.store.getattr(self.tl, ino(i)) {
+            Ok(a) => reply.attr(&self.ttl(), &to_fuse(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        count(Op::Setattr);
+        set_thread_priority(self.options.nice);
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
+        match self.store.setattr(self.tl, ino(i), set) {
+            Ok(a) => reply.attr(&self.ttl(), &to_fuse(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        count(Op::Readlink);
+        set_thread_priority(self.options.nice);
+        match self.store.readlink(self.tl, ino(i)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        count(Op::Mknod);
+        set_thread_priority(self.options.nice);
+        // A data directory holds regular files only; PostgreSQL's sockets live elsewhere.
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            reply.error(Errno::EPERM);
+            return;
+        }
+        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
+            self.store
+                .create(
+                    self.tl,
+                    ino(parent),
+                    name.as_bytes(),
+                    mode & !umask & 0o7777,
+                    uid,
+                    gid,
+                )
+                .map_err(errno)
+        });
+        match result {
+            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        count(Op::Mkdir);
+        set_thread_priority(self.options.nice);
+        let result = self
+            .owner_for(req, ino(parent))
+            .and_then(|(uid, gid, setgid)| {
+                let mut perm = mode & !umask & 0o7777;
+                if setgid {
+                    // Subdirectories of a setgid directory inherit the bit.
+                    perm |= libc::S_ISGID;
+                }
+                self.store
+                    .mkdir(self.tl, ino(parent), name.as_bytes(), perm, uid, gid)
+                    .map_err(errno)
+            })
+            .inspect(|a| self.saw(ino(parent), name.as_bytes(), a));
+        match result {
+            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        count(Op::Unlink);
+        set_thread_priority(self.options.nice);
+        match self.store.unlink(self.tl, ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        count(Op::Rmdir);
+        set_thread_priority(self.options.nice);
+        match self.store.rmdir(self.tl, ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        count(Op::Symlink);
+        set_thread_priority(self.options.nice);
+        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
+            self.store
+                .symlink(
+                    self.tl,
+                    ino(parent),
+                    link_name.as_bytes(),
+                    target.as_os_str().as_bytes(),
+                    uid,
+                    gid,
+                )
+                .map_err(errno)
+        });
+        match result {
+            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Rename);
+        set_thread_priority(self.options.nice);
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            // Not needed by PostgreSQL, and the engine has no atomic exchange.
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            // The kernel holds both parents' locks during a rename and this mount is the only
+            // writer of the timeline, so the check cannot race with a create of the name.
+            match self
+                .store
+                .lookup(self.tl, ino(newparent), newname.as_bytes())
+            {
+                Ok(_) => {
+                    reply.error(Errno::EEXIST);
+                    return;
+                }
+                Err(e) if e.errno() == libc::ENOENT => {}
+                Err(e) => {
+                    reply.error(errno(e));
+                    return;
+                }
+            }
+        }
+        match self.store.rename(
+            self.tl,
+            ino(parent),
+            name.as_bytes(),
+            ino(newparent),
+            newname.as_bytes(),
+        ) {
+            Ok(()) => {
+                if let Ok(a) = self
+                    .store
+                    .lookup(self.tl, ino(newparent), newname.as_bytes())
+                {
+                    self.saw(ino(newparent), newname.as_bytes(), &a);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        count(Op::Link);
+        set_thread_priority(self.options.nice);
+        match self
+            .store
+            .link(self.tl, ino(i), ino(newparent), newname.as_bytes())
+        {
+            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        count(Op::Open);
+        set_thread_priority(self.options.nice);
+        // The open flags need no handling: there is no backing file to pass O_APPEND or
+        // O_DIRECT to, the kernel applies O_APPEND itself under the writeback cache, and
+        // O_TRUNC arrives as a separate setattr.
+        match self.store.open_handle(self.tl, ino(i)) {
+            // Only this mount changes the timeline, so cached pages stay valid across opens.
+            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags(ino(i))),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        count(Op::Read);
+        set_thread_priority(self.options.nice);
+        match self.store.read(self.tl, ino(i), offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        count(Op::Write);
+        set_thread_priority(self.options.nice);
+        match self.store.write(self.tl, ino(i), offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Flush);
+        set_thread_priority(self.options.nice);
+        // close() promises no durability, and we keep no POSIX locks: ENOSYS tells the kernel
+        // to stop sending FLUSH at all, one round trip less per close (the kernel still writes
+        // back its dirty pages before the close returns).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Release);
+        set_thread_priority(self.options.nice);
+        match self.store.release_handle(self.tl, ino(i)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Fsync);
+        set_thread_priority(self.options.nice);
+        // The kernel has already sent this file's dirty pages; one group-committed fsync of
+        // the log makes them (and everything before them) durable.
+        match self.store.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        count(Op::Opendir);
+        set_thread_priority(self.options.nice);
+        match self.store.getattr(self.tl, ino(i)) {
+            Ok(a) if a.kind == FileKind::Directory => {
+                reply.opened(FileHandle(self.fh()), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        count(Op::Readdir);
+        set_thread_priority(self.options.nice);
+        let entries = match self.listing(fh.0, ino(i), offset) {
+            Ok(l) => l,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        // Offsets: 1 is ".", 2 is "..", 3.. the listing; the kernel resumes after the last
+        // offset it received.
+        let mut next = offset;
+        loop {
+            let full = match next {
+                0 => reply.add(i, 1, FileType::Directory, "."),
+                // ".." is only informative here: the kernel resolves it itself.
+                1 => reply.add(i, 2, FileType::Directory, ".."),
+                n => match entries.get((n - 2) as usize) {
+                    Some(e) => reply.add(
+                        INodeNo(e.ino),
+                        n + 1,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ),
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            next += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Releasedir);
+        set_thread_priority(self.options.nice);
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Fsyncdir);
+        set_thread_priority(self.options.nice);
+        // Directory changes are frames of the same log: the same sync covers them.
+        match self.store.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        count(Op::Statfs);
+        set_thread_priority(self.options.nice);
+        match self.store.statfs() {
+            Ok(s) => {
+                let files = s.inodes.max(1);
+                reply.statfs(
+                    s.total_bytes / STATFS_BLOCK,
+                    s.free_bytes / STATFS_BLOCK,
+                    s.available_bytes / STATFS_BLOCK,
+                    // Inode numbers are not a limited resource here: report plenty free.
+                    files + u64::from(u32::MAX),
+                    u64::from(u32::MAX),
+                    STATFS_BLOCK as u32,
+                    s.max_name_len,
+                    STATFS_BLOCK as u32,
+                )
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        count(Op::Access);
+        set_thread_priority(self.options.nice);
+        // With default_permissions the kernel checks permissions itself and does not send
+        // ACCESS; answer existence for kernels that do.
+        match self.store.getattr(self.tl, ino(i)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        count(Op::Create);
+        set_thread_priority(self.options.nice);
+        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
+            // The kernel has usually applied the umask already (no FUSE_DONT_MASK); applying
+            // it again is harmless and keeps the promise on kernels that did not.
+            let a = self
+                .store
+                .create(
+                    self.tl,
+                    ino(parent),
+                    name.as_bytes(),
+                    mode & !umask & 0o7777,
+                    uid,
+                    gid,
+                )
+                .map_err(errno)?;
+            self.saw(ino(parent), name.as_bytes(), &a);
+            self.store.open_handle(self.tl, a.ino).map_err(errno)
+        });
+        match result {
+            Ok(a) => reply.created(
+                &self.ttl(),
+                &to_fuse(&a),
+                Generation(0),
+                FileHandle(self.fh()),
+                self.open_flags(a.ino),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        count(Op::Fallocate);
+        set_thread_priority(self.options.nice);
+        // Only plain allocation (mode 0): holes read as zeros, so it is an extension of the
+        // size. Punching holes and the like are refused, and glibc's posix_fallocate falls
+        // back to writing zeros.
+        if mode != 0 {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        let Some(end) = offset.checked_add(length) else {
+            reply.error(Errno::EFBIG);
+            return;
+        };
+        let result = self.store.getattr(self.tl, ino(i)).and_then(|a| {
+            if end > a.size {
+                self.store.setattr(
+                    self.tl,
+                    ino(i),
+                    SetAttr {
+                        size: Some(end),
+                        ..SetAttr::default()
+                    },
+                )?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Mounting a timeline, unmounting it without leaking, and finding mounts left by a crash.
+
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::mount::MntFlags;
+use stemma_pagestore::{PageStore, TimelineId};
+
+use crate::fs::TimelineFs;
+use crate::FuseOptions;
+
+/// How long an unmount waits for the FUSE session to end before it aborts the connection.
+const SESSION_END_WAIT: Duration = Duration::from_secs(5);
+
+/// A timeline mounted at a directory and served by its own FUSE worker threads. Unmounts on
+/// drop; [`MountedTimeline::unmount`] reports how.
+pub struct MountedTimeline {
+    path: PathBuf,
+    timeline: TimelineId,
+    /// The FUSE connection's number (`/sys/fs/fuse/connections/<n>`), to abort it if an
+    /// unmount cannot end the session.
+    conn: Option<u64>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// How an unmount went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Unmounted and the session ended.
+    Clean,
+    /// Files were open: the mount was detached (lazy unmount); processes holding files keep
+    /// using them until they close them, and the session ends then.
+    Detached,
+}
+
+impl MountedTimeline {
+    /// Mounts timeline `tl` of `store` at `path` (an existing, empty directory).
+    pub fn mount(
+        store: Arc<PageStore>,
+        tl: TimelineId,
+        path: &Path,
+        options: &FuseOptions,
+    ) -> io::Result<Self> {
+        let fs = TimelineFs::new(store, tl, options.clone());
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(format!("stemma-pagestore-{tl}")),
+            MountOption::Subtype("stemma".into()),
+            // The kernel checks permissions against the modes and owners we report, as a
+            // local filesystem would; the compute runs as an unprivileged user.
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+        ];
+        // allow_other: the mount belongs to root, the compute is another user.
+        config.acl = SessionACL::All;
+        config.n_threads = Some(options.threads.max(1));
+        config.clone_fd = options.clone_fd;
+        let session = Session::new(fs, path, &config)?;
+        // From here on `session` unmounts when dropped, so a failure below leaks nothing.
+        let thread = std::thread::Builder::new()
+            .name(format!("fuse-tl-{tl}"))
+            .spawn(move || session.run())?;
+        // Only now: a stat of the mount point is a FUSE request, served by the session.
+        let conn = std::fs::metadata(path)
+            .ok()
+            .map(|m| nix::sys::stat::minor(m.dev()));
+        tracing::info!(timeline = %tl, path = %path.display(), "timeline mounted");
+        Ok(MountedTimeline {
+            path: path.to_path_buf(),
+            timeline: tl,
+            conn,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn timeline(&self) -> TimelineId {
+        self.timeline
+    }
+
+    /// Unmounts; when files are still open the mount is detached instead (it disappears from
+    /// the namespace at once, and the session serves open files until they are closed).
+    pub fn unmount(mut self) -> io::Result<Unmounted> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> io::Result<Unmounted> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(Unmounted::Clean);
+        };
+        let how = match nix::mount::umount2(&self.path, MntFlags::empty()) {
+            Ok(()) => Unmounted::Clean,
+            Err(nix::errno::Errno::EBUSY) => {
+                tracing::warn!(path = %self.path.display(), "mount busy: detaching it (lazy unmount)");
+                nix::mount::umount2(&self.path, MntFlags::MNT_DETACH).map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("lazy unmount of {}: {e}", self.path.display()),
+                    )
+                })?;
+                Unmounted::Detached
+            }
+            // Not mounted any more (someone unmounted it): the session has ended or will.
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Unmounted::Clean,
+            Err(e) => {
+                self.thread = Some(thread);
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("unmount of {}: {e}", self.path.display()),
+                ));
+            }
+        };
+        if how == Unmounted::Detached {
+            // Open files keep the session alive; waiting for them would block the caller for
+            // as long as some process keeps a file open. The thread ends by itself then.
+            return Ok(how);
+        }
+        if !wait_finished(&thread, SESSION_END_WAIT) {
+            tracing::warn!(path = %self.path.display(), "FUSE session did not end after unmount: aborting the connection");
+            if let Some(n) = self.conn {
+                abort_connection(n);
+            }
+            if !wait_finished(&thread, SESSION_END_WAIT) {
+                tracing::error!(path = %self.path.display(), "FUSE session still running; leaving its thread");
+                return Ok(how);
+            }
+        }
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "FUSE session ended with an error")
+            }
+            Err(_) => tracing::error!(path = %self.path.display(), "FUSE session thread panicked"),
+        }
+        tracing::info!(timeline = %self.timeline, path = %self.path.display(), "timeline unmounted");
+        Ok(how)
+    }
+}
+
+impl Drop for MountedTimeline {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::error!(path = %self.path.display(), error = %e, "unmount failed");
+        }
+    }
+}
+
+fn wait_finished<T>(thread: &JoinHandle<T>, limit: Duration) -> bool {
+    let start = Instant::now();
+    while !thread.is_finished() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// Ends a FUSE connection through fusectl: every pending and future request fails, so the
+/// session's threads return. Best effort.
+fn abort_connection(n: u64) {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    let abort = dir.join(n.to_string()).join("abort");
+    if !abort.exists() {
+        // fusectl is usually mounted by systemd; mount it when it is not (root only).
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            dir,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    if let Err(e) = std::fs::write(&abort, b"1") {
+        tracing::warn!(path = %abort.display(), error = %e, "could not abort the FUSE connection");
+    }
+}
+
+/// Mount points at or below `dir` as `/proc/self/mounts` lists them, deepest first (the order
+/// to unmount them in).
+pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let text = std::fs::read("/proc/self/mounts")?;
+    let mut out = Vec::new();
+    for line in text.split(|b| *b == b'\n') {
+        let mut fields = line.split(|b| *b == b' ');
+        let (Some(_src), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let target = PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(target)));
+        if target.starts_with(dir) {
+            out.push(target);
+        }
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    Ok(out)
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' && i + 3 < s.len() && s[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Detaches every mount below `dir`: mounts whose FUSE server died with a previous process
+/// ("Transport endpoint is not connected") would otherwise block the directory forever.
+pub fn clear_stale_mounts(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    for m in mounts_under(dir)? {
+        match nix::mount::umount2(&m, MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::warn!(path = %m.display(), "detached a stale mount left by an earlier process");
+                n += 1;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("detaching stale mount {}: {e}", m.display()),
+                ))
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_mounts_escapes_are_decoded() {
+        assert_eq!(unescape(br"/a\040b"), b"/a b");
+        assert_eq!(unescape(br"/a\134"), b"/a\\");
+        assert_eq!(unescape(br"/plain"), b"/plain");
+        assert_eq!(unescape(br"/x\04"), br"/x\04");
+    }
+}
