@@ -53,7 +53,7 @@ struct ServeArgs {
     #[arg(long, default_value = stemma_control::DEFAULT_API_LISTEN)]
     api_listen: std::net::SocketAddr,
     /// The storage driver (fixed when the data directory is created).
-    #[arg(long, default_value = "copy", value_parser = ["copy", "pagestore"])]
+    #[arg(long, env = "STEMMA_STORAGE", default_value = "copy", value_parser = ["copy", "pagestore"])]
     storage: String,
     /// The first port handed to branches.
     #[arg(long, default_value_t = stemma_control::DEFAULT_PORT_BASE)]

@@ -40,14 +40,26 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Some(_) => {}
         None => meta.set_kv("storage", &cfg.storage)?,
     }
+    // The pagestore serves its timelines through FUSE mounts in this process: it is kept
+    // apart to unmount them after the computes stopped.
+    let mut pagestore: Option<Arc<stemma_fuse::PagestoreDriver>> = None;
     let storage: Arc<dyn StorageDriver> = match cfg.storage.as_str() {
         "copy" => Arc::new(CopyDriver::open(
             &cfg.timelines_dir(),
             ComputeUser::ids(&user),
         )?),
-        "pagestore" => bail!(
-            "the pagestore storage driver is not available in this build yet; use --storage copy"
-        ),
+        "pagestore" => {
+            stemma_fuse::fuse_available().map_err(|why| {
+                anyhow::anyhow!("the pagestore driver needs FUSE, which is not usable here: {why}; use --storage copy")
+            })?;
+            let driver = Arc::new(stemma_fuse::PagestoreDriver::open(
+                &cfg.data_dir.join("pagestore"),
+                ComputeUser::ids(&user),
+                stemma_fuse::DriverOptions::default(),
+            )?);
+            pagestore = Some(driver.clone());
+            driver
+        }
         other => bail!("unknown storage driver {other:?}; choose copy or pagestore"),
     };
     fs::create_dir_all(cfg.logs_dir()).context("creating the logs directory")?;
@@ -152,6 +164,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
     pr_worker.abort();
     tracing::info!("stopping computes");
     supervisor.stop_all().await;
+    if let Some(driver) = pagestore {
+        tracing::info!("unmounting the pagestore's timelines");
+        driver.shutdown();
+    }
     let _ = fs::remove_file(info_path(&data_dir));
     tracing::info!("stemma daemon stopped");
     served.context("serving the API")
