@@ -22,6 +22,9 @@ for tool in psql pg_dump pg_restore pgbench pg_amcheck; do
     fi
 done
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+# The pagestore driver mounts through FUSE: as root it needs only /dev/fuse, otherwise
+# fusermount3; tests and cleanup use it to unmount.
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 id postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
