@@ -8,18 +8,7 @@ use common::*;
 fn suggest_flags_chinook_pii_without_printing_values() {
     let env = Env::new();
     env.up();
-    let out = std::process::Command::new(pg_bin("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-        .arg(env.connection_string("main"))
-        .arg("-f")
-        .arg(chinook_sql())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_chinook(&env, "main");
     let rules = env.ok(&["anonymize", "suggest", "main"]);
     for needle in [
         "table = \"public.customer\"",

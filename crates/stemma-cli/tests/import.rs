@@ -30,18 +30,7 @@ fn imports_a_database_and_branches_it() {
     let env = Env::new();
     env.up();
     // "Production": the Chinook database, served by a real PostgreSQL over TCP.
-    let out = std::process::Command::new(pg_bin("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-        .arg(env.connection_string("main"))
-        .arg("-f")
-        .arg(chinook_sql())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_chinook(&env, "main");
     let production = env
         .ok(&["connection-string", "main", "--database", "chinook"])
         .trim()

@@ -433,6 +433,29 @@ impl Engine {
             .map_err(Into::into)
     }
 
+    /// Creates the empty timeline `tl` in storage and runs `initdb` in it, with our superuser
+    /// and `password`.
+    pub(crate) async fn initdb_timeline(&self, tl: &TimelineId, password: &str) -> Result<()> {
+        let storage = self.storage.clone();
+        let install = self.supervisor.install().clone();
+        let user = self.supervisor.user().clone();
+        let (tl, pw) = (tl.clone(), password.to_string());
+        blocking(move || {
+            let dir = storage.create_empty(&tl)?;
+            stemma_compute::initdb(
+                &install,
+                &user,
+                &dir,
+                &stemma_compute::InitdbOptions {
+                    superuser: DB_SUPERUSER,
+                    password: &pw,
+                },
+            )
+            .map_err(ControlError::from)
+        })
+        .await
+    }
+
     /// Deletes a timeline from storage, then from metadata (in that order: see the crate docs).
     /// With a driver whose clones read through their parent, a timeline that still has
     /// children is retired instead, and deleted with its last child; so is each ancestor that
@@ -709,24 +732,7 @@ impl Engine {
         self.meta.begin_timeline(tl.as_str(), None)?;
         let password = random_password();
         let result = async {
-            let storage = self.storage.clone();
-            let install = self.supervisor.install().clone();
-            let user = self.supervisor.user().clone();
-            let (tl2, pw) = (tl.clone(), password.clone());
-            blocking(move || {
-                let dir = storage.create_empty(&tl2)?;
-                stemma_compute::initdb(
-                    &install,
-                    &user,
-                    &dir,
-                    &stemma_compute::InitdbOptions {
-                        superuser: DB_SUPERUSER,
-                        password: &pw,
-                    },
-                )
-                .map_err(ControlError::from)
-            })
-            .await?;
+            self.initdb_timeline(&tl, &password).await?;
             let row = self.meta.commit_new_branch(&NewBranch {
                 name: name.to_string(),
                 parent_id: None,

@@ -246,27 +246,7 @@ impl Import {
         self.engine.meta.begin_timeline(tl.as_str(), None)?;
         self.timeline = Some(tl.to_string());
         let password = random_password();
-        {
-            let storage = self.engine.storage.clone();
-            let install = self.engine.supervisor.install().clone();
-            let user = self.engine.supervisor.user().clone();
-            let (tl, pw) = (tl.clone(), password.clone());
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                let dir = storage.create_empty(&tl)?;
-                stemma_compute::initdb(
-                    &install,
-                    &user,
-                    &dir,
-                    &stemma_compute::InitdbOptions {
-                        superuser: DB_SUPERUSER,
-                        password: &pw,
-                    },
-                )?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| anyhow!("initdb task failed: {e}"))??;
-        }
+        self.engine.initdb_timeline(&tl, &password).await?;
         let mut spec = self.engine.compute_spec(&NewBranchView::row(&tl, 0))?;
         spec.key = format!("import-{}", self.op);
         spec.socket_dir = self

@@ -299,6 +299,22 @@ pub fn psql(conn: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Loads the Chinook sample into a branch (it creates the database `chinook`).
+pub fn load_chinook(env: &Env, branch: &str) {
+    let out = Command::new(pg_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(env.connection_string(branch))
+        .arg("-f")
+        .arg(chinook_sql())
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The Chinook sample database shipped beside the repository (`../shared/data`).
 pub fn chinook_sql() -> PathBuf {
     if let Some(dir) = std::env::var_os("STEMMA_SHARED_DIR") {
