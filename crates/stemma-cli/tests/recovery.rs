@@ -147,3 +147,41 @@ fn a_daemon_killed_during_branch_creation_leaves_all_or_nothing() {
         "10"
     );
 }
+
+/// Children of `pid` that exited but were not reaped.
+fn zombie_children(pid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            let rest: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            rest.first() == Some(&"Z") && rest.get(1) == Some(&pid.to_string().as_str())
+        })
+        .count()
+}
+
+#[test]
+fn stopped_computes_are_reaped() {
+    let env = Env::new();
+    env.up_with(&["--suspend-timeout", "1s"]);
+    env.ok(&["branch", "create", "a"]);
+    for _ in 0..3 {
+        env.ok(&["compute", "stop", "a"]);
+        env.ok(&["compute", "start", "a"]);
+    }
+    env.ok(&["branch", "reset", "a"]);
+    wait_for("a to suspend", Duration::from_secs(30), || {
+        env.json(&["branch", "get", "a"])["state"] == "suspended"
+    });
+    env.ok(&["branch", "delete", "a"]);
+    let daemon = env.daemon_pid().unwrap();
+    wait_for("no zombie computes", Duration::from_secs(10), || {
+        zombie_children(daemon) == 0
+    });
+}

@@ -43,6 +43,44 @@ impl ComputeSpec {
     }
 }
 
+/// A postgres process this daemon spawned. It must be reaped once it exits, or it stays a
+/// zombie: whoever drops one that may still run hands it to a thread that waits for it.
+/// (Checking /proc alone is not enough: an exiting process reads as gone before it is a
+/// zombie, and its exit status must still be collected.)
+#[derive(Default)]
+struct OwnedChild(Option<std::process::Child>);
+
+impl OwnedChild {
+    /// Collects the exit status if the process exited; returns whether it did.
+    fn try_reap(&mut self) -> bool {
+        match self.0.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) | Some(Err(_)) => {
+                self.0 = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if let Ok(None) = child.try_wait() {
+                let spawned = std::thread::Builder::new()
+                    .name("compute-reaper".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let _ = child.wait();
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a thread to reap a compute");
+                }
+            }
+        }
+    }
+}
+
 /// A running compute, as reported to the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComputeInfo {
@@ -63,7 +101,7 @@ struct Entry {
     spec: ComputeSpec,
     pid: Option<i32>,
     /// Present when this daemon spawned the process, so it must also reap it.
-    child: Option<std::process::Child>,
+    child: OwnedChild,
     started_at: SystemTime,
     restarts: u32,
     adopted: bool,
@@ -79,11 +117,8 @@ impl Entry {
     /// Reaps our child if it exited; returns whether the process is still alive.
     fn alive(&mut self) -> bool {
         let Some(pid) = self.pid else { return false };
-        if let Some(child) = &mut self.child {
-            if let Ok(Some(_)) = child.try_wait() {
-                self.child = None;
-                return false;
-            }
+        if self.child.try_reap() {
+            return false;
         }
         is_live_postmaster(pid, &self.spec.data_dir)
     }
@@ -278,9 +313,7 @@ impl Supervisor {
         move || {
             let mut computes = this.computes();
             match computes.get_mut(&key) {
-                Some(Entry {
-                    child: Some(child), ..
-                }) => matches!(child.try_wait(), Ok(Some(_))),
+                Some(e) => e.child.try_reap(),
                 _ => false,
             }
         }
@@ -295,21 +328,17 @@ impl Supervisor {
         let found = self
             .computes()
             .get_mut(key)
-            .map(|e| (e.pid, e.spec.data_dir.clone(), e.child.take()));
+            .map(|e| (e.pid, e.spec.data_dir.clone(), std::mem::take(&mut e.child)));
         let (pid, dir, mut child) = match found {
             Some(x) => x,
             None => (
                 read_postmaster_pid(data_dir).map(|p| p.pid),
                 data_dir.to_path_buf(),
-                None,
+                OwnedChild::default(),
             ),
         };
         if let Some(pid) = pid {
-            stop_postmaster(pid, &dir, move || match &mut child {
-                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-                None => false,
-            })
-            .await;
+            stop_postmaster(pid, &dir, || child.try_reap()).await;
             tracing::info!(key, pid, "compute stopped");
         }
         self.computes().remove(key);
@@ -440,6 +469,7 @@ fn new_entry(
     child: Option<std::process::Child>,
     restarts: u32,
 ) -> Entry {
+    let child = OwnedChild(child);
     Entry {
         spec,
         pid: Some(pid),
