@@ -101,6 +101,7 @@ pub struct SchemaDiff {
 pub struct Compute {
     pub branch: String,
     pub pid: i32,
+    /// The branch's port (served by the proxy).
     pub port: u16,
     pub started_at: DateTime<Utc>,
     pub restarts: u32,

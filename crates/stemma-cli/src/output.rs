@@ -146,7 +146,7 @@ impl Output {
             );
         }
         if let Some(c) = &b.compute {
-            println!("compute:           pid {} on port {}", c.pid, c.port);
+            println!("compute:           running, pid {}", c.pid);
         }
         if let Some(e) = &b.compute_error {
             println!("compute error:     {e}");

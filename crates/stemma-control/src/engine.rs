@@ -232,7 +232,8 @@ impl Engine {
             compute: compute.map(|c| api::Compute {
                 branch: b.name.clone(),
                 pid: c.pid,
-                port: c.port,
+                // The branch's endpoint; the compute itself listens on a private socket.
+                port: b.port,
                 started_at: DateTime::<Utc>::from(c.started_at),
                 restarts: c.restarts,
             }),
@@ -329,18 +330,18 @@ impl Engine {
 
     pub fn status(&self) -> Result<api::Status> {
         let branches = self.meta.branches()?;
-        let names: HashMap<String, String> = branches
+        let names: HashMap<String, (String, u16)> = branches
             .iter()
-            .map(|b| (Self::compute_key(b), b.name.clone()))
+            .map(|b| (Self::compute_key(b), (b.name.clone(), b.port)))
             .collect();
         let computes = self
             .supervisor
             .list()
             .into_iter()
             .map(|c| api::Compute {
-                branch: names.get(&c.key).cloned().unwrap_or(c.label),
+                branch: names.get(&c.key).map(|n| n.0.clone()).unwrap_or(c.label),
                 pid: c.pid,
-                port: c.port,
+                port: names.get(&c.key).map(|n| n.1).unwrap_or(c.port),
                 started_at: DateTime::<Utc>::from(c.started_at),
                 restarts: c.restarts,
             })
