@@ -409,38 +409,46 @@ fn a_second_driver_on_the_same_root_is_refused_and_leaves_the_mounts_alone() {
 #[test]
 fn a_mount_left_by_a_dead_process_is_cleared_on_open() {
     let fx = Fixture::new(None);
-    let id = tl("0f");
-    let p = fx.driver().create_empty(&id).unwrap();
-    fs::write(p.join("f"), b"kept").unwrap();
-    File::open(&p).unwrap().sync_all().unwrap();
     let root = fx.root();
-    // A crash: the FUSE server goes away without unmounting, and the mount answers ENOTCONN
-    // (an aborted connection is what a killed process leaves).
-    let mut fx = fx;
-    let d = fx.driver.take().unwrap();
-    let conn = nix::sys::stat::minor(fs::metadata(&p).unwrap().dev());
-    std::mem::forget(d);
-    let abort = Path::new("/sys/fs/fuse/connections").join(conn.to_string());
-    if !abort.exists() {
-        let _ = nix::mount::mount(
-            Some("fusectl"),
-            "/sys/fs/fuse/connections",
-            Some("fusectl"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-    }
-    fs::write(abort.join("abort"), b"1").unwrap();
-    // (A name never looked up: anything cached would still be answered by the kernel.)
+    let p = root.join("mnt").join("0f");
+    fs::create_dir_all(&p).unwrap();
+    // What a killed FUSE server leaves: a mount whose /dev/fuse descriptor was closed, so the
+    // kernel aborted the connection and every request answers ENOTCONN. Made by hand, with no
+    // server thread that could unmount it behind the test's back (a session of our own would
+    // drop, and unmount, as soon as its connection is aborted).
+    let dev = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .unwrap();
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0",
+        std::os::fd::AsRawFd::as_raw_fd(&dev)
+    );
+    nix::mount::mount(
+        Some("stemma-dead"),
+        &p,
+        Some("fuse.stemma"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .unwrap();
+    drop(dev);
+    assert_eq!(mounts_under(&root).unwrap(), vec![p.clone()]);
     assert_eq!(
-        fs::metadata(p.join("never-looked-up"))
-            .unwrap_err()
-            .raw_os_error(),
+        fs::metadata(p.join("f")).unwrap_err().raw_os_error(),
         Some(libc::ENOTCONN)
     );
-    // What PagestoreDriver::open does before mounting (the forgotten driver still holds the
-    // store's lock in this process; a crashed daemon's lock goes with the process).
-    stemma_fuse::clear_stale_mounts(&root.join("mnt")).unwrap();
+    // What PagestoreDriver::open does before mounting; then the driver opens over it.
+    assert_eq!(
+        stemma_fuse::clear_stale_mounts(&root.join("mnt")).unwrap(),
+        1
+    );
     assert!(mounts_under(&root).unwrap().is_empty());
+    let d = fx.driver();
+    let id = tl("0f");
+    let q = d.create_empty(&id).unwrap();
+    fs::write(q.join("f"), b"served").unwrap();
+    assert_eq!(read(&q.join("f")), b"served");
     fx.finish();
 }
