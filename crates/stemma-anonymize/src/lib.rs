@@ -23,6 +23,7 @@
 
 mod error;
 
+pub mod copy;
 pub mod detect;
 pub mod mask;
 pub mod plan;
@@ -31,6 +32,7 @@ pub mod schema;
 pub mod types;
 pub mod unique;
 
+pub use copy::{ColumnMask, CopyError, RowMasker};
 pub use detect::{detect, suggest, Evidence, Flag, PiiCategory, Samples};
 pub use error::{MaskError, RulesError};
 pub use mask::{check_type, Masker, SecretKey};

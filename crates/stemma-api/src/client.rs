@@ -253,6 +253,36 @@ impl Client {
         )
     }
 
+    /// Starts building an anonymized branch; follow it with [`Client::operation`].
+    pub fn anonymize(&self, req: &AnonymizeRequest) -> Result<Operation, ClientError> {
+        self.call("POST", "/v1/anonymized-branches", Some(req))
+    }
+
+    /// Starts re-anonymizing a branch from its parent's current state (its reset).
+    pub fn reanonymize(&self, name: &str) -> Result<Operation, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/branches/{}/reanonymize", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
+    pub fn create_token(&self, req: &CreateTokenRequest) -> Result<Token, ClientError> {
+        self.call("POST", "/v1/tokens", Some(req))
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<Token>, ClientError> {
+        self.call("GET", "/v1/tokens", None::<&()>)
+    }
+
+    pub fn delete_token(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            "DELETE",
+            &format!("/v1/tokens/{}", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
     pub fn init(&self, req: &InitRequest) -> Result<Operation, ClientError> {
         self.call("POST", "/v1/init", Some(req))
     }

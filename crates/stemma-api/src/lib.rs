@@ -57,6 +57,75 @@ pub struct Branch {
     /// The next scheduled reset, when `stemma.toml` schedules one.
     pub next_reset_at: Option<DateTime<Utc>>,
     pub last_scheduled_reset: Option<ScheduledReset>,
+    /// Set on an anonymized branch: its masking rules and last run.
+    #[serde(default)]
+    pub anonymization: Option<Anonymization>,
+}
+
+/// The masking rules of an anonymized branch, and its last (re-)anonymization.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Anonymization {
+    /// SHA-256 (hex) of the rules that the next reset applies.
+    pub rules_digest: String,
+    pub last_run: Option<AnonymizationRun>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AnonymizationRun {
+    pub at: DateTime<Utc>,
+    /// SHA-256 (hex) of the rules that run used.
+    pub rules_digest: String,
+    /// `ok` or `failed`.
+    pub outcome: String,
+    /// Why it failed (never a row value).
+    pub message: Option<String>,
+    pub tables: u64,
+    pub rows: u64,
+}
+
+/// Creates an anonymized branch: a new root of storage written only with masked rows of the
+/// parent's current state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct AnonymizeRequest {
+    pub name: String,
+    /// The branch whose data is masked; by default the default parent.
+    pub parent: Option<String>,
+    /// The masking rules file's text (TOML; see docs/anonymize.md).
+    pub rules: String,
+    /// Tables copied in parallel; default 2.
+    pub jobs: Option<u32>,
+    #[serde(default)]
+    pub protected: bool,
+    pub suspend_timeout: Option<String>,
+}
+
+/// Progress of one table in an anonymization.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TableProgress {
+    pub database: String,
+    /// `schema.table`
+    pub table: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub done: bool,
+}
+
+/// Issues an API token restricted to a branch and the branches under it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    pub branch: String,
+}
+
+/// A restricted API token. The secret is shown once, when it is created.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub name: String,
+    /// The root of the subtree the token may see and change.
+    pub branch: String,
+    pub created_at: DateTime<Utc>,
+    /// Only in the answer to its creation.
+    pub token: Option<String>,
 }
 
 /// The outcome of a migration run.
@@ -173,6 +242,8 @@ pub struct UpdateBranchRequest {
     /// PostgreSQL settings to change: a value sets, `null` removes the override. The compute
     /// restarts to apply them.
     pub settings: Option<BTreeMap<String, Option<String>>>,
+    /// New masking rules (the file's text) for an anonymized branch, applied at its next reset.
+    pub anonymize: Option<String>,
 }
 
 /// Creates a root branch: empty, or imported from an external database.
@@ -206,6 +277,9 @@ pub struct Operation {
     pub error: Option<String>,
     /// The branch made, once it succeeded.
     pub branch: Option<Branch>,
+    /// Per-table progress (anonymization).
+    #[serde(default)]
+    pub tables: Vec<TableProgress>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

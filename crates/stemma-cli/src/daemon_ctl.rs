@@ -260,15 +260,65 @@ pub fn down(data_dir: &Path) -> Result<()> {
 /// Polls a background operation until it ends, showing its progress.
 pub fn wait_operation(client: &Client, mut op: Operation, out: &Output) -> Result<Branch> {
     let bar = out.progress();
+    let multi = bar.as_ref().map(|b| {
+        let m = indicatif::MultiProgress::new();
+        m.add(b.clone());
+        m
+    });
+    // One bar per table once it starts (anonymization), rows and bytes with their rate.
+    let mut table_bars: std::collections::HashMap<usize, indicatif::ProgressBar> =
+        std::collections::HashMap::new();
+    let mut tables_reported = std::collections::HashSet::new();
     let mut last_phase = String::new();
     loop {
         if let Some(bar) = &bar {
             bar.set_length(op.total.max(1));
             bar.set_position(op.done.min(op.total));
             bar.set_message(op.phase.clone());
-        } else if op.state == OperationState::Running && op.phase != last_phase {
-            eprintln!("{}: {} ({}/{})", op.kind, op.phase, op.done, op.total);
-            last_phase = op.phase.clone();
+            if let Some(m) = &multi {
+                for (i, t) in op.tables.iter().enumerate() {
+                    if t.rows == 0 && !t.done {
+                        continue;
+                    }
+                    let tb = table_bars.entry(i).or_insert_with(|| {
+                        let tb = m.add(indicatif::ProgressBar::new_spinner());
+                        tb.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "  {prefix:30} {msg} ({binary_bytes_per_sec})",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                        );
+                        tb.set_prefix(t.table.clone());
+                        tb
+                    });
+                    tb.set_position(t.bytes);
+                    tb.set_message(format!(
+                        "{} rows, {}{}",
+                        t.rows,
+                        indicatif::HumanBytes(t.bytes),
+                        if t.done { ", done" } else { "" }
+                    ));
+                    if t.done && !tb.is_finished() {
+                        tb.finish();
+                    }
+                }
+            }
+        } else if op.state == OperationState::Running {
+            if op.phase != last_phase {
+                eprintln!("{}: {} ({}/{})", op.kind, op.phase, op.done, op.total);
+                last_phase = op.phase.clone();
+            }
+            for t in op.tables.iter().filter(|t| t.done) {
+                if tables_reported.insert(t.table.clone()) {
+                    eprintln!(
+                        "  {} ({}): {} rows, {}",
+                        t.table,
+                        t.database,
+                        t.rows,
+                        indicatif::HumanBytes(t.bytes)
+                    );
+                }
+            }
         }
         match op.state {
             OperationState::Succeeded => {

@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use stemma_api::{
-    CreateBranchRequest, InitRequest, ResetBranchRequest, RestoreBranchRequest, UpdateBranchRequest,
+    AnonymizeRequest, CreateBranchRequest, CreateTokenRequest, InitRequest, ResetBranchRequest,
+    RestoreBranchRequest, UpdateBranchRequest,
 };
 
 use crate::output::Output;
@@ -150,6 +151,9 @@ enum Command {
     Anonymize(AnonymizeCommand),
     /// Run the configured migrations on a branch now.
     Migrate { name: String },
+    /// API tokens restricted to a branch and the branches under it.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Measure Stemma against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -159,6 +163,20 @@ enum Command {
 enum AnonymizeCommand {
     /// Propose masking rules (TOML, on stdout) from column names, types and sampled values.
     Suggest { branch: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token that reaches only BRANCH and its descendants (printed once).
+    Create {
+        name: String,
+        #[arg(long)]
+        branch: String,
+    },
+    /// List restricted tokens (names and branches, never the secrets).
+    List,
+    /// Revoke a token.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +230,13 @@ enum BranchCommand {
         /// A PostgreSQL setting for this branch's compute, e.g. work_mem=16MB (repeatable).
         #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = parse_setting)]
         settings: Vec<(String, String)>,
+        /// Make an anonymized branch: a new root of storage holding the parent's rows masked
+        /// by this rules file (see docs/anonymize.md).
+        #[arg(long, value_name = "RULES.toml", conflicts_with_all = ["at", "ttl", "settings"])]
+        anonymize: Option<PathBuf>,
+        /// Tables copied in parallel when anonymizing.
+        #[arg(long, default_value_t = 2, requires = "anonymize")]
+        jobs: u32,
     },
     /// List branches as a tree.
     List,
@@ -252,7 +277,15 @@ enum BranchCommand {
         /// Remove a setting override, back to the default (repeatable).
         #[arg(long = "unset-setting", value_name = "NAME")]
         unset_settings: Vec<String>,
+        /// New masking rules for an anonymized branch, applied at its next reset.
+        #[arg(long, value_name = "RULES.toml")]
+        anonymize: Option<PathBuf>,
     },
+}
+
+fn read_rules(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading the masking rules {}", path.display()))
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -326,6 +359,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     protected,
                     suspend_timeout,
                     settings,
+                    anonymize: None,
+                    jobs: _,
                 } => out.branch(&client.create_branch(&CreateBranchRequest {
                     name,
                     parent,
@@ -335,6 +370,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     suspend_timeout,
                     settings: (!settings.is_empty()).then(|| settings.into_iter().collect()),
                 })?),
+                BranchCommand::Create {
+                    name,
+                    parent,
+                    protected,
+                    suspend_timeout,
+                    anonymize: Some(rules),
+                    jobs,
+                    ..
+                } => {
+                    let rules = read_rules(&rules)?;
+                    let op = client.anonymize(&AnonymizeRequest {
+                        name,
+                        parent,
+                        rules,
+                        jobs: Some(jobs),
+                        protected,
+                        suspend_timeout,
+                    })?;
+                    let branch = daemon_ctl::wait_operation(&client, op, &out)?;
+                    out.branch(&branch);
+                }
                 BranchCommand::List => out.branches(&client.list_branches()?),
                 BranchCommand::Get { name } => out.branch(&client.get_branch(&name)?),
                 BranchCommand::Delete { name } => {
@@ -343,6 +399,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         &format!("deleted branch {name}"),
                         serde_json::json!({ "deleted": name }),
                     );
+                }
+                BranchCommand::Reset {
+                    name,
+                    preserve_under_name: None,
+                } if client.get_branch(&name)?.anonymization.is_some() => {
+                    // Re-anonymizing takes a while: follow it with progress.
+                    let op = client.reanonymize(&name)?;
+                    let branch = daemon_ctl::wait_operation(&client, op, &out)?;
+                    out.branch(&branch);
                 }
                 BranchCommand::Reset {
                     name,
@@ -374,7 +439,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     protected,
                     settings,
                     unset_settings,
+                    anonymize,
                 } => {
+                    let anonymize = anonymize.as_deref().map(read_rules).transpose()?;
                     let mut changes: std::collections::BTreeMap<String, Option<String>> =
                         settings.into_iter().map(|(k, v)| (k, Some(v))).collect();
                     changes.extend(unset_settings.into_iter().map(|k| (k, None)));
@@ -385,6 +452,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             ttl,
                             suspend_timeout,
                             settings: (!changes.is_empty()).then_some(changes),
+                            anonymize,
                         },
                     )?)
                 }
@@ -445,6 +513,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out.branch(&b);
             if failed {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Token(cmd) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            match cmd {
+                TokenCommand::Create { name, branch } => {
+                    let t = client.create_token(&CreateTokenRequest { name, branch })?;
+                    let secret = t.token.clone().unwrap_or_default();
+                    out.message(
+                        &format!(
+                            "{secret}\n\n(token {:?} reaches branch {:?} and the branches under it; it is shown only now.\nUse it with STEMMA_API_URL={} STEMMA_TOKEN=<token>)",
+                            t.name,
+                            t.branch,
+                            client.base_url()
+                        ),
+                        serde_json::to_value(&t)?,
+                    );
+                }
+                TokenCommand::List => {
+                    let tokens = client.list_tokens()?;
+                    let text = tokens
+                        .iter()
+                        .map(|t| format!("{}\t{}\t{}", t.name, t.branch, t.created_at.to_rfc3339()))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    out.message(&text, serde_json::to_value(&tokens)?);
+                }
+                TokenCommand::Delete { name } => {
+                    client.delete_token(&name)?;
+                    out.message(
+                        &format!("deleted token {name}"),
+                        serde_json::json!({ "deleted": name }),
+                    );
+                }
             }
         }
         Command::Bench(BenchCommand::ColdStart { branch, trials }) => {

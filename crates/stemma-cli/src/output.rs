@@ -111,6 +111,28 @@ impl Output {
         if b.expired {
             println!("expired:           yes, kept because it has children");
         }
+        if let Some(a) = &b.anonymization {
+            println!("masking rules:     sha256 {}", &a.rules_digest);
+            match &a.last_run {
+                Some(r) => println!(
+                    "anonymized:        {} at {} ({} tables, {} rows{}){}",
+                    r.outcome,
+                    r.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    r.tables,
+                    r.rows,
+                    if r.rules_digest == a.rules_digest {
+                        ""
+                    } else {
+                        "; new rules apply at the next reset"
+                    },
+                    r.message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ),
+                None => println!("anonymized:        never"),
+            }
+        }
         if let Some(m) = &b.migration {
             println!(
                 "migration:         {} at {}",
@@ -360,6 +382,7 @@ mod tests {
             endpoint_error: None,
             expired: false,
             migration: None,
+            anonymization: None,
             next_reset_at: None,
             last_scheduled_reset: None,
         }

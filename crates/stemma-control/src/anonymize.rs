@@ -1,7 +1,9 @@
-//! Anonymized branches: reading a branch's schema and samples for `anonymize suggest`.
-//! (Masking rows into a new root branch is the next step of this module.)
+//! Anonymized branches, part one: reaching a branch's databases from inside the daemon, and
+//! reading their schema and samples (for `anonymize suggest` and for planning a masking run).
+//! Part two, building the branch, is in [`crate::masking`].
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use stemma_anonymize::{
@@ -10,17 +12,134 @@ use stemma_anonymize::{
 use tokio_postgres::NoTls;
 
 use crate::engine::{Engine, COMPUTE_SOCKET_PORT};
+use crate::metadata::BranchRow;
 use crate::{ControlError, Result};
 
 /// Rows sampled per table for the PII detector. Samples stay in memory, are never logged,
-/// and are dropped when the suggestion is made.
+/// and are dropped when the suggestion (or the plan) is made.
 const SAMPLE_ROWS: i64 = 50;
 
-fn quote(ident: &str) -> String {
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// A compute reached through its Unix socket, as its superuser: how the daemon itself reads
+/// and writes branches (never through the proxy, never over TCP).
+#[derive(Debug, Clone)]
+pub(crate) struct LocalDb {
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+}
+
+impl LocalDb {
+    pub async fn connect(&self, db: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(&self.socket_dir)
+            .port(self.port)
+            .user(&self.user)
+            .password(&self.password)
+            .dbname(db)
+            .application_name("stemma-anonymize");
+        let (client, conn) = cfg
+            .connect(NoTls)
+            .await
+            .with_context(|| format!("connecting to database {db:?}"))?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Points a libpq tool at database `db` through the environment, so that the password
+    /// never appears on a command line.
+    pub fn env(&self, cmd: &mut tokio::process::Command, db: &str) {
+        cmd.env("PGHOST", &self.socket_dir)
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", &self.user)
+            .env("PGPASSWORD", &self.password)
+            .env("PGDATABASE", db)
+            .env("PGAPPNAME", "stemma-anonymize")
+            .env_remove("PGSERVICE")
+            .env_remove("PGSSLMODE");
+    }
+
+    /// The databases one can connect to, `postgres` first.
+    pub async fn databases(&self) -> anyhow::Result<Vec<String>> {
+        let admin = self.connect("postgres").await?;
+        let rows = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn \
+                 ORDER BY datname <> 'postgres', datname",
+                &[],
+            )
+            .await
+            .context("listing databases")?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// The schema of every database, and (when `sample`) a few values of every column.
+    pub async fn schema(&self, sample: bool) -> anyhow::Result<(Schema, Samples)> {
+        let mut schema = Schema {
+            databases: Vec::new(),
+        };
+        let mut samples: Samples = HashMap::new();
+        for db in self.databases().await? {
+            let client = self.connect(&db).await?;
+            let db_schema = introspect(&client, &db).await?;
+            if sample {
+                for t in &db_schema.tables {
+                    if t.columns.is_empty() {
+                        continue;
+                    }
+                    let cols: Vec<String> = t
+                        .columns
+                        .iter()
+                        .map(|c| format!("{}::text", quote(&c.name)))
+                        .collect();
+                    let sql = format!(
+                        "SELECT {} FROM {}.{} LIMIT {SAMPLE_ROWS}",
+                        cols.join(", "),
+                        quote(&t.schema),
+                        quote(&t.name)
+                    );
+                    // A table we may not read yields no samples, not a failure: names and
+                    // types still inform the detector.
+                    let Ok(rows) = client.query(&sql, &[]).await else {
+                        continue;
+                    };
+                    for (i, c) in t.columns.iter().enumerate() {
+                        let values: Vec<Option<String>> = rows.iter().map(|r| r.get(i)).collect();
+                        samples.insert(ColumnRef::new(&db, &t.schema, &t.name, &c.name), values);
+                    }
+                }
+            }
+            if !db_schema.tables.is_empty() {
+                schema.databases.push(db_schema);
+            }
+        }
+        Ok((schema, samples))
+    }
+}
+
 impl Engine {
+    /// Wakes branch `b`'s compute and returns how to reach it.
+    pub(crate) async fn local_db(&self, b: &BranchRow) -> Result<LocalDb> {
+        let socket = self
+            .wake(&Self::compute_key(b))
+            .await
+            .map_err(|r| ControlError::Conflict(r.message))?;
+        let dir = socket
+            .parent()
+            .ok_or_else(|| anyhow!("socket path without a directory"))?
+            .to_path_buf();
+        Ok(LocalDb {
+            socket_dir: dir,
+            port: COMPUTE_SOCKET_PORT,
+            user: b.db_user.clone(),
+            password: b.db_password.clone(),
+        })
+    }
+
     /// Proposes masking rules (TOML) for a branch from its columns' names, types and a
     /// sample of their values.
     pub async fn anonymize_suggest(&self, name: &str) -> Result<String> {
@@ -28,85 +147,14 @@ impl Engine {
             .meta
             .branch(name)?
             .ok_or_else(|| ControlError::NotFound(format!("branch {name:?} does not exist")))?;
-        let socket = self
-            .wake(&Self::compute_key(&b))
-            .await
-            .map_err(|r| ControlError::Conflict(r.message))?;
-        let dir = socket
-            .parent()
-            .ok_or_else(|| anyhow!("socket path without a directory"))?
-            .to_path_buf();
-        let connect = |db: String| {
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host_path(&dir)
-                .port(COMPUTE_SOCKET_PORT)
-                .user(&b.db_user)
-                .password(&b.db_password)
-                .dbname(&db)
-                .application_name("stemma-anonymize");
-            async move {
-                let (client, conn) = cfg
-                    .connect(NoTls)
-                    .await
-                    .with_context(|| format!("connecting to database {db:?}"))?;
-                tokio::spawn(conn);
-                Ok::<_, anyhow::Error>(client)
-            }
-        };
-        let admin = connect("postgres".into()).await?;
-        let databases: Vec<String> = admin
-            .query(
-                "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY 1",
-                &[],
-            )
-            .await
-            .context("listing databases")?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        drop(admin);
-        let mut schema = Schema {
-            databases: Vec::new(),
-        };
-        let mut samples: Samples = HashMap::new();
-        for db in databases {
-            let client = connect(db.clone()).await?;
-            let db_schema = introspect(&client, &db).await?;
-            for t in &db_schema.tables {
-                if t.columns.is_empty() {
-                    continue;
-                }
-                let cols: Vec<String> = t
-                    .columns
-                    .iter()
-                    .map(|c| format!("{}::text", quote(&c.name)))
-                    .collect();
-                let sql = format!(
-                    "SELECT {} FROM {}.{} LIMIT {SAMPLE_ROWS}",
-                    cols.join(", "),
-                    quote(&t.schema),
-                    quote(&t.name)
-                );
-                // A table we may not read yields no samples, not a failure: names and types
-                // still inform the suggestion.
-                let Ok(rows) = client.query(&sql, &[]).await else {
-                    continue;
-                };
-                for (i, c) in t.columns.iter().enumerate() {
-                    let values: Vec<Option<String>> = rows.iter().map(|r| r.get(i)).collect();
-                    samples.insert(ColumnRef::new(&db, &t.schema, &t.name, &c.name), values);
-                }
-            }
-            if !db_schema.tables.is_empty() {
-                schema.databases.push(db_schema);
-            }
-        }
+        let db = self.local_db(&b).await?;
+        let (schema, samples) = db.schema(true).await?;
         Ok(stemma_anonymize::suggest(&schema, &samples))
     }
 }
 
 /// The tables, columns, unique constraints and foreign keys of one database.
-async fn introspect(client: &tokio_postgres::Client, db: &str) -> Result<Database> {
+pub(crate) async fn introspect(client: &tokio_postgres::Client, db: &str) -> Result<Database> {
     let user_ns = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'";
     let rows = client
         .query(

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use stemma_api::*;
 use utoipa::OpenApi;
 
+use crate::access::{Access, Caller};
 use crate::{ControlError, Engine};
 
 #[derive(Clone)]
@@ -40,6 +41,7 @@ impl IntoResponse for HttpError {
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ControlError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+            ControlError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ControlError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -69,7 +71,8 @@ type ApiResult<T> = Result<Json<T>, HttpError>;
         status, list_branches, create_branch, get_branch, delete_branch, update_branch,
         reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
         connection_string, init, operation, shutdown, pr_open, pr_close, schema_diff,
-        migrate, github_webhook, anonymize_suggest
+        migrate, github_webhook, anonymize_suggest, anonymize, reanonymize, create_token,
+        list_tokens, delete_token
     ),
     modifiers(&BearerAuth)
 )]
@@ -109,6 +112,10 @@ pub fn router(state: AppState) -> Router {
         .route("/branches/{name}/schema-diff", get(schema_diff))
         .route("/branches/{name}/migrate", post(migrate))
         .route("/branches/{name}/anonymize/suggest", get(anonymize_suggest))
+        .route("/branches/{name}/reanonymize", post(reanonymize))
+        .route("/anonymized-branches", post(anonymize))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{name}", axum::routing::delete(delete_token))
         .route("/pull-requests/{number}/open", post(pr_open))
         .route("/pull-requests/{number}/close", post(pr_close))
         .route("/init", post(init))
@@ -125,15 +132,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
-        _ => (
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let caller = match given {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => Some(Caller::Admin),
+        // Restricted tokens are looked up by digest: comparing digests leaks nothing useful.
+        Some(t) => match state.engine.caller_for(&t) {
+            Ok(c) => c,
+            Err(e) => return HttpError(e).into_response(),
+        },
+        None => None,
+    };
+    match caller {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => (
             StatusCode::UNAUTHORIZED,
             Json(ApiError {
                 code: "unauthorized".into(),
@@ -152,9 +172,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     request_body = PullRequestRequest, responses((status = 200, body = Branch)))]
 async fn pr_open(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(number): Path<u64>,
     body: Option<Json<PullRequestRequest>>,
 ) -> ApiResult<Branch> {
+    s.engine
+        .require_admin(&caller, "opening a pull request's branch")?;
     let parent = body.and_then(|Json(b)| b.parent);
     Ok(Json(s.engine.pr_open(number, parent.as_deref()).await?))
 }
@@ -163,8 +186,11 @@ async fn pr_open(
     responses((status = 200, body = Object)))]
 async fn pr_close(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(number): Path<u64>,
 ) -> ApiResult<serde_json::Value> {
+    s.engine
+        .require_admin(&caller, "closing a pull request's branch")?;
     let deleted = s.engine.pr_close(number).await?;
     Ok(Json(serde_json::json!({
         "branch": s.engine.pr_branch_name(number),
@@ -183,20 +209,34 @@ struct DiffQuery {
     responses((status = 200, body = SchemaDiff)))]
 async fn schema_diff(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(q): Query<DiffQuery>,
 ) -> ApiResult<SchemaDiff> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
+    let against = match &q.against {
+        Some(a) => Some(a.clone()),
+        None => s.engine.get_branch(&name).await?.parent,
+    };
+    if let Some(a) = &against {
+        s.engine.authorize(&caller, a, Access::Use)?;
+    }
     let markdown = q.format.as_deref() == Some("markdown");
     Ok(Json(
         s.engine
-            .schema_diff(&name, q.against.as_deref(), markdown)
+            .schema_diff(&name, against.as_deref(), markdown)
             .await?,
     ))
 }
 
 #[utoipa::path(post, path = "/v1/branches/{name}/migrate", params(("name" = String, Path)),
     responses((status = 200, body = Branch)))]
-async fn migrate(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+async fn migrate(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     Ok(Json(s.engine.run_migrations(&name).await?))
 }
 
@@ -204,8 +244,10 @@ async fn migrate(State(s): State<AppState>, Path(name): Path<String>) -> ApiResu
     responses((status = 200, body = Object, description = "`{\"rules\": TOML}`")))]
 async fn anonymize_suggest(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<serde_json::Value> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     let rules = s.engine.anonymize_suggest(&name).await?;
     Ok(Json(serde_json::json!({ "branch": name, "rules": rules })))
 }
@@ -342,27 +384,69 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/v1/status", responses((status = 200, body = Status)))]
-async fn status(State(s): State<AppState>) -> ApiResult<Status> {
-    Ok(Json(s.engine.status()?))
+async fn status(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Status> {
+    let mut status = s.engine.status()?;
+    if caller != Caller::Admin {
+        status
+            .computes
+            .retain(|c| s.engine.authorize(&caller, &c.branch, Access::Use).is_ok());
+        status.branches = status.computes.len();
+    }
+    Ok(Json(status))
 }
 
 #[utoipa::path(get, path = "/v1/branches", responses((status = 200, body = [Branch])))]
-async fn list_branches(State(s): State<AppState>) -> ApiResult<Vec<Branch>> {
-    Ok(Json(s.engine.list_branches().await?))
+async fn list_branches(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Vec<Branch>> {
+    let all = s.engine.list_branches().await?;
+    Ok(Json(s.engine.visible(&caller, all)))
 }
 
 #[utoipa::path(post, path = "/v1/branches", request_body = CreateBranchRequest,
     responses((status = 200, body = Branch), (status = 409, body = ApiError), (status = 404, body = ApiError)))]
 async fn create_branch(
     State(s): State<AppState>,
-    Json(req): Json<CreateBranchRequest>,
+    Extension(caller): Extension<Caller>,
+    Json(mut req): Json<CreateBranchRequest>,
 ) -> ApiResult<Branch> {
+    req.parent = Some(parent_for(&s.engine, &caller, req.parent.take())?);
     Ok(Json(s.engine.create_branch(&req).await?))
+}
+
+/// The parent of a new branch: as given, else the caller's subtree root for a restricted
+/// token, else the default parent; checked against the caller's reach.
+fn parent_for(
+    engine: &Engine,
+    caller: &Caller,
+    given: Option<String>,
+) -> Result<String, HttpError> {
+    let parent = match (given, caller) {
+        (Some(p), _) => p,
+        (None, Caller::Restricted { root, .. }) => engine
+            .meta
+            .branch_by_id(*root)
+            .map_err(ControlError::from)?
+            .map(|b| b.name)
+            .ok_or_else(|| ControlError::Forbidden("the token's branch no longer exists".into()))?,
+        (None, Caller::Admin) => engine.default_parent(),
+    };
+    engine.authorize(caller, &parent, Access::Use)?;
+    Ok(parent)
 }
 
 #[utoipa::path(get, path = "/v1/branches/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Branch), (status = 404, body = ApiError)))]
-async fn get_branch(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+async fn get_branch(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     Ok(Json(s.engine.get_branch(&name).await?))
 }
 
@@ -370,8 +454,10 @@ async fn get_branch(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
     responses((status = 200, body = Object), (status = 409, body = ApiError)))]
 async fn delete_branch(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<serde_json::Value> {
+    s.engine.authorize(&caller, &name, Access::Manage)?;
     s.engine.delete_branch(&name).await?;
     Ok(Json(serde_json::json!({ "deleted": name })))
 }
@@ -380,9 +466,11 @@ async fn delete_branch(
     request_body = UpdateBranchRequest, responses((status = 200, body = Branch)))]
 async fn update_branch(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(req): Json<UpdateBranchRequest>,
 ) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Manage)?;
     Ok(Json(s.engine.update_branch(&name, &req).await?))
 }
 
@@ -390,9 +478,16 @@ async fn update_branch(
     request_body = ResetBranchRequest, responses((status = 200, body = Branch)))]
 async fn reset_branch(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(req): Json<ResetBranchRequest>,
 ) -> ApiResult<Branch> {
+    let access = if req.preserve_under_name.is_some() {
+        Access::Manage
+    } else {
+        Access::Use
+    };
+    s.engine.authorize(&caller, &name, access)?;
     Ok(Json(
         s.engine
             .reset_branch(&name, req.preserve_under_name.as_deref())
@@ -404,9 +499,11 @@ async fn reset_branch(
     request_body = RestoreBranchRequest, responses((status = 200, body = Branch), (status = 501, body = ApiError)))]
 async fn restore_branch(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(req): Json<RestoreBranchRequest>,
 ) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Manage)?;
     Ok(Json(s.engine.restore_branch(&name, &req).await?))
 }
 
@@ -414,21 +511,33 @@ async fn restore_branch(
     request_body = RenameBranchRequest, responses((status = 200, body = Branch)))]
 async fn rename_branch(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(req): Json<RenameBranchRequest>,
 ) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Manage)?;
     Ok(Json(s.engine.rename_branch(&name, &req.new_name).await?))
 }
 
 #[utoipa::path(post, path = "/v1/branches/{name}/compute/start", params(("name" = String, Path)),
     responses((status = 200, body = Branch)))]
-async fn start_compute(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+async fn start_compute(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     Ok(Json(s.engine.start_compute(&name).await?))
 }
 
 #[utoipa::path(post, path = "/v1/branches/{name}/compute/stop", params(("name" = String, Path)),
     responses((status = 200, body = Branch)))]
-async fn stop_compute(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Branch> {
+async fn stop_compute(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Branch> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     Ok(Json(s.engine.stop_compute(&name).await?))
 }
 
@@ -442,9 +551,11 @@ struct DatabaseQuery {
     responses((status = 200, body = ConnectionString)))]
 async fn connection_string(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(q): Query<DatabaseQuery>,
 ) -> ApiResult<ConnectionString> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
     Ok(Json(
         s.engine
             .connection_string_for(&name, q.database.as_deref())
@@ -454,7 +565,12 @@ async fn connection_string(
 
 #[utoipa::path(post, path = "/v1/init", request_body = InitRequest,
     responses((status = 200, body = Operation)))]
-async fn init(State(s): State<AppState>, Json(req): Json<InitRequest>) -> ApiResult<Operation> {
+async fn init(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<InitRequest>,
+) -> ApiResult<Operation> {
+    s.engine.require_admin(&caller, "creating a root branch")?;
     Ok(Json(s.engine.init(&req).await?))
 }
 
@@ -465,7 +581,65 @@ async fn operation(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
 }
 
 #[utoipa::path(post, path = "/v1/shutdown", responses((status = 200, body = Object)))]
-async fn shutdown(State(s): State<AppState>) -> ApiResult<serde_json::Value> {
+async fn shutdown(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.require_admin(&caller, "stopping the daemon")?;
     let _ = s.shutdown.send(true);
     Ok(Json(serde_json::json!({ "shutting_down": true })))
+}
+
+#[utoipa::path(post, path = "/v1/anonymized-branches", request_body = AnonymizeRequest,
+    responses((status = 200, body = Operation), (status = 400, body = ApiError), (status = 403, body = ApiError)))]
+async fn anonymize(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(mut req): Json<AnonymizeRequest>,
+) -> ApiResult<Operation> {
+    req.parent = Some(parent_for(&s.engine, &caller, req.parent.take())?);
+    Ok(Json(s.engine.anonymize(&req).await?))
+}
+
+#[utoipa::path(post, path = "/v1/branches/{name}/reanonymize", params(("name" = String, Path)),
+    responses((status = 200, body = Operation), (status = 400, body = ApiError)))]
+async fn reanonymize(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Operation> {
+    s.engine.authorize(&caller, &name, Access::Use)?;
+    Ok(Json(s.engine.reanonymize(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tokens", request_body = CreateTokenRequest,
+    responses((status = 200, body = Token), (status = 403, body = ApiError)))]
+async fn create_token(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<CreateTokenRequest>,
+) -> ApiResult<Token> {
+    s.engine.require_admin(&caller, "creating tokens")?;
+    Ok(Json(s.engine.create_token(&req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = [Token])))]
+async fn list_tokens(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Vec<Token>> {
+    s.engine.require_admin(&caller, "listing tokens")?;
+    Ok(Json(s.engine.list_tokens()?))
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Object)))]
+async fn delete_token(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.require_admin(&caller, "deleting tokens")?;
+    s.engine.delete_token(&name)?;
+    Ok(Json(serde_json::json!({ "deleted": name })))
 }

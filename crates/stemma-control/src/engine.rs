@@ -257,6 +257,19 @@ impl Engine {
                     message: r.message,
                 }
             }),
+            anonymization: self.meta.anonymization(b.id).ok().flatten().map(|a| {
+                api::Anonymization {
+                    rules_digest: a.digest,
+                    last_run: a.last_run.map(|r| api::AnonymizationRun {
+                        at: r.at,
+                        rules_digest: r.digest,
+                        outcome: r.outcome,
+                        message: r.message,
+                        tables: r.tables,
+                        rows: r.rows,
+                    }),
+                }
+            }),
         }
     }
 
@@ -808,6 +821,17 @@ impl Engine {
         name: &str,
         preserve_under_name: Option<&str>,
     ) -> Result<api::Branch> {
+        // An anonymized branch is reset by masking its parent's current state again (a long
+        // run that takes the operation lock only for its final swap).
+        let row = self.row(name)?;
+        if self.meta.anonymization(row.id)?.is_some() {
+            if preserve_under_name.is_some() {
+                return Err(ControlError::Unsupported(format!(
+                    "branch {name:?} is anonymized: its reset masks the parent again and cannot keep the old state under another name"
+                )));
+            }
+            return self.reanonymize_and_wait(name, None).await;
+        }
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
         let Some(parent_id) = b.parent_id else {
@@ -837,7 +861,7 @@ impl Engine {
 
     /// Points branch `b` at the new (`creating`) timeline `tl`, ending its connections with
     /// `why`; the old timeline becomes the branch `preserve_under_name`, or goes.
-    async fn replace_timeline(
+    pub(crate) async fn replace_timeline(
         &self,
         b: &BranchRow,
         tl: &TimelineId,
@@ -982,6 +1006,11 @@ impl Engine {
         name: &str,
         req: &api::UpdateBranchRequest,
     ) -> Result<api::Branch> {
+        if let Some(rules) = &req.anonymize {
+            // Checked against the parent's schema now; applied at the next reset.
+            let b = self.row(name)?;
+            self.set_anonymization_rules(&b, rules).await?;
+        }
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
         let settings = match &req.settings {

@@ -39,6 +39,7 @@ impl Engine {
                 total: 1,
                 error: None,
                 branch: Some(branch),
+                tables: Vec::new(),
             });
         };
         {
@@ -54,6 +55,7 @@ impl Engine {
             total: 0,
             error: None,
             branch: None,
+            tables: Vec::new(),
         };
         self.insert_job(op.clone());
         let engine = self.clone();
@@ -446,10 +448,10 @@ impl Import {
 }
 
 /// A branch row for a timeline not yet recorded as a branch, to derive a compute spec from.
-struct NewBranchView;
+pub(crate) struct NewBranchView;
 
 impl NewBranchView {
-    fn row(tl: &stemma_storage::TimelineId, port: u16) -> crate::metadata::BranchRow {
+    pub(crate) fn row(tl: &stemma_storage::TimelineId, port: u16) -> crate::metadata::BranchRow {
         crate::metadata::BranchRow {
             id: 0,
             name: String::new(),
@@ -472,7 +474,7 @@ impl NewBranchView {
 }
 
 /// `pg_dumpall --roles-only` output without the statements that create or alter `role`.
-fn without_role(sql: &str, role: &str) -> String {
+pub(crate) fn without_role(sql: &str, role: &str) -> String {
     let plain = format!("ROLE {role} ");
     let plain_end = format!("ROLE {role};");
     let quoted = format!("ROLE \"{role}\"");

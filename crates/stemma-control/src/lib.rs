@@ -14,6 +14,7 @@
 //! - Branch operations that change metadata or storage run one at a time (the engine's
 //!   operation lock); reads do not take it.
 
+mod access;
 mod anonymize;
 pub mod api;
 mod config;
@@ -21,12 +22,14 @@ pub mod daemon;
 mod endpoints;
 mod engine;
 mod import;
+mod masking;
 pub mod metadata;
 mod metrics;
 pub mod names;
 pub mod project;
 mod workflows;
 
+pub use access::{Access, Caller};
 pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE, DEFAULT_PROXY_LISTEN};
 pub use engine::Engine;
 pub use project::ProjectConfig;
@@ -42,6 +45,9 @@ pub enum ControlError {
     Invalid(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The caller's token does not reach this branch.
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }

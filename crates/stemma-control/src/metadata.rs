@@ -73,6 +73,26 @@ const MIGRATIONS: &[&str] = &[
         received_at TEXT NOT NULL
     );
     "#,
+    // 3: anonymized branches (their masking rules and last run) and restricted API tokens.
+    r#"
+    CREATE TABLE anonymizations (
+        branch_id     INTEGER PRIMARY KEY REFERENCES branches(id) ON DELETE CASCADE,
+        rules         TEXT NOT NULL,
+        digest        TEXT NOT NULL,
+        last_run_at   TEXT,
+        last_digest   TEXT,
+        outcome       TEXT,
+        message       TEXT,
+        tables        INTEGER,
+        rows          INTEGER
+    );
+    CREATE TABLE tokens (
+        name       TEXT PRIMARY KEY,
+        hash       TEXT NOT NULL UNIQUE,
+        branch_id  INTEGER NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +166,38 @@ pub struct ScheduleRun {
     /// `ok` or `failed`.
     pub outcome: String,
     pub message: Option<String>,
+}
+
+/// The masking rules of an anonymized branch and its last run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnonymizationRow {
+    pub branch_id: i64,
+    /// The rules file's text, applied at the next (re-)anonymization.
+    pub rules: String,
+    /// SHA-256 of `rules`, hex.
+    pub digest: String,
+    pub last_run: Option<AnonymizationRun>,
+}
+
+/// The outcome of one anonymization of a branch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnonymizationRun {
+    pub at: DateTime<Utc>,
+    /// The digest of the rules that run used.
+    pub digest: String,
+    /// `ok` or `failed`.
+    pub outcome: String,
+    pub message: Option<String>,
+    pub tables: u64,
+    pub rows: u64,
+}
+
+/// An API token restricted to a subtree of branches. Only its hash is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub name: String,
+    pub branch_id: i64,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What a new branch row holds (the id is assigned by the store).
@@ -574,6 +626,113 @@ impl Metadata {
         })
     }
 
+    /// Makes a `creating` timeline ready and creates an anonymized branch on it with its
+    /// rules and first run, in one transaction.
+    pub fn commit_anonymized_branch(
+        &self,
+        b: &NewBranch,
+        rules: &str,
+        digest: &str,
+        run: &AnonymizationRun,
+    ) -> Result<BranchRow> {
+        let id = self.tx(|tx| {
+            set_timeline_state(tx, &b.timeline_id, TimelineState::Ready)?;
+            let id = insert_branch(tx, b)?;
+            tx.execute(
+                "INSERT INTO anonymizations(branch_id, rules, digest) VALUES (?1, ?2, ?3)",
+                params![id, rules, digest],
+            )?;
+            write_anonymization_run(tx, id, run)?;
+            Ok(id)
+        })?;
+        self.branch_by_id(id)?
+            .context("a branch just inserted is missing")
+    }
+
+    pub fn anonymization(&self, branch_id: i64) -> Result<Option<AnonymizationRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT branch_id, rules, digest, last_run_at, last_digest, outcome, message, tables, rows \
+                 FROM anonymizations WHERE branch_id = ?1",
+                [branch_id],
+                |r| {
+                    let last_run = match r.get::<_, Option<String>>(3)? {
+                        Some(at) => Some(AnonymizationRun {
+                            at: parse_ts(&at)?,
+                            digest: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                            outcome: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                            message: r.get(6)?,
+                            tables: r.get::<_, Option<i64>>(7)?.unwrap_or(0).max(0) as u64,
+                            rows: r.get::<_, Option<i64>>(8)?.unwrap_or(0).max(0) as u64,
+                        }),
+                        None => None,
+                    };
+                    Ok(AnonymizationRow {
+                        branch_id: r.get(0)?,
+                        rules: r.get(1)?,
+                        digest: r.get(2)?,
+                        last_run,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// New rules for an anonymized branch, used from its next reset on.
+    pub fn set_anonymization_rules(&self, branch_id: i64, rules: &str, digest: &str) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE anonymizations SET rules = ?2, digest = ?3 WHERE branch_id = ?1",
+            params![branch_id, rules, digest],
+        )?;
+        if n != 1 {
+            bail!("branch {branch_id} is not an anonymized branch");
+        }
+        Ok(())
+    }
+
+    pub fn record_anonymization_run(&self, branch_id: i64, run: &AnonymizationRun) -> Result<()> {
+        self.tx(|tx| write_anonymization_run(tx, branch_id, run))
+    }
+
+    pub fn insert_token(&self, name: &str, hash: &str, branch_id: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO tokens(name, hash, branch_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hash, branch_id, ts(&Utc::now())],
+            )
+            .with_context(|| format!("recording token {name}"))?;
+        Ok(())
+    }
+
+    /// The token whose hash is `hash`.
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, branch_id, created_at FROM tokens WHERE hash = ?1",
+                [hash],
+                token_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT name, branch_id, created_at FROM tokens ORDER BY name")?;
+        let rows = st.query_map([], token_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Returns whether a token of that name existed.
+    pub fn delete_token(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])?
+            == 1)
+    }
+
     pub fn set_compute_running(&self, id: i64, running: bool) -> Result<()> {
         self.conn().execute(
             "UPDATE branches SET compute_desired = ?2 WHERE id = ?1",
@@ -591,6 +750,30 @@ fn set_timeline_state(tx: &Transaction<'_>, id: &str, state: TimelineState) -> R
     if n != 1 {
         bail!("timeline {id} is not in the metadata");
     }
+    Ok(())
+}
+
+fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow {
+        name: r.get(0)?,
+        branch_id: r.get(1)?,
+        created_at: parse_ts(&r.get::<_, String>(2)?)?,
+    })
+}
+
+fn write_anonymization_run(tx: &Transaction<'_>, id: i64, run: &AnonymizationRun) -> Result<()> {
+    tx.execute(
+        "UPDATE anonymizations SET last_run_at = ?2, last_digest = ?3, outcome = ?4, message = ?5, tables = ?6, rows = ?7 WHERE branch_id = ?1",
+        params![
+            id,
+            ts(&run.at),
+            run.digest,
+            run.outcome,
+            run.message,
+            run.tables as i64,
+            run.rows as i64
+        ],
+    )?;
     Ok(())
 }
 
