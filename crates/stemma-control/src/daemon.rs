@@ -66,6 +66,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // Scratch space of imports cut off by a crash.
     let _ = fs::remove_dir_all(cfg.scratch_dir());
     fs::create_dir_all(cfg.scratch_dir()).context("creating the scratch directory")?;
+    // Imports stage raw dumps here: the daemon's user only.
+    fs::set_permissions(cfg.scratch_dir(), fs::Permissions::from_mode(0o700))
+        .context("restricting the scratch directory")?;
 
     let supervisor = Supervisor::new(install, user);
     let engine = Arc::new(Engine::new(cfg.clone(), meta, storage, supervisor.clone()));

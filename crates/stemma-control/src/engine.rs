@@ -1093,6 +1093,15 @@ impl Engine {
         for t in &timelines {
             if t.state != TimelineState::Ready {
                 tracing::warn!(timeline = %t.id, state = ?t.state, "finishing an interrupted operation: removing the timeline");
+                // An import or anonymization runs a private compute on its timeline; a crash
+                // leaves it running. Stop it before its files go.
+                let dir = self.storage.data_dir(&timeline(&t.id)?);
+                if stemma_compute::read_postmaster_pid(&dir).is_some() {
+                    let key = format!("orphan-{}", t.id);
+                    if let Err(e) = self.supervisor.stop(&key, &dir).await {
+                        tracing::warn!(timeline = %t.id, error = %e, "stopping a leftover compute");
+                    }
+                }
                 self.destroy_timeline(&t.id).await?;
             }
         }

@@ -309,7 +309,7 @@ impl Engine {
                 tracing::error!(branch = %label, error = %e, "anonymization failed");
                 self.update_job(op, |o| {
                     o.state = api::OperationState::Failed;
-                    o.error = Some(format!("anonymizing {label:?} failed: {e}"));
+                    o.error = Some(format!("anonymizing {label:?} failed: {e:#}"));
                 });
             }
         }
@@ -572,9 +572,12 @@ impl Engine {
                 .context("reading sequence values")?;
             for r in seqs {
                 let (name, value): (String, i64) = (r.get(0), r.get(1));
-                d.execute("SELECT setval($1::regclass, $2, true)", &[&name, &value])
-                    .await
-                    .with_context(|| format!("setting sequence {name}"))?;
+                d.execute(
+                    "SELECT setval($1::text::regclass, $2, true)",
+                    &[&name, &value],
+                )
+                .await
+                .with_context(|| format!("setting sequence {name}"))?;
             }
             d.batch_execute("ANALYZE")
                 .await

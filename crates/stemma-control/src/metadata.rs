@@ -289,6 +289,19 @@ impl Metadata {
     pub fn open(path: &Path) -> Result<Self> {
         let mut conn = Connection::open(path)
             .with_context(|| format!("opening the metadata store {}", path.display()))?;
+        // The store holds every branch's credentials, the masking key and token digests:
+        // readable by the daemon's user only (computes run as another user and must not read
+        // it). SQLite gives its -wal and -shm files the database file's mode.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if p.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("restricting {}", p.display()))?;
+            }
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Every committed operation must survive a power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
