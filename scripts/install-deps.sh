@@ -41,6 +41,11 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 fi
+# Computes of anonymized branches run as their own user, apart from the other computes' files
+# (the daemon also creates it when missing).
+if [ "$(id -u)" -eq 0 ] && ! id stemma-anon >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin stemma-anon
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "stemma: no Rust toolchain (cargo) found; install it with rustup (https://rustup.rs)" >&2

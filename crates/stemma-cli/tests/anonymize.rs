@@ -636,6 +636,41 @@ fn a_restricted_token_reaches_only_its_subtree() {
     forbidden(&["branch", "delete", "anon"]);
     forbidden(&["token", "create", "bob", "--branch", "main"]);
     forbidden(&["init", "--name", "root2"]);
+    // The anonymized subtree's computes run as their own OS user: their superuser (anyone
+    // holding a connection string) cannot read production's files.
+    let main_dir = env.data_dir.join("timelines").join(
+        env.json(&["branch", "get", "main"])["timeline_id"]
+            .as_str()
+            .unwrap(),
+    );
+    let anon_cs = ok(&["connection-string", "alice-dev"]);
+    let read = |cs: &str, path: &Path| {
+        Command::new(pg_bin("psql"))
+            .args(["-X", "-A", "-t", "-d", cs.trim(), "-c"])
+            .arg(format!(
+                "select pg_read_file('{}')",
+                path.join("PG_VERSION").display()
+            ))
+            .output()
+            .expect("psql")
+    };
+    let denied = read(&anon_cs, &main_dir);
+    assert!(
+        !denied.status.success(),
+        "an anonymized branch read production's files"
+    );
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert!(
+        read(&env.connection_string("main"), &main_dir)
+            .status
+            .success(),
+        "the check can pass"
+    );
+    assert!(env.json(&["branch", "get", "alice-dev"])["compute"]["pid"].is_number());
     // And the HTTP status is 403.
     let client = stemma_api::Client::new(&api, &token);
     match client.get_branch("main") {

@@ -34,6 +34,9 @@ pub struct ComputeSpec {
     /// `-c name=value` settings.
     pub settings: BTreeMap<String, String>,
     pub log_path: PathBuf,
+    /// The OS user to run as, when not the supervisor's (computes of one subtree of branches
+    /// can be kept apart from the others' files this way).
+    pub user: Option<ComputeUser>,
 }
 
 impl ComputeSpec {
@@ -220,7 +223,8 @@ impl Supervisor {
                 stop_postmaster(pm.pid, &spec.data_dir, || false).await;
             }
         }
-        self.prepare_socket_dir(&spec.socket_dir)?;
+        let user = spec.user.clone().or_else(|| self.inner.user.clone());
+        self.prepare_socket_dir(&spec.socket_dir, &user)?;
         let mut settings = spec.settings.clone();
         settings.insert("listen_addresses".into(), String::new());
         settings.insert(
@@ -229,7 +233,7 @@ impl Supervisor {
         );
         let child = spawn_postgres(
             &self.inner.install,
-            &self.inner.user,
+            &user,
             &spec.data_dir,
             spec.port,
             &settings,
@@ -256,7 +260,7 @@ impl Supervisor {
 
     /// The socket directory, private to the compute's user. Unix socket paths are limited to
     /// 107 bytes, so a long data directory path is refused here with a clear error.
-    fn prepare_socket_dir(&self, dir: &std::path::Path) -> Result<()> {
+    fn prepare_socket_dir(&self, dir: &std::path::Path, user: &Option<ComputeUser>) -> Result<()> {
         let path_len = dir.as_os_str().len() + ".s.PGSQL.65535".len() + 1;
         if path_len > 107 {
             return Err(ComputeError::Failed(format!(
@@ -266,7 +270,7 @@ impl Supervisor {
         }
         std::fs::create_dir_all(dir)
             .map_err(ComputeError::io(format!("creating {}", dir.display())))?;
-        if let Some(u) = &self.inner.user {
+        if let Some(u) = user {
             std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid)).map_err(ComputeError::io(
                 format!("handing {} to the compute user", dir.display()),
             ))?;

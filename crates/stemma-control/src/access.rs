@@ -12,6 +12,10 @@ use crate::engine::Engine;
 use crate::metadata::BranchRow;
 use crate::{ControlError, Result};
 
+/// The OS user that computes of anonymized subtrees run as, apart from every other compute's
+/// files (see [`Engine::compute_user_of`]).
+pub const ANONYMIZED_COMPUTE_USER: &str = "stemma-anon";
+
 /// The caller of an API request, as its token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -36,6 +40,71 @@ pub(crate) fn token_digest(token: &str) -> String {
 }
 
 impl Engine {
+    /// Whether `b` is an anonymized branch or descends from one.
+    pub(crate) fn in_anonymized_subtree(&self, b: &BranchRow) -> Result<bool> {
+        let mut cur = Some(b.clone());
+        for _ in 0..10_000 {
+            let Some(c) = cur else { return Ok(false) };
+            if self.meta.anonymization(c.id)?.is_some() {
+                return Ok(true);
+            }
+            cur = match c.parent_id {
+                Some(p) => self.meta.branch_by_id(p)?,
+                None => None,
+            };
+        }
+        Ok(false)
+    }
+
+    /// The OS user a branch's compute runs as, when it is not the default one: computes of
+    /// anonymized subtrees run as [`ANONYMIZED_COMPUTE_USER`], so that their superusers
+    /// (whoever holds their connection strings) cannot read other computes' files, production's
+    /// among them. Only when the daemon runs as root; otherwise every compute runs as the
+    /// daemon's own user.
+    pub(crate) fn compute_user_of(
+        &self,
+        b: &BranchRow,
+    ) -> Result<Option<stemma_compute::ComputeUser>> {
+        if self.supervisor.user().is_none() || !self.in_anonymized_subtree(b)? {
+            return Ok(None);
+        }
+        self.anonymized_compute_user().map(Some)
+    }
+
+    /// [`ANONYMIZED_COMPUTE_USER`], created (a system user without a home or a shell) when
+    /// missing.
+    pub(crate) fn anonymized_compute_user(&self) -> Result<stemma_compute::ComputeUser> {
+        let name = ANONYMIZED_COMPUTE_USER;
+        if let Ok(Some(u)) = stemma_compute::ComputeUser::resolve(Some(name)) {
+            return Ok(u);
+        }
+        let out = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                tracing::info!(
+                    user = name,
+                    "created the compute user of anonymized branches"
+                )
+            }
+            Ok(o) => {
+                tracing::warn!(user = name, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "useradd failed")
+            }
+            Err(e) => tracing::warn!(user = name, error = %e, "running useradd"),
+        }
+        stemma_compute::ComputeUser::resolve(Some(name))?
+            .ok_or_else(|| anyhow::anyhow!("no compute user {name}").into())
+    }
+
     /// The caller a bearer token names, if any.
     pub fn caller_for(&self, token: &str) -> Result<Option<Caller>> {
         Ok(self

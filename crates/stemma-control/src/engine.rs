@@ -197,6 +197,7 @@ impl Engine {
             port: COMPUTE_SOCKET_PORT,
             settings,
             log_path: self.cfg.logs_dir().join(format!("compute-{}.log", b.id)),
+            user: self.compute_user_of(b)?,
         })
     }
 
@@ -450,12 +451,27 @@ impl Engine {
     /// Creates the empty timeline `tl` in storage and runs `initdb` in it, with our superuser
     /// and `password`.
     pub(crate) async fn initdb_timeline(&self, tl: &TimelineId, password: &str) -> Result<()> {
+        self.initdb_timeline_as(tl, password, None).await
+    }
+
+    /// [`Engine::initdb_timeline`], with the timeline owned by (and initdb run as) `owner`
+    /// instead of the default compute user.
+    pub(crate) async fn initdb_timeline_as(
+        &self,
+        tl: &TimelineId,
+        password: &str,
+        owner: Option<stemma_compute::ComputeUser>,
+    ) -> Result<()> {
         let storage = self.storage.clone();
         let install = self.supervisor.install().clone();
-        let user = self.supervisor.user().clone();
+        let user = owner.clone().or_else(|| self.supervisor.user().clone());
         let (tl, pw) = (tl.clone(), password.to_string());
         blocking(move || {
             let dir = storage.create_empty(&tl)?;
+            if let Some(o) = &owner {
+                std::os::unix::fs::chown(&dir, Some(o.uid), Some(o.gid))
+                    .with_context(|| format!("handing {} to user {}", dir.display(), o.name))?;
+            }
             stemma_compute::initdb(
                 &install,
                 &user,

@@ -475,8 +475,14 @@ impl Engine {
             self.update_job(op, |o| o.phase = p.to_string());
         };
         phase("creating the branch");
-        self.initdb_timeline(tl, password).await?;
+        // Its computes run as their own OS user, apart from the parent's files.
+        let owner = match self.supervisor.user() {
+            Some(_) => Some(self.anonymized_compute_user()?),
+            None => None,
+        };
+        self.initdb_timeline_as(tl, password, owner.clone()).await?;
         let mut spec = self.compute_spec(&crate::import::NewBranchView::row(tl, 0))?;
+        spec.user = owner;
         spec.key = format!("anonymize-{op}");
         spec.socket_dir = self
             .cfg

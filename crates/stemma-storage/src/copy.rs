@@ -75,6 +75,16 @@ impl CopyDriver {
         Ok(())
     }
 
+    /// Gives `path` the owner of `like` (a clone keeps its source's owners: a timeline's
+    /// files belong to the user its compute runs as, which may differ between subtrees).
+    fn chown_like(&self, path: &Path, like: &fs::Metadata) -> Result<()> {
+        if self.owner.is_some() {
+            std::os::unix::fs::lchown(path, Some(like.uid()), Some(like.gid()))
+                .map_err(StorageError::io("changing the owner", path))?;
+        }
+        Ok(())
+    }
+
     fn copy_file(&self, src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<()> {
         let input = match File::open(src) {
             Ok(f) => f,
@@ -111,7 +121,7 @@ impl CopyDriver {
             .map_err(StorageError::io("writing a file", dst))?;
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
             .map_err(StorageError::io("setting a file's mode", dst))?;
-        self.chown(dst)
+        self.chown_like(dst, meta)
     }
 
     /// Copies `src` (relative path `rel`) into `dst`, recursively, honouring `filter`.
@@ -152,7 +162,7 @@ impl CopyDriver {
                 }
                 fs::set_permissions(&dst_child, fs::Permissions::from_mode(meta.mode() & 0o7777))
                     .map_err(StorageError::io("setting a directory's mode", &dst_child))?;
-                self.chown(&dst_child)?;
+                self.chown_like(&dst_child, &meta)?;
                 let emptied = filter.empty.iter().any(|p| p == &rel_child);
                 // Inside an `only` entry everything is taken.
                 let inner = if filter.only.iter().any(|p| rel_child.starts_with(p)) {
@@ -176,7 +186,7 @@ impl CopyDriver {
                 }
                 std::os::unix::fs::symlink(&target, &dst_child)
                     .map_err(StorageError::io("creating a symlink", &dst_child))?;
-                self.chown(&dst_child)?;
+                self.chown_like(&dst_child, &meta)?;
             } else if ft.is_file() {
                 self.copy_file(&src_child, &dst_child, &meta)?;
             }
@@ -249,6 +259,8 @@ impl StorageDriver for CopyDriver {
         if !dst.is_dir() {
             self.create_empty(child)?;
         }
+        let src_meta = fs::metadata(&src).map_err(StorageError::io("reading metadata", &src))?;
+        self.chown_like(&dst, &src_meta)?;
         self.copy_tree(&src, &dst, Path::new(""), filter)?;
         // Make the clone durable before the caller records it as complete.
         sync_filesystem(&dst)
@@ -272,7 +284,9 @@ impl StorageDriver for CopyDriver {
             .map_err(StorageError::io("writing a file", &path))?;
         f.sync_all()
             .map_err(StorageError::io("syncing a file", &path))?;
-        self.chown(&path)
+        // The file belongs to whoever owns the timeline.
+        let dir_meta = fs::metadata(&dir).map_err(StorageError::io("reading metadata", &dir))?;
+        self.chown_like(&path, &dir_meta)
     }
 
     fn remove_file(&self, id: &TimelineId, relative: &Path) -> Result<()> {
