@@ -43,7 +43,9 @@ pub fn decode_field(raw: &[u8]) -> Result<Option<String>, NotUtf8> {
         return Ok(None);
     }
     if !raw.contains(&b'\\') {
-        return String::from_utf8(raw.to_vec()).map(Some).map_err(|_| NotUtf8);
+        return String::from_utf8(raw.to_vec())
+            .map(Some)
+            .map_err(|_| NotUtf8);
     }
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
