@@ -576,8 +576,17 @@ async fn init(
 
 #[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = String, Path)),
     responses((status = 200, body = Operation)))]
-async fn operation(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Operation> {
-    Ok(Json(s.engine.operation(&id)?))
+async fn operation(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Operation> {
+    let op = s.engine.operation(&id)?;
+    // An operation's result carries its branch's connection string.
+    if let Some(b) = &op.branch {
+        s.engine.authorize(&caller, &b.name, Access::Use)?;
+    }
+    Ok(Json(op))
 }
 
 #[utoipa::path(post, path = "/v1/shutdown", responses((status = 200, body = Object)))]
