@@ -84,10 +84,22 @@ impl fmt::Debug for SecretKey {
 }
 
 /// Applies masks. Cheap to clone and share between threads (it holds the key and the locale).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Masker {
     key: SecretKey,
     locale: Locale,
+    /// HMAC-SHA256 with the key already absorbed: cloning it skips the two compressions of
+    /// the key schedule on every value.
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Masker")
+            .field("key", &self.key)
+            .field("locale", &self.locale)
+            .finish()
+    }
 }
 
 macro_rules! localized {
@@ -116,15 +128,18 @@ macro_rules! localized {
 
 impl Masker {
     pub fn new(key: SecretKey, locale: Locale) -> Self {
-        Self { key, locale }
+        let mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key.0)
+            .expect("HMAC accepts keys of any length");
+        Self { key, locale, mac }
+    }
+
+    /// A keyed HMAC-SHA256, ready for input.
+    pub(crate) fn keyed_mac(&self) -> hmac::Hmac<sha2::Sha256> {
+        self.mac.clone()
     }
 
     pub fn locale(&self) -> Locale {
         self.locale
-    }
-
-    pub(crate) fn key_bytes(&self) -> &[u8] {
-        &self.key.0
     }
 
     /// Masks one value of a column of type `ty`. `None` (NULL) stays NULL.
@@ -287,8 +302,7 @@ impl Masker {
     }
 
     fn seed(&self, kind: MaskKind, value: &str, attempt: u32) -> [u8; 32] {
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key.0)
-            .expect("HMAC accepts keys of any length");
+        let mut mac = self.keyed_mac();
         mac.update(b"stemma-anonymize/1\0");
         mac.update(kind.name().as_bytes());
         mac.update(b"\0");

@@ -39,7 +39,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
-use hmac::{KeyInit, Mac};
+use hmac::Mac;
 
 use crate::error::MaskError;
 use crate::mask::Masker;
@@ -107,13 +107,20 @@ impl UniqueMapper {
             }
         }
         by_digest.sort_unstable_by_key(|(d, _)| *d);
+        // Every input's first candidate is a pure function of it: computed on all cores
+        // first; the resolution below stays sequential (and so deterministic).
+        let first = self.first_candidates(&by_digest);
         let mut taken: HashSet<u64> = HashSet::with_capacity(by_digest.len());
         let mut exceptions = HashMap::new();
-        for (d, v) in by_digest {
+        for ((d, v), first) in by_digest.into_iter().zip(first) {
             let mut attempt = 0;
             loop {
-                let out = self.masker.mask_attempt(&self.mask, &self.ty, v, attempt)?;
-                let fp = fingerprint(out.as_deref());
+                let fp = if attempt == 0 {
+                    first.clone()?
+                } else {
+                    let out = self.masker.mask_attempt(&self.mask, &self.ty, v, attempt)?;
+                    fingerprint(out.as_deref())
+                };
                 if taken.insert(fp) {
                     if attempt > 0 {
                         exceptions.insert(d, attempt);
@@ -134,6 +141,44 @@ impl UniqueMapper {
             mask: self.mask,
             ty: self.ty,
             exceptions,
+        })
+    }
+}
+
+impl UniqueMapper {
+    /// The fingerprint of each input's attempt-0 candidate, in `inputs`' order.
+    fn first_candidates(&self, inputs: &[(u128, &str)]) -> Vec<Result<u64, MaskError>> {
+        let one = |v: &str| {
+            self.masker
+                .mask_attempt(&self.mask, &self.ty, v, 0)
+                .map(|o| fingerprint(o.as_deref()))
+        };
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8);
+        if threads < 2 || inputs.len() < 4096 {
+            return inputs.iter().map(|(_, v)| one(v)).collect();
+        }
+        let chunk = inputs.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = inputs
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|(_, v)| one(v)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| match h.join() {
+                    Ok(v) => v,
+                    // A panicking mask is a bug; surface it where the caller looks.
+                    Err(_) => vec![Err(MaskError::UniqueExhausted {
+                        kind: self.mask.kind().name(),
+                        attempts: 0,
+                    })],
+                })
+                .collect()
         })
     }
 }
@@ -170,8 +215,7 @@ impl UniqueMapping {
 
 /// A keyed 128-bit digest of an input: identifies distinct values without keeping them.
 fn digest(masker: &Masker, value: &str) -> u128 {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(masker.key_bytes())
-        .expect("HMAC accepts keys of any length");
+    let mut mac = masker.keyed_mac();
     mac.update(b"stemma-anonymize/unique\0");
     mac.update(value.as_bytes());
     let out = mac.finalize().into_bytes();

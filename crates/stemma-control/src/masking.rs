@@ -565,7 +565,7 @@ impl Engine {
 
         for db in &databases {
             phase(&format!("indexes and constraints of database {db}"));
-            self.pipe_dump(&src, &dst, db, "post-data").await?;
+            self.restore_post_data(&src, &dst, db, op, jobs).await?;
             let s = src.connect(db).await?;
             let d = dst.connect(db).await?;
             let seqs = s
@@ -695,33 +695,57 @@ impl Engine {
                         clients.entry(c.database.clone()).or_insert(client)
                     }
                 };
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT DISTINCT {col}::text FROM {}.{} WHERE {col} IS NOT NULL",
-                            quote(&c.schema),
-                            quote(&c.table),
-                            col = quote(&c.column)
-                        ),
-                        &[],
-                    )
+                // Streamed, and kept once per distinct value.
+                let sql = format!(
+                    "COPY (SELECT {col}::text FROM {}.{} WHERE {col} IS NOT NULL) TO STDOUT",
+                    quote(&c.schema),
+                    quote(&c.table),
+                    col = quote(&c.column)
+                );
+                let stream = client
+                    .copy_out(&sql)
                     .await
                     .with_context(|| format!("reading the values of {}", describe(c)))?;
-                values.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+                pin_mut!(stream);
+                let mut carry: Vec<u8> = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk =
+                        chunk.with_context(|| format!("reading the values of {}", describe(c)))?;
+                    carry.extend_from_slice(&chunk);
+                    let cut = carry.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                    for line in carry[..cut]
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                    {
+                        match stemma_anonymize::copy::decode_field(line) {
+                            Ok(Some(v)) => {
+                                values.insert(v);
+                            }
+                            Ok(None) => {}
+                            Err(_) => {
+                                return Err(ControlError::Invalid(format!(
+                                    "a value of {} is not valid UTF-8 (value withheld)",
+                                    describe(c)
+                                )))
+                            }
+                        }
+                    }
+                    carry.drain(..cut);
+                }
             }
+            // CPU work (a candidate per distinct value): off the async runtime.
             let mut mapper =
                 UniqueMapper::new(masker.clone(), domain.mask.clone(), domain.ty.clone());
-            for v in &values {
-                mapper.observe(v);
-            }
-            let mapping = mapper
-                .finish(values.iter().map(String::as_str))
-                .map_err(|e| {
-                    ControlError::Invalid(format!(
-                        "unique column {}: {e}",
-                        domain.columns.first().map(describe).unwrap_or_default()
-                    ))
-                })?;
+            let first = domain.columns.first().map(describe).unwrap_or_default();
+            let mapping = tokio::task::spawn_blocking(move || {
+                for v in &values {
+                    mapper.observe(v);
+                }
+                mapper.finish(values.iter().map(String::as_str))
+            })
+            .await
+            .map_err(|e| anyhow!("resolving a unique domain failed: {e}"))?
+            .map_err(|e| ControlError::Invalid(format!("unique column {first}: {e}")))?;
             out.push(Arc::new(mapping));
         }
         Ok(out)
@@ -749,32 +773,72 @@ impl Engine {
             .with_context(|| format!("writing {what}"))?;
         pin_mut!(stream, sink);
         let identity = t.masker.is_identity();
+        let masker = Arc::new(t.masker);
+        // Masking is CPU work: whole batches of rows are masked on blocking threads, two at a
+        // time, while this task keeps reading and writing. Batches go out in order.
+        let mut inflight = futures_util::stream::FuturesOrdered::new();
         let mut carry: Vec<u8> = Vec::new();
-        let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 1024);
         let (mut rows, mut bytes) = (0u64, 0u64);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.with_context(|| format!("reading {what}"))?;
-            bytes += chunk.len() as u64;
-            if identity {
-                rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-                out.extend_from_slice(&chunk);
-            } else {
-                carry.extend_from_slice(&chunk);
-                let mut start = 0;
-                while let Some(end) = carry[start..].iter().position(|b| *b == b'\n') {
-                    let line = &carry[start..start + end];
-                    t.masker
-                        .mask_row(line, &mut out)
-                        .map_err(|e| ControlError::Invalid(format!("{what}: {e}")))?;
-                    rows += 1;
-                    start += end + 1;
+        let mask_batch = |batch: Vec<u8>| {
+            let masker = masker.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(batch.len() + batch.len() / 2);
+                let mut n = 0u64;
+                for line in batch.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    masker.mask_row(line, &mut out)?;
+                    n += 1;
                 }
-                carry.drain(..start);
+                Ok::<_, stemma_anonymize::CopyError>((out, n))
+            })
+        };
+        let mut ended = false;
+        while !ended || !carry.is_empty() || !inflight.is_empty() {
+            if !ended {
+                match stream.next().await {
+                    Some(chunk) => {
+                        let chunk = chunk.with_context(|| format!("reading {what}"))?;
+                        bytes += chunk.len() as u64;
+                        carry.extend_from_slice(&chunk);
+                    }
+                    None => ended = true,
+                }
             }
-            if out.len() >= FLUSH_BYTES {
-                sink.send(Bytes::from(std::mem::take(&mut out)))
-                    .await
-                    .with_context(|| format!("writing {what}"))?;
+            // A batch is whole rows: up to the last newline.
+            let ready = carry.len() >= FLUSH_BYTES || (ended && !carry.is_empty());
+            if ready {
+                let cut = match carry.iter().rposition(|b| *b == b'\n') {
+                    Some(i) => i + 1,
+                    None if ended => {
+                        return Err(
+                            anyhow!("the copy of {what} ended in the middle of a row").into()
+                        )
+                    }
+                    None => continue,
+                };
+                let rest = carry.split_off(cut);
+                let batch = std::mem::replace(&mut carry, rest);
+                if identity {
+                    rows += batch.iter().filter(|b| **b == b'\n').count() as u64;
+                    sink.send(Bytes::from(batch))
+                        .await
+                        .with_context(|| format!("writing {what}"))?;
+                } else {
+                    inflight.push_back(mask_batch(batch));
+                }
+            }
+            let drain = inflight.len() >= 2 || (ended && carry.is_empty() && !inflight.is_empty());
+            if drain {
+                if let Some(done) = inflight.next().await {
+                    let (out, n) = done
+                        .map_err(|e| anyhow!("a masking thread failed: {e}"))?
+                        .map_err(|e| ControlError::Invalid(format!("{what}: {e}")))?;
+                    rows += n;
+                    sink.send(Bytes::from(out))
+                        .await
+                        .with_context(|| format!("writing {what}"))?;
+                }
+            }
+            if ready || drain {
                 self.update_job(op, |o| {
                     if let Some(p) = o.tables.get_mut(t.index) {
                         p.rows = rows;
@@ -782,14 +846,6 @@ impl Engine {
                     }
                 });
             }
-        }
-        if !carry.is_empty() {
-            return Err(anyhow!("the copy of {what} ended in the middle of a row").into());
-        }
-        if !out.is_empty() {
-            sink.send(Bytes::from(out))
-                .await
-                .with_context(|| format!("writing {what}"))?;
         }
         sink.as_mut()
             .finish()
@@ -866,6 +922,69 @@ impl Engine {
         r.context("reading psql's errors")?;
         let status = child.wait().await.context("waiting for psql")?;
         check_sql_errors(&errors, what, status.success())
+    }
+
+    /// Indexes, constraints and triggers of `db`, built `jobs` at a time: `pg_dump -Fc
+    /// --section=post-data` into the scratch directory (definitions only: no row passes
+    /// through it), then `pg_restore -j`.
+    async fn restore_post_data(
+        &self,
+        src: &LocalDb,
+        dst: &LocalDb,
+        db: &str,
+        op: &str,
+        jobs: usize,
+    ) -> Result<()> {
+        let file = self
+            .cfg
+            .scratch_dir()
+            .join(format!("{op}-{:08x}.post-data", rand::random::<u32>()));
+        let file_arg = file.display().to_string();
+        let result = async {
+            self.capture(
+                src,
+                db,
+                "pg_dump",
+                &[
+                    "-Fc",
+                    "--section=post-data",
+                    "--no-publications",
+                    "--no-subscriptions",
+                    "-f",
+                    &file_arg,
+                ],
+            )
+            .await?;
+            let mut cmd = tokio::process::Command::new(self.supervisor.install().bin("pg_restore"));
+            dst.env(&mut cmd, db);
+            let out = cmd
+                .args(["-j", &jobs.max(1).to_string(), "-d", db, &file_arg])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .context("running pg_restore")?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // pg_restore goes on after an error and fails at the end: objects that exist
+            // already are fine, anything else is not.
+            check_sql_errors(
+                &stderr,
+                &format!("the indexes and constraints of database {db:?}"),
+                out.status.success() || !stderr.contains("ERROR:") || {
+                    stderr
+                        .lines()
+                        .filter(|l| l.contains("ERROR:"))
+                        .all(|l| l.contains("already exists"))
+                },
+            )
+        }
+        .await;
+        if let Err(e) = tokio::fs::remove_file(&file).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, "removing the post-data dump");
+            }
+        }
+        result
     }
 
     /// `pg_dump --section=SECTION` of `db` in the parent, piped into psql on the new compute.
