@@ -185,3 +185,80 @@ fn stopped_computes_are_reaped() {
         zombie_children(daemon) == 0
     });
 }
+
+/// The pagestore's mounts live in a server process of their own: `kill -9` of the daemon
+/// leaves it and the computes reading through it running, and the next daemon reconnects to
+/// it instead of starting another. `down` then stops everything and leaves no mount.
+#[test]
+fn kill_9_of_the_daemon_keeps_pagestore_computes_and_their_server() {
+    let env = Env::new();
+    let pagestore = ["--storage", "pagestore"];
+    env.up_with(&pagestore);
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "insert into t values (2)");
+    let direct = env.direct_uri("dev");
+    let sorted = |mut v: Vec<i32>| {
+        v.sort();
+        v
+    };
+    let computes_before = sorted(env.compute_pids());
+    assert_eq!(computes_before.len(), 2, "main and dev run");
+    let servers = env.pagestore_server_pids();
+    assert_eq!(servers.len(), 1, "one pagestore server");
+    assert_eq!(
+        std::fs::read_to_string(env.data_dir.join("pagestore/server/pid"))
+            .unwrap()
+            .trim(),
+        servers[0].to_string()
+    );
+
+    let daemon = env.daemon_pid().unwrap();
+    kill9(daemon);
+    wait_for("daemon death", Duration::from_secs(10), || !alive(daemon));
+    // The compute keeps reading and writing its data directory through the server.
+    assert_eq!(psql(&direct, "select count(*) from t"), "2");
+    psql(&direct, "insert into t values (3)");
+    assert_eq!(env.pagestore_server_pids(), servers);
+
+    env.up_with(&pagestore);
+    assert_ne!(env.daemon_pid(), Some(daemon));
+    assert_eq!(
+        env.pagestore_server_pids(),
+        servers,
+        "the restarted daemon started a second server instead of reconnecting"
+    );
+    assert_eq!(
+        sorted(env.compute_pids()),
+        computes_before,
+        "computes were restarted instead of adopted"
+    );
+    let status = env.json(&["status"]);
+    assert_eq!(status["storage"], "pagestore");
+    assert_eq!(
+        env.sql("dev", "select string_agg(v::text, ',' order by v) from t"),
+        "1,2,3"
+    );
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+    // Storage operations go through the adopted server.
+    env.ok(&["branch", "create", "feature", "--parent", "dev"]);
+    env.sql("feature", "insert into t values (4)");
+    assert_eq!(env.sql("dev", "select count(*) from t"), "3");
+    assert_eq!(env.sql("feature", "select count(*) from t"), "4");
+    let all_computes = env.compute_pids();
+    assert_eq!(all_computes.len(), 3);
+
+    env.ok(&["down"]);
+    for pid in &servers {
+        assert!(!alive(*pid), "the pagestore server outlived `down`");
+    }
+    for pid in &all_computes {
+        assert!(!alive(*pid as u32), "compute {pid} outlived `down`");
+    }
+    assert!(env.pagestore_server_pids().is_empty());
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
+}

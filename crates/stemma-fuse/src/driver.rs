@@ -84,6 +84,19 @@ fn check_relative(p: &Path) -> Result<()> {
     }
 }
 
+/// What the pagestore can do: clones are O(1) snapshots that keep reading their parent, at
+/// any moment of the retention window.
+pub(crate) const CAPABILITIES: Capabilities = Capabilities {
+    clone_consistency: CloneConsistency::CrashConsistent,
+    point_in_time: true,
+    children_depend_on_parent: true,
+};
+
+/// The mount point (the compute's data directory) of timeline `id` under a driver's root.
+pub(crate) fn mount_point(root: &Path, id: &TimelineId) -> PathBuf {
+    root.join("mnt").join(id.as_str())
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -381,11 +394,7 @@ impl StorageDriver for PagestoreDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            clone_consistency: CloneConsistency::CrashConsistent,
-            point_in_time: true,
-            children_depend_on_parent: true,
-        }
+        CAPABILITIES
     }
 
     fn create_empty(&self, id: &TimelineId) -> Result<PathBuf> {
@@ -498,7 +507,7 @@ impl StorageDriver for PagestoreDriver {
     }
 
     fn data_dir(&self, id: &TimelineId) -> PathBuf {
-        self.mnt_dir.join(id.as_str())
+        mount_point(&self.root, id)
     }
 
     fn exists(&self, id: &TimelineId) -> bool {
