@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use std::process::Stdio;
 use std::time::Duration;
+use stemma_storage::StorageDriver;
 
 #[test]
 fn kill_9_of_the_daemon_keeps_every_branch_and_its_computes() {
@@ -88,13 +89,31 @@ fn interrupted_operations_are_repaired_on_start() {
         .unwrap();
     }
     drop(db);
-    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
-        std::fs::create_dir_all(timelines.join(id).join("base")).unwrap();
-        std::fs::write(timelines.join(id).join("base/1"), b"partial").unwrap();
+    let ids = ["aaaa-0001", "aaaa-0002", "aaaa-0003"];
+    if env.uses_pagestore() {
+        // The same in the page store, written with the driver while no server runs.
+        let driver = stemma_fuse::PagestoreDriver::open(
+            &env.data_dir.join("pagestore"),
+            None,
+            stemma_fuse::DriverOptions::default(),
+        )
+        .unwrap();
+        for id in ids {
+            let id = stemma_storage::TimelineId::parse(id).unwrap();
+            let dir = driver.create_empty(&id).unwrap();
+            std::fs::create_dir(dir.join("base")).unwrap();
+            std::fs::write(dir.join("base/1"), b"partial").unwrap();
+        }
+        driver.shutdown();
+    } else {
+        for id in ids {
+            std::fs::create_dir_all(timelines.join(id).join("base")).unwrap();
+            std::fs::write(timelines.join(id).join("base/1"), b"partial").unwrap();
+        }
     }
     env.up();
-    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
-        assert!(!timelines.join(id).exists(), "{id} left behind");
+    for id in ids {
+        assert!(!env.timeline_dir(id).exists(), "{id} left behind");
     }
     assert_eq!(env.timeline_dirs().len(), 1);
     assert_eq!(env.sql("main", "select 1"), "1");

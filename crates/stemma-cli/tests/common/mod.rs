@@ -248,8 +248,34 @@ impl Env {
         panic!("no socket for the compute of {branch}");
     }
 
+    /// The storage driver the daemon is started with: `STEMMA_STORAGE`, else `copy`.
+    pub fn storage(&self) -> String {
+        std::env::var("STEMMA_STORAGE").unwrap_or_else(|_| "copy".into())
+    }
+
+    /// Whether the data directory uses the pagestore (its timelines are mount points).
+    pub fn uses_pagestore(&self) -> bool {
+        self.data_dir.join("pagestore").is_dir()
+    }
+
+    /// Where the storage driver keeps its timelines' data directories.
+    fn timelines_root(&self) -> PathBuf {
+        if self.uses_pagestore() {
+            self.data_dir.join("pagestore/mnt")
+        } else {
+            self.data_dir.join("timelines")
+        }
+    }
+
+    /// The data directory of timeline `id`, whichever the driver.
+    pub fn timeline_dir(&self, id: &str) -> PathBuf {
+        self.timelines_root().join(id)
+    }
+
+    /// One entry per timeline in storage: the copy driver's directories, or the pagestore's
+    /// mount points (one per timeline while its server runs).
     pub fn timeline_dirs(&self) -> Vec<PathBuf> {
-        fs::read_dir(self.data_dir.join("timelines"))
+        fs::read_dir(self.timelines_root())
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     }
@@ -356,6 +382,28 @@ pub fn psql(conn: &str, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Like [`psql`], but `None` when psql fails (a connection ended by a reset, say).
+pub fn try_psql(conn: &str, sql: &str) -> Option<String> {
+    let out = Command::new(pg_bin("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conn,
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Loads the Chinook sample into a branch (it creates the database `chinook`).
