@@ -281,3 +281,41 @@ fn kill_9_of_the_daemon_keeps_pagestore_computes_and_their_server() {
         "mounts left"
     );
 }
+
+/// `kill -9` of the pagestore server kills its mounts, and the computes on them stop. The
+/// daemon starts a new server, which mounts every timeline again, and the computes come
+/// back with every committed transaction (commits are fsynced).
+#[test]
+fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
+    let env = Env::new();
+    env.up_with(&["--storage", "pagestore"]);
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "insert into t values (2)");
+    let servers = env.pagestore_server_pids();
+    assert_eq!(servers.len(), 1);
+    let conn = env.connection_string("dev");
+
+    kill9(servers[0]);
+    wait_for("a new pagestore server", Duration::from_secs(60), || {
+        let now = env.pagestore_server_pids();
+        now.len() == 1 && now != servers
+    });
+    // The new server killed the computes stranded in the dead mounts (PostgreSQL would
+    // never leave its working directory); the monitor starts them again on the new mounts.
+    wait_for("dev to come back", Duration::from_secs(120), || {
+        try_psql(&conn, "select string_agg(v::text, ',' order by v) from t").as_deref()
+            == Some("1,2")
+    });
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+    env.ok(&["branch", "create", "after", "--parent", "dev"]);
+    assert_eq!(env.sql("after", "select count(*) from t"), "2");
+
+    env.ok(&["down"]);
+    assert!(env.pagestore_server_pids().is_empty());
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
+}

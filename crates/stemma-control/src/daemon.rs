@@ -60,8 +60,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 owner: ComputeUser::ids(&user),
                 log: cfg.logs_dir().join("pagestore-server.log"),
             };
-            // Reconnects to the server a previous daemon started, else starts one.
-            let client = Arc::new(stemma_fuse::PagestoreClient::connect_or_start(spec)?);
+            // Reconnects to the server a previous daemon started, else starts one; restarts
+            // it should it die.
+            let client = stemma_fuse::PagestoreClient::connect_or_start(spec)?;
             pagestore = Some(client.clone());
             client
         }

@@ -8,7 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
@@ -25,6 +26,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one call may wait for its answer. Calls are short (metadata, a mount, an
 /// unmount that waits at most a few seconds); a server that takes longer is stuck.
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the watchdog checks that the server runs.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts to start a server that keeps failing.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for the server process to exit after it answered.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -86,6 +91,10 @@ pub struct PagestoreClient {
     pid: AtomicU32,
     /// The server process when this process started it: it must reap it.
     child: Mutex<Option<Child>>,
+    /// Set by [`PagestoreClient::shutdown_server`]: the watchdog restarts nothing after it.
+    stopping: AtomicBool,
+    /// Held while the server is started again or shut down, so the two never overlap.
+    lifecycle: Mutex<()>,
 }
 
 impl PagestoreClient {
@@ -102,79 +111,83 @@ impl PagestoreClient {
             socket,
             pid: AtomicU32::new(pid),
             child: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            lifecycle: Mutex::new(()),
         })
     }
 
     /// Connects to the server of `spec.root` when one runs (a daemon restarted after a
     /// crash), else starts one and waits until it serves (it has then mounted every
-    /// timeline).
-    pub fn connect_or_start(spec: ServerSpec) -> Result<Self> {
+    /// timeline). A watchdog thread then starts a new server whenever this one dies, until
+    /// [`PagestoreClient::shutdown_server`].
+    pub fn connect_or_start(spec: ServerSpec) -> Result<Arc<Self>> {
         let socket = socket_path(&spec.root);
-        if let Ok(pid) = ping(&socket) {
-            tracing::info!(pid, socket = %socket.display(), "reconnected to the running pagestore server");
-            return Ok(PagestoreClient {
-                spec,
-                socket,
-                pid: AtomicU32::new(pid),
-                child: Mutex::new(None),
-            });
-        }
-        let log_err = |e: io::Error| StorageError::Io {
-            context: "starting the pagestore server (its log)",
-            path: spec.log.clone(),
-            source: e,
+        let (pid, child) = match ping(&socket) {
+            Ok(pid) => {
+                tracing::info!(pid, socket = %socket.display(), "reconnected to the running pagestore server");
+                (pid, None)
+            }
+            Err(_) => start_server(&spec, &socket)?,
         };
-        let mut child = spec
-            .command()
-            .and_then(|mut c| c.spawn())
-            .map_err(log_err)?;
-        let pid = child.id();
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(p) = ping(&socket) {
-                if p != pid {
-                    // Another server won a race to the store's lock; ours exits by itself.
-                    tracing::warn!(
-                        pid = p,
-                        "another pagestore server started meanwhile; using it"
-                    );
-                    reap_in_background(child);
-                    return Ok(PagestoreClient {
-                        spec,
-                        socket,
-                        pid: AtomicU32::new(p),
-                        child: Mutex::new(None),
-                    });
-                }
-                break;
-            }
-            if let Some(status) = child.try_wait().map_err(log_err)? {
-                return Err(log_err(io::Error::other(format!(
-                    "the server exited during start ({status}); the end of its log:\n{}",
-                    log_tail(&spec.log)
-                ))));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(log_err(io::Error::new(
-                    ErrorKind::TimedOut,
-                    format!(
-                        "the server did not answer within {}s; the end of its log:\n{}",
-                        START_TIMEOUT.as_secs(),
-                        log_tail(&spec.log)
-                    ),
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        tracing::info!(pid, log = %spec.log.display(), "started the pagestore server");
-        Ok(PagestoreClient {
+        let client = Arc::new(PagestoreClient {
             spec,
             socket,
             pid: AtomicU32::new(pid),
-            child: Mutex::new(Some(child)),
-        })
+            child: Mutex::new(child),
+            stopping: AtomicBool::new(false),
+            lifecycle: Mutex::new(()),
+        });
+        client.spawn_watchdog();
+        Ok(client)
+    }
+
+    /// Watches the server; when it dies (its mounts died with it, and the computes on them
+    /// stop), starts a new one, which detaches the dead mounts and mounts every timeline
+    /// again, so that the compute monitor's restarts find their data directories. Holds
+    /// only a weak reference: it ends with the client, or at shutdown.
+    fn spawn_watchdog(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("pagestore-watchdog".into())
+            .spawn(move || {
+                let mut wait = WATCH_INTERVAL;
+                loop {
+                    std::thread::sleep(wait);
+                    let Some(client) = weak.upgrade() else {
+                        return;
+                    };
+                    if client.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if client.server_alive() {
+                        wait = WATCH_INTERVAL;
+                        continue;
+                    }
+                    let _lifecycle = client.lifecycle.lock();
+                    if client.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    tracing::error!(
+                        pid = client.server_pid(),
+                        log = %client.spec.log.display(),
+                        "the pagestore server died, and with it the data directories of the computes on the pagestore; starting a new one"
+                    );
+                    match start_server(&client.spec, &client.socket) {
+                        Ok((pid, child)) => {
+                            client.pid.store(pid, Ordering::SeqCst);
+                            *client.child.lock() = child;
+                            wait = WATCH_INTERVAL;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not start a new pagestore server; trying again");
+                            wait = (wait * 2).min(RESTART_BACKOFF_MAX);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the pagestore server's watchdog: a dead server will not be restarted");
+        }
     }
 
     /// The server's pid.
@@ -191,6 +204,8 @@ impl PagestoreClient {
     /// Stop the computes first: a busy mount is only detached. A server that is already
     /// gone is not an error.
     pub fn shutdown_server(&self) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _lifecycle = self.lifecycle.lock();
         let pid = self.server_pid();
         if !self.server_alive() {
             tracing::warn!(pid, "the pagestore server was not running");
@@ -277,6 +292,56 @@ impl PagestoreClient {
             Reply::Unit => Ok(()),
             other => Err(self.unexpected(other)),
         }
+    }
+}
+
+/// Starts a server and waits until it answers; returns its pid, and the child to reap (none
+/// when another server, started meanwhile by someone else, answered first).
+fn start_server(spec: &ServerSpec, socket: &Path) -> Result<(u32, Option<Child>)> {
+    let log_err = |e: io::Error| StorageError::Io {
+        context: "starting the pagestore server (its log)",
+        path: spec.log.clone(),
+        source: e,
+    };
+    let mut child = spec
+        .command()
+        .and_then(|mut c| c.spawn())
+        .map_err(log_err)?;
+    let pid = child.id();
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(p) = ping(socket) {
+            if p != pid {
+                // Another server won the race to the store's lock; ours exits by itself.
+                tracing::warn!(
+                    pid = p,
+                    "another pagestore server started meanwhile; using it"
+                );
+                reap_in_background(child);
+                return Ok((p, None));
+            }
+            tracing::info!(pid, log = %spec.log.display(), "started the pagestore server");
+            return Ok((pid, Some(child)));
+        }
+        if let Some(status) = child.try_wait().map_err(log_err)? {
+            return Err(log_err(io::Error::other(format!(
+                "the server exited during start ({status}); the end of its log:\n{}",
+                log_tail(&spec.log)
+            ))));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(log_err(io::Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the server did not answer within {}s; the end of its log:\n{}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&spec.log)
+                ),
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

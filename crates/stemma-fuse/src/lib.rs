@@ -35,7 +35,9 @@ use std::time::Duration;
 pub use client::{PagestoreClient, ServerSpec};
 pub use driver::{DriverOptions, PagestoreDriver};
 pub use fs::{request_counts, TimelineFs};
-pub use mount::{clear_stale_mounts, mounts_under, MountedTimeline, Unmounted};
+pub use mount::{
+    clear_stale_mounts, kill_stranded_processes, mounts_under, MountedTimeline, Unmounted,
+};
 
 /// How a timeline is served through FUSE.
 #[derive(Debug, Clone)]

@@ -223,6 +223,57 @@ fn unescape(s: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Kills (SIGKILL) the processes of user `uid` whose working directory is at or below one
+/// of the mounts below `dir`, and returns how many. Call it only for mounts whose FUSE
+/// server is dead, before detaching them: such a process (a compute whose data directory
+/// it was) can never use its working directory again, and a detached mount would keep it
+/// there, failing, for good; once it is gone, its supervisor starts it on a new mount.
+/// Limited to one user (the computes') so that, say, an administrator's shell is spared.
+pub fn kill_stranded_processes(dir: &Path, uid: u32) -> io::Result<usize> {
+    let mounts = mounts_under(dir)?;
+    if mounts.is_empty() {
+        return Ok(0);
+    }
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // The process's real uid (first field of `Uid:`); it may exit meanwhile.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let owner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if owner != Some(uid) {
+            continue;
+        }
+        // Reading the link does not touch the dead filesystem.
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if let Some(m) = mounts.iter().find(|m| cwd.starts_with(m)) {
+            tracing::warn!(pid, mount = %m.display(), "killing a process stranded in a mount whose server died");
+            if nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+            {
+                killed += 1;
+            }
+        }
+    }
+    Ok(killed)
+}
+
 /// Detaches every mount below `dir`: mounts whose FUSE server died with a previous process
 /// ("Transport endpoint is not connected") would otherwise block the directory forever.
 pub fn clear_stale_mounts(dir: &Path) -> io::Result<usize> {
