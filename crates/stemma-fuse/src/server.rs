@@ -218,7 +218,19 @@ fn serve_connection(conn: UnixStream, shared: &Shared) -> io::Result<()> {
     conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(&conn);
     let mut writer = &conn;
-    while let Some(req) = wire::read_line::<Request>(&mut reader)? {
+    while let Some(line) = wire::read_frame(&mut reader)? {
+        let req = match wire::parse::<Request>(&line) {
+            Ok(req) => req,
+            Err(e) => {
+                // A client of another version, say: an answer it can show, not a hang-up.
+                let refusal = StorageError::Unsupported(format!(
+                    "the pagestore server (pid {}) does not understand this request ({e}); are the daemon and the server the same version? Stop them both with `stemma down`",
+                    std::process::id()
+                ));
+                wire::write_line(&mut writer, &Response::Err(WireError::from(&refusal)))?;
+                continue;
+            }
+        };
         if let Request::Shutdown = req {
             shared.shut_down();
             wire::write_line(&mut writer, &Response::Ok(Reply::Unit))?;

@@ -299,6 +299,14 @@ pub(crate) fn write_line<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Resul
 pub(crate) fn read_line<T: for<'de> Deserialize<'de>>(
     r: &mut impl BufRead,
 ) -> io::Result<Option<T>> {
+    match read_frame(r)? {
+        Some(buf) => parse(&buf).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads one line, bounded; `Ok(None)` at a clean end of the stream.
+pub(crate) fn read_frame(r: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::new();
     let n = r.by_ref().take(MAX_LINE + 1).read_until(b'\n', &mut buf)?;
     if n == 0 {
@@ -312,8 +320,12 @@ pub(crate) fn read_line<T: for<'de> Deserialize<'de>>(
         };
         return Err(io::Error::new(ErrorKind::InvalidData, why));
     }
-    serde_json::from_slice(&buf)
-        .map(Some)
+    Ok(Some(buf))
+}
+
+/// Decodes one line read by [`read_frame`].
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(line: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(line)
         .map_err(|e| io::Error::new(ErrorKind::InvalidData, format!("a malformed message: {e}")))
 }
 

@@ -4,8 +4,9 @@
 
 mod common;
 
-use std::io::ErrorKind;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -101,6 +102,18 @@ fn driver_calls_cross_the_socket_with_their_errors() {
         assert!(e.to_string().contains("in the future"), "{e}");
         assert_eq!(io_kind(e), ErrorKind::InvalidInput);
         assert!(!client.exists(&c));
+
+        // A request the server does not know gets an answer, and the connection goes on.
+        let mut raw = UnixStream::connect(server::socket_path(&root)).unwrap();
+        raw.write_all(b"{\"op\":\"fly\"}\n{\"op\":\"ping\"}\n")
+            .unwrap();
+        let mut lines = BufReader::new(&raw).lines();
+        let refused = lines.next().unwrap().unwrap();
+        assert!(
+            refused.starts_with("{\"err\"") && refused.contains("does not understand"),
+            "{refused}"
+        );
+        assert!(lines.next().unwrap().unwrap().contains("pong"));
 
         client.delete(&b).unwrap();
         client.delete(&b).unwrap();
