@@ -121,12 +121,10 @@ impl PagestoreDriver {
             .map_err(|e| engine_err("opening the page store", &store_dir, e))?;
         // Mounts found now belong to a dead server (we hold the lock). Computes still
         // working in them go first: they could never use their data directory again.
-        if let Some((uid, _)) = owner {
-            kill_stranded_processes(&mnt_dir, uid).map_err(io_err(
-                "stopping processes stranded in stale mounts",
-                &mnt_dir,
-            ))?;
-        }
+        kill_stranded_processes(&mnt_dir).map_err(io_err(
+            "stopping processes stranded in stale mounts",
+            &mnt_dir,
+        ))?;
         clear_stale_mounts(&mnt_dir).map_err(io_err("detaching stale mounts", &mnt_dir))?;
         let driver = PagestoreDriver {
             root: root.to_path_buf(),

@@ -223,17 +223,20 @@ fn unescape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Kills (SIGKILL) the processes of user `uid` whose working directory is at or below one
-/// of the mounts below `dir`, and returns how many. Call it only for mounts whose FUSE
-/// server is dead, before detaching them: such a process (a compute whose data directory
-/// it was) can never use its working directory again, and a detached mount would keep it
-/// there, failing, for good; once it is gone, its supervisor starts it on a new mount.
-/// Limited to one user (the computes') so that, say, an administrator's shell is spared.
-pub fn kill_stranded_processes(dir: &Path, uid: u32) -> io::Result<usize> {
+/// Kills (SIGKILL) the processes whose working directory is the root of one of the mounts
+/// below `dir`, except root's and this process, and returns how many. Call it only for
+/// mounts whose FUSE server is dead, before detaching them: such a process (a compute, which
+/// `chdir`s into its data directory) can never use its working directory again, and a
+/// detached mount would keep it there, failing, for good; once it is gone, its supervisor
+/// starts it on a new mount. Computes never run as root (PostgreSQL refuses), and sparing
+/// root spares an administrator's shell; which non-root user a compute runs as may differ
+/// between branches, so it is not a filter.
+pub fn kill_stranded_processes(dir: &Path) -> io::Result<usize> {
     let mounts = mounts_under(dir)?;
     if mounts.is_empty() {
         return Ok(0);
     }
+    let me = std::process::id() as i32;
     let mut killed = 0;
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
@@ -243,32 +246,30 @@ pub fn kill_stranded_processes(dir: &Path, uid: u32) -> io::Result<usize> {
         else {
             continue;
         };
-        // The process's real uid (first field of `Uid:`); it may exit meanwhile.
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let owner = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u32>().ok());
-        if owner != Some(uid) {
+        if pid == me {
             continue;
         }
-        // Reading the link does not touch the dead filesystem.
+        // Reading the link does not touch the dead filesystem. A process may exit meanwhile.
         let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
             continue;
         };
-        if let Some(m) = mounts.iter().find(|m| cwd.starts_with(m)) {
-            tracing::warn!(pid, mount = %m.display(), "killing a process stranded in a mount whose server died");
-            if nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-            {
-                killed += 1;
-            }
+        let Some(m) = mounts.iter().find(|m| **m == cwd) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if meta.uid() == 0 {
+            continue;
+        }
+        tracing::warn!(pid, uid = meta.uid(), mount = %m.display(), "killing a process stranded in a mount whose server died");
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            killed += 1;
         }
     }
     Ok(killed)
