@@ -311,6 +311,24 @@ fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
     env.ok(&["branch", "create", "after", "--parent", "dev"]);
     assert_eq!(env.sql("after", "select count(*) from t"), "2");
 
+    // The daemon and the server at once: the next `up` starts a server that does the same
+    // before the daemon looks at its computes, so the first connection finds its data.
+    let daemon = env.daemon_pid().unwrap();
+    let servers = env.pagestore_server_pids();
+    kill9(daemon);
+    for pid in &servers {
+        kill9(*pid);
+    }
+    wait_for("daemon and server death", Duration::from_secs(10), || {
+        !alive(daemon) && servers.iter().all(|p| !alive(*p))
+    });
+    env.up_with(&["--storage", "pagestore"]);
+    assert_eq!(
+        env.sql("dev", "select string_agg(v::text, ',' order by v) from t"),
+        "1,2"
+    );
+    assert_eq!(env.sql("after", "select count(*) from t"), "2");
+
     env.ok(&["down"]);
     assert!(env.pagestore_server_pids().is_empty());
     assert_eq!(

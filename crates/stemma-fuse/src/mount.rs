@@ -17,6 +17,8 @@ use crate::FuseOptions;
 
 /// How long an unmount waits for the FUSE session to end before it aborts the connection.
 const SESSION_END_WAIT: Duration = Duration::from_secs(5);
+/// How long killing stranded processes waits for them to be reaped.
+const STRANDED_REAP_WAIT: Duration = Duration::from_secs(10);
 
 /// A timeline mounted at a directory and served by its own FUSE worker threads. Unmounts on
 /// drop; [`MountedTimeline::unmount`] reports how.
@@ -237,7 +239,7 @@ pub fn kill_stranded_processes(dir: &Path) -> io::Result<usize> {
         return Ok(0);
     }
     let me = std::process::id() as i32;
-    let mut killed = 0;
+    let mut killed = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -269,10 +271,27 @@ pub fn kill_stranded_processes(dir: &Path) -> io::Result<usize> {
         )
         .is_ok()
         {
-            killed += 1;
+            killed.push(pid);
         }
     }
-    Ok(killed)
+    // Until they are reaped, PostgreSQL sees its old postmaster (even a zombie) as alive and
+    // refuses to start on the new mount. Their parent (the compute supervisor, or init when
+    // it died too) reaps them soon; the wait is bounded all the same.
+    let start = Instant::now();
+    while killed
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        if start.elapsed() > STRANDED_REAP_WAIT {
+            tracing::warn!(
+                ?killed,
+                "killed processes are not reaped yet; their computes may need a second start"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(killed.len())
 }
 
 /// Detaches every mount below `dir`: mounts whose FUSE server died with a previous process
