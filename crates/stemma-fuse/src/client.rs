@@ -61,7 +61,7 @@ impl ServerSpec {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = Command::new(program_path(&self.program));
         cmd.args(&self.args).arg("--root").arg(&self.root);
         if let Some((uid, gid)) = self.owner {
             cmd.arg("--owner").arg(format!("{uid}:{gid}"));
@@ -76,6 +76,18 @@ impl ServerSpec {
         }
         Ok(cmd)
     }
+}
+
+/// `program`, or, when it is the path of an executable replaced since this process started
+/// (`current_exe()` then ends with " (deleted)"), the new file at the original path: an
+/// upgrade of the package must not stop a dead server from being started again.
+fn program_path(program: &Path) -> PathBuf {
+    if !program.exists() {
+        if let Some(name) = program.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            return PathBuf::from(name);
+        }
+    }
+    program.to_path_buf()
 }
 
 /// The `pagestore` driver seen from the daemon: every call goes to the pagestore server over
@@ -492,5 +504,22 @@ impl StorageDriver for PagestoreClient {
             Reply::Usage { logical, own } => Ok(wire::usage_from_wire(logical, own)),
             other => Err(self.unexpected(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_executable_is_found_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("stemma");
+        std::fs::write(&exe, b"").unwrap();
+        let deleted = PathBuf::from(format!("{} (deleted)", exe.display()));
+        assert_eq!(program_path(&deleted), exe);
+        assert_eq!(program_path(&exe), exe);
+        let missing = dir.path().join("other");
+        assert_eq!(program_path(&missing), missing);
     }
 }
