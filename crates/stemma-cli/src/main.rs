@@ -157,6 +157,17 @@ enum Command {
     /// Measure Stemma against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Internal: the pagestore server, which owns the page store and every FUSE mount and
+    /// outlives the daemon that started it (see docs/pagestore.md).
+    #[command(hide = true)]
+    PagestoreServer {
+        /// The pagestore driver's root (`<data dir>/pagestore`).
+        #[arg(long)]
+        root: PathBuf,
+        /// UID:GID of the computes' user, owner of new timelines' root directories.
+        #[arg(long, value_parser = stemma_fuse::server::parse_owner)]
+        owner: Option<(u32, u32)>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -560,6 +571,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ComputeCommand::Stop { name } => client.stop_compute(&name)?,
             };
             out.branch(&b);
+        }
+        Command::PagestoreServer { root, owner } => {
+            // Before any thread starts: the server blocks SIGTERM/SIGINT for all its threads.
+            daemon_ctl::init_logging();
+            stemma_fuse::server::run(&root, owner, stemma_fuse::DriverOptions::default())?;
         }
     }
     Ok(ExitCode::SUCCESS)

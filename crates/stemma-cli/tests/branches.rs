@@ -21,7 +21,7 @@ fn up_creates_main_and_is_idempotent() {
         .as_str()
         .unwrap()
         .starts_with("http://127.0.0.1:"));
-    assert_eq!(status["storage"], "copy");
+    assert_eq!(status["storage"], env.storage().as_str());
     assert_eq!(status["computes"].as_array().unwrap().len(), 1);
     assert_eq!(status["computes"][0]["branch"], "main");
     assert!(status.get("proxy_port").is_some());
@@ -158,7 +158,7 @@ fn branches_are_isolated_and_reset_keeps_the_connection_string() {
         .unwrap()
         .to_string();
     env.ok(&["branch", "delete", "dev-robert"]);
-    assert!(!env.data_dir.join("timelines").join(&tl).exists());
+    assert!(!env.timeline_dir(&tl).exists());
     assert_eq!(env.timeline_dirs().len(), timelines_before - 1);
     env.fail(&["branch", "get", "dev-robert"]);
 

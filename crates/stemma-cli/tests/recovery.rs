@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use std::process::Stdio;
 use std::time::Duration;
+use stemma_storage::StorageDriver;
 
 #[test]
 fn kill_9_of_the_daemon_keeps_every_branch_and_its_computes() {
@@ -88,13 +89,31 @@ fn interrupted_operations_are_repaired_on_start() {
         .unwrap();
     }
     drop(db);
-    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
-        std::fs::create_dir_all(timelines.join(id).join("base")).unwrap();
-        std::fs::write(timelines.join(id).join("base/1"), b"partial").unwrap();
+    let ids = ["aaaa-0001", "aaaa-0002", "aaaa-0003"];
+    if env.uses_pagestore() {
+        // The same in the page store, written with the driver while no server runs.
+        let driver = stemma_fuse::PagestoreDriver::open(
+            &env.data_dir.join("pagestore"),
+            None,
+            stemma_fuse::DriverOptions::default(),
+        )
+        .unwrap();
+        for id in ids {
+            let id = stemma_storage::TimelineId::parse(id).unwrap();
+            let dir = driver.create_empty(&id).unwrap();
+            std::fs::create_dir(dir.join("base")).unwrap();
+            std::fs::write(dir.join("base/1"), b"partial").unwrap();
+        }
+        driver.shutdown();
+    } else {
+        for id in ids {
+            std::fs::create_dir_all(timelines.join(id).join("base")).unwrap();
+            std::fs::write(timelines.join(id).join("base/1"), b"partial").unwrap();
+        }
     }
     env.up();
-    for id in ["aaaa-0001", "aaaa-0002", "aaaa-0003"] {
-        assert!(!timelines.join(id).exists(), "{id} left behind");
+    for id in ids {
+        assert!(!env.timeline_dir(id).exists(), "{id} left behind");
     }
     assert_eq!(env.timeline_dirs().len(), 1);
     assert_eq!(env.sql("main", "select 1"), "1");
@@ -184,4 +203,137 @@ fn stopped_computes_are_reaped() {
     wait_for("no zombie computes", Duration::from_secs(10), || {
         zombie_children(daemon) == 0
     });
+}
+
+/// The pagestore's mounts live in a server process of their own: `kill -9` of the daemon
+/// leaves it and the computes reading through it running, and the next daemon reconnects to
+/// it instead of starting another. `down` then stops everything and leaves no mount.
+#[test]
+fn kill_9_of_the_daemon_keeps_pagestore_computes_and_their_server() {
+    let env = Env::new();
+    let pagestore = ["--storage", "pagestore"];
+    env.up_with(&pagestore);
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "insert into t values (2)");
+    let direct = env.direct_uri("dev");
+    let sorted = |mut v: Vec<i32>| {
+        v.sort();
+        v
+    };
+    let computes_before = sorted(env.compute_pids());
+    assert_eq!(computes_before.len(), 2, "main and dev run");
+    let servers = env.pagestore_server_pids();
+    assert_eq!(servers.len(), 1, "one pagestore server");
+    assert_eq!(
+        std::fs::read_to_string(env.data_dir.join("pagestore/server/pid"))
+            .unwrap()
+            .trim(),
+        servers[0].to_string()
+    );
+
+    let daemon = env.daemon_pid().unwrap();
+    kill9(daemon);
+    wait_for("daemon death", Duration::from_secs(10), || !alive(daemon));
+    // The compute keeps reading and writing its data directory through the server.
+    assert_eq!(psql(&direct, "select count(*) from t"), "2");
+    psql(&direct, "insert into t values (3)");
+    assert_eq!(env.pagestore_server_pids(), servers);
+
+    env.up_with(&pagestore);
+    assert_ne!(env.daemon_pid(), Some(daemon));
+    assert_eq!(
+        env.pagestore_server_pids(),
+        servers,
+        "the restarted daemon started a second server instead of reconnecting"
+    );
+    assert_eq!(
+        sorted(env.compute_pids()),
+        computes_before,
+        "computes were restarted instead of adopted"
+    );
+    let status = env.json(&["status"]);
+    assert_eq!(status["storage"], "pagestore");
+    assert_eq!(
+        env.sql("dev", "select string_agg(v::text, ',' order by v) from t"),
+        "1,2,3"
+    );
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+    // Storage operations go through the adopted server.
+    env.ok(&["branch", "create", "feature", "--parent", "dev"]);
+    env.sql("feature", "insert into t values (4)");
+    assert_eq!(env.sql("dev", "select count(*) from t"), "3");
+    assert_eq!(env.sql("feature", "select count(*) from t"), "4");
+    let all_computes = env.compute_pids();
+    assert_eq!(all_computes.len(), 3);
+
+    env.ok(&["down"]);
+    for pid in &servers {
+        assert!(!alive(*pid), "the pagestore server outlived `down`");
+    }
+    for pid in &all_computes {
+        assert!(!alive(*pid as u32), "compute {pid} outlived `down`");
+    }
+    assert!(env.pagestore_server_pids().is_empty());
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
+}
+
+/// `kill -9` of the pagestore server kills its mounts, and the computes on them stop. The
+/// daemon starts a new server, which mounts every timeline again, and the computes come
+/// back with every committed transaction (commits are fsynced).
+#[test]
+fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
+    let env = Env::new();
+    env.up_with(&["--storage", "pagestore"]);
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    env.ok(&["branch", "create", "dev"]);
+    env.sql("dev", "insert into t values (2)");
+    let servers = env.pagestore_server_pids();
+    assert_eq!(servers.len(), 1);
+    let conn = env.connection_string("dev");
+
+    kill9(servers[0]);
+    wait_for("a new pagestore server", Duration::from_secs(60), || {
+        let now = env.pagestore_server_pids();
+        now.len() == 1 && now != servers
+    });
+    // The new server killed the computes stranded in the dead mounts (PostgreSQL would
+    // never leave its working directory); the monitor starts them again on the new mounts.
+    wait_for("dev to come back", Duration::from_secs(120), || {
+        try_psql(&conn, "select string_agg(v::text, ',' order by v) from t").as_deref()
+            == Some("1,2")
+    });
+    assert_eq!(env.sql("main", "select count(*) from t"), "1");
+    env.ok(&["branch", "create", "after", "--parent", "dev"]);
+    assert_eq!(env.sql("after", "select count(*) from t"), "2");
+
+    // The daemon and the server at once: the next `up` starts a server that does the same
+    // before the daemon looks at its computes, so the first connection finds its data.
+    let daemon = env.daemon_pid().unwrap();
+    let servers = env.pagestore_server_pids();
+    kill9(daemon);
+    for pid in &servers {
+        kill9(*pid);
+    }
+    wait_for("daemon and server death", Duration::from_secs(10), || {
+        !alive(daemon) && servers.iter().all(|p| !alive(*p))
+    });
+    env.up_with(&["--storage", "pagestore"]);
+    assert_eq!(
+        env.sql("dev", "select string_agg(v::text, ',' order by v) from t"),
+        "1,2"
+    );
+    assert_eq!(env.sql("after", "select count(*) from t"), "2");
+
+    env.ok(&["down"]);
+    assert!(env.pagestore_server_pids().is_empty());
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
 }

@@ -40,9 +40,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Some(_) => {}
         None => meta.set_kv("storage", &cfg.storage)?,
     }
-    // The pagestore serves its timelines through FUSE mounts in this process: it is kept
-    // apart to unmount them after the computes stopped.
-    let mut pagestore: Option<Arc<stemma_fuse::PagestoreDriver>> = None;
+    // The pagestore's FUSE mounts live in a server process of their own, which outlives
+    // this daemon (so do the computes using them); it is kept apart to stop it after the
+    // computes stopped.
+    let mut pagestore: Option<Arc<stemma_fuse::PagestoreClient>> = None;
     let storage: Arc<dyn StorageDriver> = match cfg.storage.as_str() {
         "copy" => Arc::new(CopyDriver::open(
             &cfg.timelines_dir(),
@@ -52,13 +53,18 @@ pub async fn serve(cfg: Config) -> Result<()> {
             stemma_fuse::fuse_available().map_err(|why| {
                 anyhow::anyhow!("the pagestore driver needs FUSE, which is not usable here: {why}; use --storage copy")
             })?;
-            let driver = Arc::new(stemma_fuse::PagestoreDriver::open(
-                &cfg.data_dir.join("pagestore"),
-                ComputeUser::ids(&user),
-                stemma_fuse::DriverOptions::default(),
-            )?);
-            pagestore = Some(driver.clone());
-            driver
+            let spec = stemma_fuse::ServerSpec {
+                program: std::env::current_exe().context("finding the stemma executable")?,
+                args: vec!["pagestore-server".into()],
+                root: cfg.data_dir.join("pagestore"),
+                owner: ComputeUser::ids(&user),
+                log: cfg.logs_dir().join("pagestore-server.log"),
+            };
+            // Reconnects to the server a previous daemon started, else starts one; restarts
+            // it should it die.
+            let client = stemma_fuse::PagestoreClient::connect_or_start(spec)?;
+            pagestore = Some(client.clone());
+            client
         }
         other => bail!("unknown storage driver {other:?}; choose copy or pagestore"),
     };
@@ -167,9 +173,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
     pr_worker.abort();
     tracing::info!("stopping computes");
     supervisor.stop_all().await;
-    if let Some(driver) = pagestore {
-        tracing::info!("unmounting the pagestore's timelines");
-        driver.shutdown();
+    if let Some(client) = pagestore {
+        tracing::info!("stopping the pagestore server (it unmounts every timeline)");
+        if let Err(e) = client.shutdown_server() {
+            tracing::error!(error = %e, "stopping the pagestore server");
+        }
     }
     let _ = fs::remove_file(info_path(&data_dir));
     tracing::info!("stemma daemon stopped");

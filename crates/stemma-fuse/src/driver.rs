@@ -31,7 +31,7 @@ use stemma_storage::{
     Usage,
 };
 
-use crate::mount::{clear_stale_mounts, MountedTimeline};
+use crate::mount::{clear_stale_mounts, kill_stranded_processes, MountedTimeline};
 use crate::FuseOptions;
 
 type EngineTl = stemma_pagestore::TimelineId;
@@ -84,6 +84,19 @@ fn check_relative(p: &Path) -> Result<()> {
     }
 }
 
+/// What the pagestore can do: clones are O(1) snapshots that keep reading their parent, at
+/// any moment of the retention window.
+pub(crate) const CAPABILITIES: Capabilities = Capabilities {
+    clone_consistency: CloneConsistency::CrashConsistent,
+    point_in_time: true,
+    children_depend_on_parent: true,
+};
+
+/// The mount point (the compute's data directory) of timeline `id` under a driver's root.
+pub(crate) fn mount_point(root: &Path, id: &TimelineId) -> PathBuf {
+    root.join("mnt").join(id.as_str())
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -106,6 +119,12 @@ impl PagestoreDriver {
         // The store's lock first: it proves no other live process serves these mounts.
         let store = PageStore::open(&store_dir, options.store.clone())
             .map_err(|e| engine_err("opening the page store", &store_dir, e))?;
+        // Mounts found now belong to a dead server (we hold the lock). Computes still
+        // working in them go first: they could never use their data directory again.
+        kill_stranded_processes(&mnt_dir).map_err(io_err(
+            "stopping processes stranded in stale mounts",
+            &mnt_dir,
+        ))?;
         clear_stale_mounts(&mnt_dir).map_err(io_err("detaching stale mounts", &mnt_dir))?;
         let driver = PagestoreDriver {
             root: root.to_path_buf(),
@@ -381,11 +400,7 @@ impl StorageDriver for PagestoreDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            clone_consistency: CloneConsistency::CrashConsistent,
-            point_in_time: true,
-            children_depend_on_parent: true,
-        }
+        CAPABILITIES
     }
 
     fn create_empty(&self, id: &TimelineId) -> Result<PathBuf> {
@@ -498,7 +513,7 @@ impl StorageDriver for PagestoreDriver {
     }
 
     fn data_dir(&self, id: &TimelineId) -> PathBuf {
-        self.mnt_dir.join(id.as_str())
+        mount_point(&self.root, id)
     }
 
     fn exists(&self, id: &TimelineId) -> bool {

@@ -7,6 +7,9 @@
 //! - [`PagestoreDriver`] implements [`stemma_storage::StorageDriver`]: one [`PageStore`] under
 //!   `<root>/store`, each timeline mounted at `<root>/mnt/<timeline id>` for as long as the
 //!   driver lives.
+//! - [`server`] runs that driver in a process of its own (`stemma pagestore-server`), so that
+//!   the mounts, and the computes using them, outlive the daemon; [`PagestoreClient`] is the
+//!   daemon's `StorageDriver`, forwarding every call to it over a Unix socket.
 //! - [`fuse_available`] says whether FUSE can be used here, and why not.
 //!
 //! Performance choices follow `shared/notes/fuse-findings.md`: several FUSE threads with a
@@ -19,16 +22,22 @@
 //!
 //! [`PageStore`]: stemma_pagestore::PageStore
 
+mod client;
 mod driver;
 mod fs;
 mod mount;
+pub mod server;
+mod wire;
 
 use std::path::Path;
 use std::time::Duration;
 
+pub use client::{PagestoreClient, ServerSpec};
 pub use driver::{DriverOptions, PagestoreDriver};
 pub use fs::{request_counts, TimelineFs};
-pub use mount::{clear_stale_mounts, mounts_under, MountedTimeline, Unmounted};
+pub use mount::{
+    clear_stale_mounts, kill_stranded_processes, mounts_under, MountedTimeline, Unmounted,
+};
 
 /// How a timeline is served through FUSE.
 #[derive(Debug, Clone)]

@@ -17,6 +17,8 @@ use crate::FuseOptions;
 
 /// How long an unmount waits for the FUSE session to end before it aborts the connection.
 const SESSION_END_WAIT: Duration = Duration::from_secs(5);
+/// How long killing stranded processes waits for them to be reaped.
+const STRANDED_REAP_WAIT: Duration = Duration::from_secs(10);
 
 /// A timeline mounted at a directory and served by its own FUSE worker threads. Unmounts on
 /// drop; [`MountedTimeline::unmount`] reports how.
@@ -221,6 +223,75 @@ fn unescape(s: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Kills (SIGKILL) the processes whose working directory is the root of one of the mounts
+/// below `dir`, except root's and this process, and returns how many. Call it only for
+/// mounts whose FUSE server is dead, before detaching them: such a process (a compute, which
+/// `chdir`s into its data directory) can never use its working directory again, and a
+/// detached mount would keep it there, failing, for good; once it is gone, its supervisor
+/// starts it on a new mount. Computes never run as root (PostgreSQL refuses), and sparing
+/// root spares an administrator's shell; which non-root user a compute runs as may differ
+/// between branches, so it is not a filter.
+pub fn kill_stranded_processes(dir: &Path) -> io::Result<usize> {
+    let mounts = mounts_under(dir)?;
+    if mounts.is_empty() {
+        return Ok(0);
+    }
+    let me = std::process::id() as i32;
+    let mut killed = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // Reading the link does not touch the dead filesystem. A process may exit meanwhile.
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        let Some(m) = mounts.iter().find(|m| **m == cwd) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if meta.uid() == 0 {
+            continue;
+        }
+        tracing::warn!(pid, uid = meta.uid(), mount = %m.display(), "killing a process stranded in a mount whose server died");
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            killed.push(pid);
+        }
+    }
+    // Until they are reaped, PostgreSQL sees its old postmaster (even a zombie) as alive and
+    // refuses to start on the new mount. Their parent (the compute supervisor, or init when
+    // it died too) reaps them soon; the wait is bounded all the same.
+    let start = Instant::now();
+    while killed
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        if start.elapsed() > STRANDED_REAP_WAIT {
+            tracing::warn!(
+                ?killed,
+                "killed processes are not reaped yet; their computes may need a second start"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(killed.len())
 }
 
 /// Detaches every mount below `dir`: mounts whose FUSE server died with a previous process

@@ -157,10 +157,17 @@ impl Env {
         psql(&conn, sql)
     }
 
-    /// Postmaster pids of every compute under this environment's data directory.
+    /// Postmaster pids of every compute under this environment's data directory (the copy
+    /// driver's timelines, or the pagestore's mounts).
     pub fn compute_pids(&self) -> Vec<i32> {
         let mut pids = Vec::new();
-        if let Ok(entries) = fs::read_dir(self.data_dir.join("timelines")) {
+        for dir in [
+            self.data_dir.join("timelines"),
+            self.data_dir.join("pagestore/mnt"),
+        ] {
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 if let Some(pm) = stemma_compute::read_postmaster_pid(&e.path()) {
                     if alive(pm.pid as u32) {
@@ -170,6 +177,42 @@ impl Env {
             }
         }
         pids
+    }
+
+    /// Live pagestore servers of this environment (`stemma pagestore-server --root
+    /// <data>/pagestore`), found in /proc: one may run while the daemon does not.
+    pub fn pagestore_server_pids(&self) -> Vec<u32> {
+        let root = self.data_dir.join("pagestore");
+        let root = root.as_os_str().as_encoded_bytes();
+        let mut pids = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_server = args.iter().any(|a| *a == b"pagestore-server")
+                && args.windows(2).any(|w| w[0] == b"--root" && w[1] == root);
+            if is_server && alive(pid) {
+                pids.push(pid);
+            }
+        }
+        pids.sort();
+        pids
+    }
+
+    /// Mount points below this environment's directory.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        let top = self._dir.path();
+        fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .map(|m| PathBuf::from(m.replace("\\040", " ")))
+            .filter(|m| m.starts_with(top))
+            .collect()
     }
 
     /// A URI that reaches a branch's compute directly through its Unix socket, bypassing the
@@ -205,8 +248,34 @@ impl Env {
         panic!("no socket for the compute of {branch}");
     }
 
+    /// The storage driver the daemon is started with: `STEMMA_STORAGE`, else `copy`.
+    pub fn storage(&self) -> String {
+        std::env::var("STEMMA_STORAGE").unwrap_or_else(|_| "copy".into())
+    }
+
+    /// Whether the data directory uses the pagestore (its timelines are mount points).
+    pub fn uses_pagestore(&self) -> bool {
+        self.data_dir.join("pagestore").is_dir()
+    }
+
+    /// Where the storage driver keeps its timelines' data directories.
+    fn timelines_root(&self) -> PathBuf {
+        if self.uses_pagestore() {
+            self.data_dir.join("pagestore/mnt")
+        } else {
+            self.data_dir.join("timelines")
+        }
+    }
+
+    /// The data directory of timeline `id`, whichever the driver.
+    pub fn timeline_dir(&self, id: &str) -> PathBuf {
+        self.timelines_root().join(id)
+    }
+
+    /// One entry per timeline in storage: the copy driver's directories, or the pagestore's
+    /// mount points (one per timeline while its server runs).
     pub fn timeline_dirs(&self) -> Vec<PathBuf> {
-        fs::read_dir(self.data_dir.join("timelines"))
+        fs::read_dir(self.timelines_root())
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     }
@@ -234,8 +303,24 @@ impl Drop for Env {
             }
             kill9(pid);
         }
+        // Computes first: their pids are read through the pagestore's mounts.
         for pid in self.compute_pids() {
             kill9(pid as u32);
+        }
+        // A pagestore server left by a failed test (a clean `down` stops it), then its
+        // mounts, which would otherwise outlive the test.
+        let servers = self.pagestore_server_pids();
+        for pid in &servers {
+            kill9(*pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while servers.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -297,6 +382,28 @@ pub fn psql(conn: &str, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Like [`psql`], but `None` when psql fails (a connection ended by a reset, say).
+pub fn try_psql(conn: &str, sql: &str) -> Option<String> {
+    let out = Command::new(pg_bin("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conn,
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Loads the Chinook sample into a branch (it creates the database `chinook`).
