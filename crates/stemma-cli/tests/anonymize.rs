@@ -202,11 +202,11 @@ fn scan(dir: &Path, needles: &[&str]) -> Vec<(PathBuf, String)> {
     hits
 }
 
+/// A branch's data directory, whichever the driver (with the pagestore, its mount: what the
+/// branch can read).
 fn timeline_dir(env: &Env, branch: &str) -> PathBuf {
     let b = env.json(&["branch", "get", branch]);
-    env.data_dir
-        .join("timelines")
-        .join(b["timeline_id"].as_str().expect("timeline id"))
+    env.timeline_dir(b["timeline_id"].as_str().expect("timeline id"))
 }
 
 #[test]
@@ -638,11 +638,7 @@ fn a_restricted_token_reaches_only_its_subtree() {
     forbidden(&["init", "--name", "root2"]);
     // The anonymized subtree's computes run as their own OS user: their superuser (anyone
     // holding a connection string) cannot read production's files.
-    let main_dir = env.data_dir.join("timelines").join(
-        env.json(&["branch", "get", "main"])["timeline_id"]
-            .as_str()
-            .unwrap(),
-    );
+    let main_dir = timeline_dir(&env, "main");
     let anon_cs = ok(&["connection-string", "alice-dev"]);
     let read = |cs: &str, path: &Path| {
         Command::new(pg_bin("psql"))
