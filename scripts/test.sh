@@ -11,8 +11,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-    exec cargo nextest run --workspace --profile "$profile" "$@"
+    # Everything, on the default storage driver (`auto`: the pagestore where FUSE works)...
+    cargo nextest run --workspace --profile "$profile" "$@" || status=$?
+    # ...and the daemon's integration tests again on the copy driver, the fallback of hosts
+    # without FUSE, so that both drivers are held to the same behaviour.
+    if [ -e /dev/fuse ] && [ -z "${STEMMA_STORAGE:-}" ]; then
+        echo "==> the daemon's integration tests on the copy driver"
+        STEMMA_STORAGE=copy cargo nextest run -p stemma-cli --profile "$profile" "$@" || status=$?
+    fi
 else
-    exec cargo test --workspace "$@"
+    cargo test --workspace "$@" || status=$?
 fi
+exit "$status"

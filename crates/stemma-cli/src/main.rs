@@ -54,7 +54,8 @@ struct ServeArgs {
     #[arg(long, default_value = stemma_control::DEFAULT_API_LISTEN)]
     api_listen: std::net::SocketAddr,
     /// The storage driver (fixed when the data directory is created).
-    #[arg(long, env = "STEMMA_STORAGE", default_value = "copy", value_parser = ["copy", "pagestore"])]
+    /// `auto`: the pagestore where FUSE works, else copy.
+    #[arg(long, env = "STEMMA_STORAGE", default_value = "auto", value_parser = ["auto", "copy", "pagestore"])]
     storage: String,
     /// The first port handed to branches.
     #[arg(long, default_value_t = stemma_control::DEFAULT_PORT_BASE)]

@@ -22,6 +22,13 @@ fn up_creates_main_and_is_idempotent() {
         .unwrap()
         .starts_with("http://127.0.0.1:"));
     assert_eq!(status["storage"], env.storage().as_str());
+    // ...and why it is the one in use.
+    assert!(
+        status["storage_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("chosen")),
+        "{status}"
+    );
     assert_eq!(status["computes"].as_array().unwrap().len(), 1);
     assert_eq!(status["computes"][0]["branch"], "main");
     assert!(status.get("proxy_port").is_some());

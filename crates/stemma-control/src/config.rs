@@ -16,8 +16,11 @@ pub const DEFAULT_PORT_BASE: u16 = 55432;
 pub struct Config {
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
-    /// `copy` (the only driver until the pagestore lands).
+    /// `copy`, `pagestore`, or `auto` (the pagestore where FUSE works, else copy; an existing
+    /// data directory keeps its driver).
     pub storage: String,
+    /// Why the data directory has its driver (set by the daemon at start).
+    pub storage_reason: Option<String>,
     pub port_base: u16,
     /// The OS user computes run as when the daemon is root (default `postgres`).
     pub compute_user: Option<String>,
@@ -46,7 +49,8 @@ impl Config {
             api_listen: DEFAULT_API_LISTEN
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7540))),
-            storage: "copy".into(),
+            storage: "auto".into(),
+            storage_reason: None,
             port_base: DEFAULT_PORT_BASE,
             compute_user: None,
             pg_bin: None,

@@ -32,14 +32,33 @@ pub async fn serve(cfg: Config) -> Result<()> {
         check_traversable(&data_dir, u)?;
     }
     let meta = Metadata::open(&cfg.metadata_path())?;
-    match meta.get_kv("storage")? {
-        Some(existing) if existing != cfg.storage => bail!(
+    let mut cfg = cfg;
+    // `auto`: an existing data directory keeps its driver; a new one gets the pagestore
+    // wherever FUSE works, else the copy driver. The reason is kept for `stemma status`.
+    match (meta.get_kv("storage")?, cfg.storage.as_str()) {
+        (Some(existing), "auto") => cfg.storage = existing,
+        (Some(existing), wanted) if existing != wanted => bail!(
             "the data directory {} uses the {existing} storage driver; start it with --storage {existing} (drivers cannot be switched in place)",
             data_dir.display()
         ),
-        Some(_) => {}
-        None => meta.set_kv("storage", &cfg.storage)?,
+        (Some(_), _) => {}
+        (None, wanted) => {
+            let (chosen, why) = match wanted {
+                "auto" => match stemma_fuse::fuse_available() {
+                    Ok(()) => ("pagestore".to_string(), "chosen: FUSE works on this host".to_string()),
+                    Err(why) => {
+                        tracing::warn!(%why, "FUSE is not usable here: using the copy driver");
+                        ("copy".to_string(), format!("chosen because FUSE is not usable here: {why}"))
+                    }
+                },
+                other => (other.to_string(), "chosen with --storage".to_string()),
+            };
+            meta.set_kv("storage", &chosen)?;
+            meta.set_kv("storage_reason", &why)?;
+            cfg.storage = chosen;
+        }
     }
+    cfg.storage_reason = meta.get_kv("storage_reason")?;
     // The pagestore's FUSE mounts live in a server process of their own, which outlives
     // this daemon (so do the computes using them); it is kept apart to stop it after the
     // computes stopped.

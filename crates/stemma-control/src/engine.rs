@@ -368,7 +368,10 @@ impl Engine {
             started_at: self.started_at,
             data_dir: self.cfg.data_dir.display().to_string(),
             storage: self.storage.name().to_string(),
-            storage_detail: self.storage.describe(),
+            storage_detail: match &self.cfg.storage_reason {
+                Some(why) => format!("{} ({why})", self.storage.describe()),
+                None => self.storage.describe(),
+            },
             proxy_port: *lock(&self.proxy_port),
             postgres_version: install.major_version,
             postgres_bin_dir: install.bin_dir.display().to_string(),

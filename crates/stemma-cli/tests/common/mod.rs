@@ -248,9 +248,14 @@ impl Env {
         panic!("no socket for the compute of {branch}");
     }
 
-    /// The storage driver the daemon is started with: `STEMMA_STORAGE`, else `copy`.
+    /// The storage driver the daemon chooses: `STEMMA_STORAGE`, else (`auto`) the pagestore
+    /// where FUSE works and the copy driver elsewhere.
     pub fn storage(&self) -> String {
-        std::env::var("STEMMA_STORAGE").unwrap_or_else(|_| "copy".into())
+        match std::env::var("STEMMA_STORAGE") {
+            Ok(s) if s != "auto" => s,
+            _ if stemma_fuse::fuse_available().is_ok() => "pagestore".into(),
+            _ => "copy".into(),
+        }
     }
 
     /// Whether the data directory uses the pagestore (its timelines are mount points).
