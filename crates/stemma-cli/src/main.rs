@@ -7,6 +7,7 @@
 mod bench;
 mod daemon_ctl;
 mod output;
+mod source_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -153,6 +154,9 @@ enum Command {
     /// Measure Stemma against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Production databases that root branches follow (physical) or snapshot.
+    #[command(subcommand)]
+    Source(source_cmd::SourceCommand),
 }
 
 #[derive(Subcommand)]
@@ -450,6 +454,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::ColdStart { branch, trials }) => {
             let client = daemon_ctl::client(&data_dir)?;
             bench::cold_start(&client, &branch, trials.max(1), cli.output == Format::Json)?;
+        }
+        Command::Source(cmd) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            source_cmd::run(&client, cmd, &out, cli.output == Format::Json)?;
         }
         Command::Compute(cmd) => {
             let client = daemon_ctl::client(&data_dir)?;

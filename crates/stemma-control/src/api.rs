@@ -69,7 +69,8 @@ type ApiResult<T> = Result<Json<T>, HttpError>;
         status, list_branches, create_branch, get_branch, delete_branch, update_branch,
         reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
         connection_string, init, operation, shutdown, pr_open, pr_close, schema_diff,
-        migrate, github_webhook, anonymize_suggest
+        migrate, github_webhook, anonymize_suggest,
+        list_sources, add_source, get_source, refresh_source, remove_source
     ),
     modifiers(&BearerAuth)
 )]
@@ -114,6 +115,9 @@ pub fn router(state: AppState) -> Router {
         .route("/init", post(init))
         .route("/operations/{id}", get(operation))
         .route("/shutdown", post(shutdown))
+        .route("/sources", get(list_sources).post(add_source))
+        .route("/sources/{name}", get(get_source).delete(remove_source))
+        .route("/sources/{name}/refresh", post(refresh_source))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -468,4 +472,42 @@ async fn operation(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
 async fn shutdown(State(s): State<AppState>) -> ApiResult<serde_json::Value> {
     let _ = s.shutdown.send(true);
     Ok(Json(serde_json::json!({ "shutting_down": true })))
+}
+
+// ----- sources ------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/sources", responses((status = 200, body = Vec<Source>)))]
+async fn list_sources(State(s): State<AppState>) -> ApiResult<Vec<Source>> {
+    Ok(Json(s.engine.list_sources().await?))
+}
+
+#[utoipa::path(post, path = "/v1/sources", request_body = AddSourceRequest,
+    responses((status = 200, body = Source), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn add_source(
+    State(s): State<AppState>,
+    Json(req): Json<AddSourceRequest>,
+) -> ApiResult<Source> {
+    Ok(Json(s.engine.add_source(&req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/sources/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Source), (status = 404, body = ApiError)))]
+async fn get_source(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Source> {
+    Ok(Json(s.engine.source_status(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sources/{name}/refresh", params(("name" = String, Path)),
+    responses((status = 200, body = Source), (status = 400, body = ApiError)))]
+async fn refresh_source(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Source> {
+    Ok(Json(s.engine.refresh_source(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/sources/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ApiError)))]
+async fn remove_source(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.remove_source(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
 }

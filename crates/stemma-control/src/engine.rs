@@ -530,6 +530,10 @@ impl Engine {
             .await;
         }
 
+        // A standby (a source's root) has no superuser of ours for an online backup.
+        if crate::source::is_standby(self.storage.as_ref(), &parent_tl) {
+            return self.clone_paused_standby(parent, child, base_filter).await;
+        }
         let label = format!("stemma clone of {} into {}", parent.name, child);
         let spec = self.compute_spec(parent)?;
         let backup = OnlineBackup::start(
@@ -579,7 +583,12 @@ impl Engine {
         let tl = new_timeline_id();
         self.meta
             .begin_timeline(tl.as_str(), Some(&parent.timeline_id))?;
-        if let Err(e) = self.clone_state(parent, &tl).await {
+        // A copy of a standby is cut loose from production before anything starts it.
+        let cloned = match self.clone_state(parent, &tl).await {
+            Ok(()) => self.cut_loose_from_production(parent, &tl).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = cloned {
             tracing::warn!(error = %e, timeline = %tl, "clone failed; removing the partial timeline");
             if let Err(e2) = self.destroy_timeline(tl.as_str()).await {
                 tracing::error!(error = %e2, "removing a partial timeline failed; the next start removes it");
@@ -837,7 +846,7 @@ impl Engine {
 
     /// Points branch `b` at the new (`creating`) timeline `tl`, ending its connections with
     /// `why`; the old timeline becomes the branch `preserve_under_name`, or goes.
-    async fn replace_timeline(
+    pub(crate) async fn replace_timeline(
         &self,
         b: &BranchRow,
         tl: &TimelineId,

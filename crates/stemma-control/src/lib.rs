@@ -25,6 +25,7 @@ pub mod metadata;
 mod metrics;
 pub mod names;
 pub mod project;
+mod source;
 mod workflows;
 
 pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE, DEFAULT_PROXY_LISTEN};
