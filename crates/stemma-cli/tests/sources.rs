@@ -211,3 +211,182 @@ fn physical_source_streams_and_branches_never_touch_production() {
     // The branch made while following is untouched.
     assert_eq!(psql(&dev, "select count(*) from t where id = 2"), "1");
 }
+
+#[test]
+fn snapshot_source_refreshes_main_and_keeps_older_branches() {
+    let env = Env::new();
+    env.up();
+    let mut prod = Production::start();
+    prod.sql(
+        "app",
+        "create table t(id int primary key, note text); alter table t owner to app; \
+         insert into t values (1, 'one'), (2, 'two')",
+    );
+    let url = prod.url("app", APP_PASSWORD, "app");
+    let out = env.ok(&["source", "add", "prod", "--url", &url, "--mode", "snapshot"]);
+    assert!(!out.contains(APP_PASSWORD), "password printed: {out}");
+    let s = source(&env, "prod");
+    assert_eq!(s["mode"], "snapshot");
+    assert_eq!(s["state"], "ready");
+    assert!(s["slot"].is_null());
+    assert!(s["last_refresh_at"].is_string(), "{s}");
+    assert_eq!(env.sql("main", "select count(*) from t"), "2");
+    let main_conn = env.connection_string("main");
+
+    env.ok(&["branch", "create", "before", "--parent", "main"]);
+    prod.sql("app", "insert into t values (3, 'three')");
+    let refreshed = env.json(&["source", "refresh", "prod"]);
+    assert_eq!(refreshed[0]["state"], "ready");
+    // The root switched to the new snapshot and kept its connection string.
+    assert_eq!(env.connection_string("main"), main_conn);
+    assert_eq!(psql(&main_conn, "select count(*) from t"), "3");
+    // A branch made before keeps the old rows; a reset brings the new state.
+    assert_eq!(env.sql("before", "select count(*) from t"), "2");
+    env.ok(&["branch", "reset", "before"]);
+    assert_eq!(env.sql("before", "select count(*) from t"), "3");
+
+    // Production down: the refresh fails, main keeps serving what it had and status says why.
+    prod.sql("app", "insert into t values (4, 'four')");
+    prod.stop();
+    let e = env.fail(&["source", "refresh", "prod"]);
+    assert!(e.contains("cannot reach"), "{e}");
+    assert!(!e.contains(APP_PASSWORD), "{e}");
+    assert_eq!(psql(&main_conn, "select count(*) from t"), "3");
+    let s = source(&env, "prod");
+    assert_eq!(s["state"], "ready");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot reach")),
+        "{s}"
+    );
+    prod.start_again();
+    env.ok(&["source", "refresh", "prod"]);
+    assert_eq!(psql(&main_conn, "select count(*) from t"), "4");
+    assert!(source(&env, "prod")["last_error"].is_null());
+
+    // Removing a snapshot source leaves the root as it is.
+    env.ok(&["source", "remove", "prod"]);
+    assert_eq!(psql(&main_conn, "select count(*) from t"), "4");
+    assert!(prod.slots().is_empty());
+}
+
+#[test]
+fn bad_sources_are_refused_and_leave_nothing_behind() {
+    let env = Env::new();
+    env.up();
+    let prod = Production::start();
+    let timelines = env.timeline_dirs().len();
+    let branches = env.json(&["branch", "list"]).as_array().unwrap().len();
+    let nothing_created = |what: &str| {
+        assert_eq!(
+            env.json(&["source", "status"]),
+            serde_json::json!([]),
+            "{what}"
+        );
+        assert_eq!(env.timeline_dirs().len(), timelines, "{what}");
+        assert_eq!(
+            env.json(&["branch", "list"]).as_array().unwrap().len(),
+            branches,
+            "{what}"
+        );
+        assert!(prod.slots().is_empty(), "{what}: {:?}", prod.slots());
+    };
+    let add = |url: &str, extra: &[&str]| {
+        let mut args = vec!["source", "add", "prod", "--url", url, "--mode", "physical"];
+        args.extend_from_slice(extra);
+        env.fail(&args)
+    };
+
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = add(
+        &format!("postgresql://replicator:x@127.0.0.1:{closed}/app"),
+        &[],
+    );
+    assert!(e.contains("cannot reach the source database"), "{e}");
+    nothing_created("unreachable");
+
+    let e = add(&prod.url("replicator", "wrong-secret", "app"), &[]);
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(!e.contains("wrong-secret"), "{e}");
+    nothing_created("wrong password");
+
+    let e = add(&prod.url("app", APP_PASSWORD, "app"), &[]);
+    assert!(e.contains("REPLICATION"), "{e}");
+    assert!(!e.contains(APP_PASSWORD), "{e}");
+    nothing_created("no replication privilege");
+
+    let e = add(&prod.url("blocked", "blocked", "app"), &[]);
+    assert!(e.contains("pg_hba.conf"), "{e}");
+    nothing_created("pg_hba refusal");
+
+    let e = env.fail(&[
+        "source",
+        "add",
+        "prod",
+        "--url",
+        "mysql://x@y/z",
+        "--mode",
+        "physical",
+    ]);
+    assert!(e.contains("postgresql://"), "{e}");
+    // A new root of its own (--branch names one that does not exist yet) is removed too.
+    let e = add(
+        &prod.url("app", APP_PASSWORD, "app"),
+        &["--branch", "mirror"],
+    );
+    assert!(e.contains("REPLICATION"), "{e}");
+    nothing_created("failed add into a new root");
+
+    // A root that holds data is replaced only with --replace.
+    env.sql("main", "create table keep(id int)");
+    let e = add(&prod.replicator_url(), &[]);
+    assert!(e.contains("--replace"), "{e}");
+    nothing_created("root holds data");
+    env.sql("main", "drop table keep");
+
+    // A second source for the same branch.
+    env.ok(&[
+        "source",
+        "add",
+        "snap",
+        "--url",
+        &prod.url("app", APP_PASSWORD, "app"),
+        "--mode",
+        "snapshot",
+        "--branch",
+        "mirror",
+    ]);
+    let e = env.fail(&[
+        "source",
+        "add",
+        "other",
+        "--url",
+        &prod.replicator_url(),
+        "--mode",
+        "physical",
+        "--branch",
+        "mirror",
+        "--replace",
+    ]);
+    assert!(e.contains("already has the source"), "{e}");
+    let e = env.fail(&[
+        "source",
+        "add",
+        "snap",
+        "--url",
+        &prod.replicator_url(),
+        "--mode",
+        "physical",
+    ]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = env.fail(&["source", "refresh", "nope"]);
+    assert!(e.contains("does not exist"), "{e}");
+    assert!(prod.slots().is_empty());
+    assert_eq!(env.json(&["source", "status"]).as_array().unwrap().len(), 1);
+}
