@@ -165,6 +165,7 @@ fn physical_source_streams_and_branches_never_touch_production() {
     let dev_conf = env.json(&["branch", "get", "dev"]);
     let tl = dev_conf["timeline_id"].as_str().unwrap();
     let conf_dir = env.data_dir.join("timelines").join(tl);
+    assert!(conf_dir.join("PG_VERSION").exists(), "{}", conf_dir.display());
     assert!(!conf_dir.join("standby.signal").exists());
     let conf = std::fs::read_to_string(conf_dir.join("postgresql.conf")).unwrap_or_default()
         + &std::fs::read_to_string(conf_dir.join("postgresql.auto.conf")).unwrap_or_default();
@@ -389,4 +390,57 @@ fn bad_sources_are_refused_and_leave_nothing_behind() {
     assert!(e.contains("does not exist"), "{e}");
     assert!(prod.slots().is_empty());
     assert_eq!(env.json(&["source", "status"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
+    let env = Env::new();
+    env.up_with(&["--storage", "pagestore"]);
+    let prod = Production::start();
+    prod.sql(
+        "app",
+        "create table t(id int primary key, note text); alter table t owner to app",
+    );
+    env.ok(&[
+        "source",
+        "add",
+        "prod",
+        "--url",
+        &prod.replicator_url(),
+        "--mode",
+        "physical",
+    ]);
+    let slot = source(&env, "prod")["slot"].as_str().unwrap().to_string();
+    wait_for("the standby to stream", WAIT, || {
+        walsender(&prod, &slot).is_some()
+    });
+    prod.sql("app", "insert into t values (1, 'from production')");
+    let main_ro = root_as(&env, "main", "app", APP_PASSWORD);
+    wait_for("the row to reach main", WAIT, || {
+        try_psql(&main_ro, "select count(*) from t where id = 1").as_deref() == Some("1")
+    });
+    // An O(1) branch of the running standby, promoted on its own.
+    env.ok(&["branch", "create", "dev", "--parent", "main"]);
+    let dev = env.connection_string("dev");
+    assert_eq!(
+        psql(&dev, "select note from t where id = 1"),
+        "from production"
+    );
+    psql(&dev, "insert into t values (2, 'only in dev')");
+    assert_eq!(prod.sql("app", "select count(*) from t"), "1");
+
+    // Stemma stops and starts again: the root streams again by itself.
+    let before = walsender(&prod, &slot).expect("streaming");
+    env.ok(&["down"]);
+    env.up_with(&["--storage", "pagestore"]);
+    wait_for("streaming to resume after a daemon restart", WAIT, || {
+        walsender(&prod, &slot).is_some_and(|p| p != before)
+    });
+    prod.sql("app", "insert into t values (3, 'after restart')");
+    wait_for("the new row to reach main", WAIT, || {
+        try_psql(&main_ro, "select count(*) from t where id = 3").as_deref() == Some("1")
+    });
+    assert_eq!(psql(&dev, "select count(*) from t"), "2");
+    env.ok(&["source", "remove", "prod"]);
+    assert!(prod.slots().is_empty());
 }
