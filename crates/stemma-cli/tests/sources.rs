@@ -165,7 +165,11 @@ fn physical_source_streams_and_branches_never_touch_production() {
     let dev_conf = env.json(&["branch", "get", "dev"]);
     let tl = dev_conf["timeline_id"].as_str().unwrap();
     let conf_dir = env.data_dir.join("timelines").join(tl);
-    assert!(conf_dir.join("PG_VERSION").exists(), "{}", conf_dir.display());
+    assert!(
+        conf_dir.join("PG_VERSION").exists(),
+        "{}",
+        conf_dir.display()
+    );
     assert!(!conf_dir.join("standby.signal").exists());
     let conf = std::fs::read_to_string(conf_dir.join("postgresql.conf")).unwrap_or_default()
         + &std::fs::read_to_string(conf_dir.join("postgresql.auto.conf")).unwrap_or_default();
@@ -441,6 +445,64 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
         try_psql(&main_ro, "select count(*) from t where id = 3").as_deref() == Some("1")
     });
     assert_eq!(psql(&dev, "select count(*) from t"), "2");
+    env.ok(&["source", "remove", "prod"]);
+    assert!(prod.slots().is_empty());
+}
+
+#[test]
+fn a_slot_beyond_its_hard_limit_is_dropped_and_the_root_reseeded() {
+    let env = Env::new();
+    env.up();
+    let prod = Production::start();
+    prod.sql(
+        "app",
+        "create table t(id int primary key, note text); alter table t owner to app",
+    );
+    // Warn above 4 MiB, drop and re-seed above 4 x 4 MiB.
+    let limit = (4u64 << 20).to_string();
+    env.ok(&[
+        "source",
+        "add",
+        "prod",
+        "--url",
+        &prod.replicator_url(),
+        "--mode",
+        "physical",
+        "--max-retained-wal-bytes",
+        &limit,
+    ]);
+    let old_slot = source(&env, "prod")["slot"].as_str().unwrap().to_string();
+    wait_for("the standby to stream", WAIT, || {
+        walsender(&prod, &old_slot).is_some()
+    });
+    // The standby stops on purpose; production goes on writing and the slot holds WAL back.
+    env.ok(&["compute", "stop", "main"]);
+    prod.sql(
+        "app",
+        "create table filler as select g, repeat('x', 200) as pad from generate_series(1, 120000) g",
+    );
+    prod.sql("app", "insert into t values (1, 'after the drop')");
+    wait_for("the slot to be replaced", WAIT, || {
+        let s = source(&env, "prod");
+        s["state"] == "ready" && s["slot"].as_str() != Some(old_slot.as_str())
+    });
+    let s = source(&env, "prod");
+    let new_slot = s["slot"].as_str().unwrap().to_string();
+    assert!(
+        s["last_error"]
+            .as_str()
+            .is_some_and(|m| m.contains("hard limit") && m.contains("re-seeded")),
+        "{s}"
+    );
+    assert_eq!(prod.slots(), vec![new_slot.clone()]);
+    wait_for("the re-seeded standby to stream", WAIT, || {
+        walsender(&prod, &new_slot).is_some()
+    });
+    let main_ro = root_as(&env, "main", "app", APP_PASSWORD);
+    assert_eq!(
+        try_psql(&main_ro, "select count(*) from t where id = 1").as_deref(),
+        Some("1")
+    );
     env.ok(&["source", "remove", "prod"]);
     assert!(prod.slots().is_empty());
 }

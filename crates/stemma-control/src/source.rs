@@ -41,6 +41,11 @@ pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
 const PRODUCTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the daemon makes sure following roots run.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the daemon asks production how much WAL each slot holds back.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Beyond this many times its warning limit, a slot is dropped and the root re-seeded: WAL on
+/// production never grows without bound because of Stemma.
+pub const HARD_LIMIT_FACTOR: u64 = 4;
 /// Settings a hot standby needs at least as high as its primary's.
 const STANDBY_MINIMUMS: &[&str] = &[
     "max_connections",
@@ -1157,6 +1162,72 @@ impl Engine {
         Ok(view)
     }
 
+    /// The WAL the slot of a physical source holds back on production, if it answers.
+    async fn retained_wal(&self, url: &SourceUrl, slot: &str) -> Option<u64> {
+        let sql = format!(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
+        self.production_sql(url, &sql).await.ok()?.parse().ok()
+    }
+
+    /// Drops the slot of every physical source that holds back more than its hard limit, and
+    /// re-seeds its root from a new base backup through a new slot.
+    async fn enforce_retention_limits(&self) {
+        let rows = self.meta.sources().unwrap_or_default();
+        for row in rows
+            .into_iter()
+            .filter(|r| r.mode == "physical" && r.state == "ready")
+        {
+            let (Some(slot), Ok(url)) = (row.slot.clone(), SourceUrl::parse(&row.url)) else {
+                continue;
+            };
+            let Some(retained) = self.retained_wal(&url, &slot).await else {
+                continue;
+            };
+            let hard = row.max_retained_wal_bytes.saturating_mul(HARD_LIMIT_FACTOR);
+            if retained <= hard {
+                continue;
+            }
+            let why = format!(
+                "the slot {slot} held back {retained} bytes of WAL on production, more than the hard limit of {hard} bytes ({HARD_LIMIT_FACTOR} x max_retained_wal_bytes)"
+            );
+            tracing::warn!(source = %row.name, slot, retained, hard, "{why}: dropping the slot and re-seeding the root");
+            let note = match self.reseed(&row, &url, &slot).await {
+                Ok(()) => format!("{why}: Stemma dropped it and re-seeded the root from a new base backup"),
+                Err(e) => format!("{why}: Stemma dropped it, but re-seeding the root failed: {e}; add the source again (`source remove`, then `source add`)"),
+            };
+            tracing::warn!(source = %row.name, "{note}");
+            if let Err(e) = self.meta.source_failed(&row.name, &note, "ready") {
+                tracing::error!(error = %e, "recording a re-seed");
+            }
+        }
+    }
+
+    async fn reseed(&self, row: &SourceRow, url: &SourceUrl, old_slot: &str) -> Result<()> {
+        self.meta.set_source_state(&row.name, "reseeding")?;
+        if let Some(root) = self.meta.branch_by_id(row.branch_id)? {
+            // The standby must let go of the slot before it can be dropped.
+            let gate = self.gate(root.id);
+            let _exclusive = gate.write().await;
+            let spec = self.compute_spec(&root)?;
+            self.supervisor.stop(&spec.key, &spec.data_dir).await?;
+        }
+        self.drop_slot(url, old_slot).await?;
+        let probe = self.probe(url).await?;
+        let slot = slot_name(&row.name);
+        self.meta.set_source_slot(&row.name, &slot)?;
+        let mut row = row.clone();
+        row.slot = Some(slot.clone());
+        if let Err(e) = self.seed_physical(&row, url, &probe).await {
+            if let Err(e2) = self.drop_slot(url, &slot).await {
+                tracing::error!(source = %row.name, slot, error = %e2, "could not drop the new slot after a failed re-seed");
+            }
+            return Err(e);
+        }
+        self.meta.source_refreshed(&row.name, &Utc::now())?;
+        Ok(())
+    }
+
     // ----- the daemon's loop ----------------------------------------------------------------
 
     /// Undoes adds that a crash cut off (their timelines went with reconciliation), then keeps
@@ -1174,7 +1245,12 @@ impl Engine {
             }
         }
         let mut last_errors: HashMap<String, String> = HashMap::new();
+        let mut last_check = std::time::Instant::now();
         loop {
+            if last_check.elapsed() >= RETENTION_CHECK_INTERVAL {
+                last_check = std::time::Instant::now();
+                self.enforce_retention_limits().await;
+            }
             let rows = self.meta.sources().unwrap_or_default();
             for row in rows
                 .iter()
@@ -1183,7 +1259,11 @@ impl Engine {
                 let Ok(Some(root)) = self.meta.branch_by_id(row.branch_id) else {
                     continue;
                 };
-                if self.supervisor.info(&Self::compute_key(&root)).is_some() {
+                // A standby stopped on purpose (`compute stop`) stays stopped; its slot is
+                // watched by the retention limit.
+                if !root.compute_running
+                    || self.supervisor.info(&Self::compute_key(&root)).is_some()
+                {
                     last_errors.remove(&row.name);
                     continue;
                 }
@@ -1191,7 +1271,6 @@ impl Engine {
                 let Ok(_shared) = gate.try_read() else {
                     continue;
                 };
-                let _ = self.meta.set_compute_running(root.id, true);
                 match self.start_compute_of(&root).await {
                     Ok(()) => {
                         tracing::info!(source = %row.name, branch = %root.name, "standby started: streaming resumes");

@@ -120,6 +120,14 @@ impl Metadata {
         Ok(())
     }
 
+    pub fn set_source_slot(&self, name: &str, slot: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE sources SET slot = ?2 WHERE name = ?1",
+            params![name, slot],
+        )?;
+        Ok(())
+    }
+
     pub fn delete_source(&self, name: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM sources WHERE name = ?1", [name])?;
