@@ -295,4 +295,6 @@ pub struct Source {
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     pub warnings: Vec<String>,
+    /// The last `refresh` step of a schedule on this source (`ok`, `failed`, `skipped`).
+    pub last_scheduled_refresh: Option<ScheduledReset>,
 }

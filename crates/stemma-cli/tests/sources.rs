@@ -506,3 +506,40 @@ fn a_slot_beyond_its_hard_limit_is_dropped_and_the_root_reseeded() {
     env.ok(&["source", "remove", "prod"]);
     assert!(prod.slots().is_empty());
 }
+
+#[test]
+fn a_schedule_refreshes_the_source_then_resets_dev_and_stops_at_a_failure() {
+    let env = Env::new();
+    let project = tempfile::tempdir().unwrap();
+    let config = project.path().join("stemma.toml");
+    std::fs::write(
+        &config,
+        "[[schedule]]\nname = \"nightly\"\nat = \"*/2 * * * * *\"\nsteps = [\"refresh prod\", \"reset dev\"]\n",
+    )
+    .unwrap();
+    env.up_with(&["--config", config.to_str().unwrap()]);
+    let mut prod = Production::start();
+    prod.sql(
+        "app",
+        "create table t(id int primary key); alter table t owner to app; insert into t values (1)",
+    );
+    let url = prod.url("app", APP_PASSWORD, "app");
+    env.ok(&["source", "add", "prod", "--url", &url, "--mode", "snapshot"]);
+    env.ok(&["branch", "create", "dev", "--parent", "main"]);
+    prod.sql("app", "insert into t values (2)");
+    wait_for("a scheduled refresh, then a reset of dev", WAIT, || {
+        let s = source(&env, "prod");
+        s["last_scheduled_refresh"]["outcome"] == "ok"
+            && env.json(&["branch", "get", "dev"])["last_scheduled_reset"]["outcome"] == "ok"
+            && env.sql("dev", "select count(*) from t") == "2"
+    });
+    // Production down: the refresh fails and the reset of dev is skipped; dev keeps its rows.
+    prod.stop();
+    wait_for("a failed refresh and a skipped reset", WAIT, || {
+        let s = source(&env, "prod");
+        s["last_scheduled_refresh"]["outcome"] == "failed"
+            && env.json(&["branch", "get", "dev"])["last_scheduled_reset"]["outcome"] == "skipped"
+    });
+    assert_eq!(env.sql("dev", "select count(*) from t"), "2");
+    assert_eq!(env.sql("main", "select count(*) from t"), "2");
+}

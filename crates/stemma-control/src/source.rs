@@ -1102,6 +1102,16 @@ impl Engine {
             last_error: row.last_error.clone(),
             last_error_at: row.last_error_at,
             warnings: Vec::new(),
+            last_scheduled_refresh: self
+                .meta
+                .schedule_run(&format!("source:{}", row.name))
+                .ok()
+                .flatten()
+                .map(|r| api::ScheduledReset {
+                    at: r.at,
+                    outcome: r.outcome,
+                    message: r.message,
+                }),
         };
         if branch.is_none() {
             warnings.push("the source's branch no longer exists; remove the source".into());
@@ -1226,6 +1236,69 @@ impl Engine {
         }
         self.meta.source_refreshed(&row.name, &Utc::now())?;
         Ok(())
+    }
+
+    // ----- schedules ------------------------------------------------------------------------
+
+    /// Runs a schedule's steps in order and records each outcome (a branch's under its name,
+    /// shown by `branch get`; a source's under `source:NAME`, shown by `source status`). The
+    /// first failure skips the remaining steps.
+    pub(crate) async fn run_schedule_steps(self: &Arc<Self>, schedule: &crate::project::Schedule) {
+        use crate::metadata::ScheduleRun;
+        use crate::project::Step;
+        let steps = match schedule.steps() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(schedule = %schedule.key(), error = %e, "invalid schedule");
+                return;
+            }
+        };
+        let mut failed: Option<String> = None;
+        for step in steps {
+            let (key, what) = match &step {
+                Step::Reset(b) => (b.clone(), format!("reset {b}")),
+                Step::Refresh(s) => (format!("source:{s}"), format!("refresh {s}")),
+            };
+            let outcome = match (&failed, &step) {
+                (Some(earlier), _) => Err(("skipped", format!("skipped: {earlier} failed"))),
+                (None, Step::Reset(b)) => self
+                    .reset_branch(b, None)
+                    .await
+                    .map(|_| None)
+                    .map_err(|e| ("failed", e.to_string())),
+                (None, Step::Refresh(src)) => match self.meta.source(src) {
+                    Ok(Some(row)) if row.mode == "physical" => Ok(Some(
+                        "physical: follows production continuously".to_string(),
+                    )),
+                    _ => self
+                        .refresh_source(src)
+                        .await
+                        .map(|_| None)
+                        .map_err(|e| ("failed", e.to_string())),
+                },
+            };
+            let run = match outcome {
+                Ok(message) => ScheduleRun {
+                    at: Utc::now(),
+                    outcome: "ok".into(),
+                    message,
+                },
+                Err((outcome, message)) => {
+                    if failed.is_none() {
+                        failed = Some(what.clone());
+                    }
+                    ScheduleRun {
+                        at: Utc::now(),
+                        outcome: outcome.into(),
+                        message: Some(message),
+                    }
+                }
+            };
+            tracing::info!(schedule = %schedule.key(), step = %what, outcome = %run.outcome, "scheduled step");
+            if let Err(e) = self.meta.record_schedule_run(&key, &run) {
+                tracing::error!(error = %e, "recording a scheduled step");
+            }
+        }
     }
 
     // ----- the daemon's loop ----------------------------------------------------------------
