@@ -92,7 +92,10 @@ pub(crate) struct Import {
     engine: Arc<Engine>,
     op: String,
     name: String,
+    /// The source as a connection string without its password, when it is a URI we can take
+    /// apart (the password then travels in `PGPASSWORD`, not on command lines).
     url: String,
+    password: Option<String>,
     jobs: u32,
     scratch: PathBuf,
     timeline: Option<String>,
@@ -112,11 +115,19 @@ impl Import {
     /// the temporary compute and the logs.
     pub(crate) fn new(engine: Arc<Engine>, op: &str, name: &str, url: String, jobs: u32) -> Self {
         let scratch = engine.cfg.scratch_dir().join(op);
+        let (url, password) = match crate::source::SourceUrl::parse(&url) {
+            Ok(u) => (
+                u.conninfo(false, &[]),
+                Some(u.password).filter(|p| !p.is_empty()),
+            ),
+            Err(_) => (url, None),
+        };
         Import {
             engine,
             op: op.to_string(),
             name: name.to_string(),
             url,
+            password,
             jobs,
             scratch,
             timeline: None,
@@ -144,6 +155,7 @@ impl Import {
         let mut child = Command::new(program)
             .args(args)
             .env("PGCONNECT_TIMEOUT", "15")
+            .envs(self.password.iter().map(|p| ("PGPASSWORD", p)))
             .env("PGAPPNAME", "stemma-import")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -195,6 +207,7 @@ impl Import {
                 sql,
             ])
             .env("PGCONNECT_TIMEOUT", "15")
+            .envs(self.password.iter().map(|p| ("PGPASSWORD", p)))
             .stdin(Stdio::null())
             .output()
             .await

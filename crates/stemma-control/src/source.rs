@@ -57,7 +57,8 @@ const STANDBY_MINIMUMS: &[&str] = &[
 /// A branch of a standby, and a standby: local connections need a password (the roles are
 /// production's; `md5` accepts SCRAM secrets too).
 const HBA_PASSWORD: &str = "# Written by stemma.\nlocal all all md5\n";
-/// Only while a new branch of a standby gets its superuser, on a private socket.
+/// Only while a new branch of a standby gets its superuser, on a private socket, from a file
+/// outside the data directory (`hba_file`): a crash cannot leave it in force.
 const HBA_TRUST: &str = "# Written by stemma, for a moment.\nlocal all all trust\n";
 /// Lines of `postgresql.auto.conf` that would make a copy follow production.
 const FOLLOW_SETTINGS: &[&str] = &[
@@ -942,7 +943,7 @@ impl Engine {
                     "postgresql.auto.conf",
                     without_follow_settings(&auto).as_bytes(),
                 )?;
-                w("pg_hba.conf", HBA_TRUST.as_bytes())?;
+                w("pg_hba.conf", HBA_PASSWORD.as_bytes())?;
                 storage.remove_file(&tl, Path::new("standby.signal"))?;
                 storage.remove_file(&tl, Path::new("recovery.signal"))?;
                 Ok(())
@@ -960,7 +961,30 @@ impl Engine {
             .join("run")
             .join(format!("promote-{:08x}", rand::random::<u32>()));
         spec.log_path = self.cfg.logs_dir().join(format!("promote-{tl}.log"));
-        self.supervisor.start(spec.clone()).await?;
+        let hba = self.cfg.scratch_dir().join(format!("promote-{tl}.hba"));
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&hba)
+                .with_context(|| format!("writing {}", hba.display()))?;
+            f.write_all(HBA_TRUST.as_bytes())
+                .with_context(|| format!("writing {}", hba.display()))?;
+            if let Some(u) = self.supervisor.user() {
+                std::os::unix::fs::chown(&hba, Some(u.uid), Some(u.gid))
+                    .with_context(|| format!("handing {} to the compute user", hba.display()))?;
+            }
+        }
+        spec.settings
+            .insert("hba_file".into(), hba.display().to_string());
+        if let Err(e) = self.supervisor.start(spec.clone()).await {
+            let _ = std::fs::remove_file(&hba);
+            return Err(e.into());
+        }
         let result = async {
             let login = match self.meta.source_of_branch(branch.id)? {
                 Some(s) => SourceUrl::parse(&s.url).map(|u| u.user).unwrap_or_default(),
@@ -1020,13 +1044,7 @@ impl Engine {
         }
         .await;
         let stopped = self.supervisor.stop(&spec.key, &spec.data_dir).await;
-        let (storage, tl2) = (self.storage.clone(), tl.clone());
-        blocking(move || {
-            storage
-                .write_file(&tl2, Path::new("pg_hba.conf"), HBA_PASSWORD.as_bytes())
-                .map_err(Into::into)
-        })
-        .await?;
+        let _ = std::fs::remove_file(&hba);
         result?;
         stopped?;
         Ok(())
