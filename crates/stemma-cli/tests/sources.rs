@@ -112,6 +112,17 @@ fn physical_source_streams_and_branches_never_touch_production() {
     assert!(s["url"].as_str().unwrap().contains("****"), "{s}");
     assert!(!s.to_string().contains(REPLICATOR_PASSWORD), "{s}");
     assert_eq!(prod.slots(), vec![slot.clone()]);
+    // The password is kept where only the daemon's user can read it.
+    let mode = std::fs::metadata(env.data_dir.join("metadata.db"))
+        .expect("the metadata store")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // A root with a source is not deleted behind its back (its slot would stay on production).
+    let e = env.fail(&["branch", "delete", "main"]);
+    assert!(e.contains("source remove"), "{e}");
     wait_for("the standby to stream", WAIT, || {
         walsender(&prod, &slot).is_some()
     });

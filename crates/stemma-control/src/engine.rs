@@ -794,6 +794,12 @@ impl Engine {
                 "branch {name:?} is protected; remove the protection first: `stemma branch set {name} --protected false`"
             )));
         }
+        if let Some(s) = self.meta.source_of_branch(b.id)? {
+            return Err(ControlError::Conflict(format!(
+                "branch {name:?} is fed by the source {:?}; remove it first (`stemma source remove {}`), which also drops its slot on production",
+                s.name, s.name
+            )));
+        }
         let children = self.meta.children(b.id)?;
         if !children.is_empty() {
             return Err(ControlError::Conflict(format!(

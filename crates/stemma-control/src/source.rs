@@ -1326,6 +1326,20 @@ impl Engine {
     pub async fn follow_sources(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         if let Ok(rows) = self.meta.sources() {
             for row in rows.into_iter().filter(|r| r.state == "adding") {
+                // Cut off after the swap: the root follows already; the add is complete.
+                let swapped = row.mode == "physical"
+                    && self
+                        .meta
+                        .branch_by_id(row.branch_id)
+                        .ok()
+                        .flatten()
+                        .and_then(|b| TimelineId::parse(&b.timeline_id).ok())
+                        .is_some_and(|tl| is_standby(self.storage.as_ref(), &tl));
+                if swapped {
+                    tracing::warn!(source = %row.name, "finishing a source whose add was interrupted after the swap");
+                    let _ = self.meta.source_refreshed(&row.name, &Utc::now());
+                    continue;
+                }
                 tracing::warn!(source = %row.name, "removing a source whose add was interrupted");
                 if let (Some(slot), Ok(url)) = (&row.slot, SourceUrl::parse(&row.url)) {
                     if let Err(e) = self.drop_slot(&url, slot).await {
