@@ -1349,6 +1349,25 @@ impl Engine {
                 let _ = self.meta.delete_source(&row.name);
             }
         }
+        // A refresh or a re-seed cut off by a stop left its new timeline `creating`, which
+        // reconciliation removed: the root still has what it had.
+        if let Ok(rows) = self.meta.sources() {
+            for row in rows
+                .iter()
+                .filter(|r| r.state == "refreshing" || r.state == "reseeding")
+            {
+                let msg = format!(
+                    "the {} was interrupted by a stop of Stemma; the branch kept what it had",
+                    if row.state == "refreshing" {
+                        "refresh"
+                    } else {
+                        "re-seed"
+                    }
+                );
+                tracing::warn!(source = %row.name, "{msg}");
+                let _ = self.meta.source_failed(&row.name, &msg, "ready");
+            }
+        }
         let mut last_errors: HashMap<String, String> = HashMap::new();
         let mut last_check = std::time::Instant::now();
         loop {
