@@ -554,3 +554,69 @@ fn a_schedule_refreshes_the_source_then_resets_dev_and_stops_at_a_failure() {
     assert_eq!(env.sql("dev", "select count(*) from t"), "2");
     assert_eq!(env.sql("main", "select count(*) from t"), "2");
 }
+
+#[test]
+fn a_refresh_cut_off_by_a_daemon_crash_leaves_main_serving() {
+    let env = Env::new();
+    env.up();
+    let prod = Production::start();
+    prod.sql(
+        "app",
+        "create table t(id int primary key, pad text); alter table t owner to app; \
+         insert into t select g, repeat('x', 100) from generate_series(1, 200000) g",
+    );
+    let url = prod.url("app", APP_PASSWORD, "app");
+    env.ok(&["source", "add", "prod", "--url", &url, "--mode", "snapshot"]);
+    assert_eq!(env.sql("main", "select count(*) from t"), "200000");
+    prod.sql("app", "insert into t values (0, 'new')");
+
+    let mut refresh = env
+        .cmd(&["source", "refresh", "prod"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a refresh");
+    wait_for("the refresh to start", WAIT, || {
+        source(&env, "prod")["state"] == "refreshing"
+    });
+    kill9(env.daemon_pid().expect("the daemon runs"));
+    let _ = refresh.wait();
+    env.up();
+    wait_for("the source to be usable again", WAIT, || {
+        source(&env, "prod")["state"] == "ready"
+    });
+    // Either the whole refresh or none of it; main serves, and the next refresh works.
+    let n = env.sql("main", "select count(*) from t");
+    assert!(n == "200000" || n == "200001", "{n}");
+    env.ok(&["source", "refresh", "prod"]);
+    assert_eq!(env.sql("main", "select count(*) from t"), "200001");
+    // No stray compute of the cut-off refresh is left: only main's postmaster runs.
+    assert_eq!(
+        postmasters_under(&env).len(),
+        1,
+        "{:?}",
+        postmasters_under(&env)
+    );
+}
+
+/// Postmasters (of any timeline, even a deleted one) under the environment's data directory.
+fn postmasters_under(env: &Env) -> Vec<u32> {
+    let dir = env.data_dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    alive(*pid)
+                        && args.first().is_some_and(|a| a.ends_with("/postgres"))
+                        && args.iter().any(|a| a.starts_with(&dir))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

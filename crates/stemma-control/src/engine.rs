@@ -1079,6 +1079,12 @@ impl Engine {
         for t in &timelines {
             if t.state != TimelineState::Ready {
                 tracing::warn!(timeline = %t.id, state = ?t.state, "finishing an interrupted operation: removing the timeline");
+                // An operation's temporary compute (an import, a snapshot, a promotion) may
+                // have outlived the daemon in it.
+                let dir = self.storage.data_dir(&timeline(&t.id)?);
+                self.supervisor
+                    .stop(&format!("stray-{}", t.id), &dir)
+                    .await?;
                 self.destroy_timeline(&t.id).await?;
             }
         }
