@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Physical source freshness: from a commit on production to its visibility in a newly created
-# branch of `main`, while pgbench writes to production. Also the base backup throughput of
+# branch of `main`, while pgbench writes to production. Also the throughput of
 # `stemma source add --mode physical` against a plain `pg_basebackup` into a local directory,
-# same machine, same run.
+# and of `--mode snapshot` against a plain `pg_dump -j 2` + `pg_restore -j 2`, same machine,
+# same run (each ratio should be at least 0.8).
 #
 #   bench/source-freshness.sh
 #
@@ -74,6 +75,23 @@ t2=$(now)
 plain=$(calc "$t1 - $t0")
 ours=$(calc "$t2 - $t1")
 echo "base backup: pg_basebackup $(printf %.2f "$plain") s, source add $(printf %.2f "$ours") s (throughput ratio $(printf %.2f "$(calc "$plain / $ours")"))"
+
+# Snapshot: plain pg_dump -j 2 into a local directory and pg_restore -j 2 into a new database,
+# then `source add --mode snapshot` into a new root.
+t0=$(now)
+"$pgbin/pg_dump" -Fd -j 2 -f "$work/plain-dump" -h "$work/sock" -p "$port" -U postgres app
+psql_prod -d postgres -c "CREATE DATABASE restore_target"
+"$pgbin/pg_restore" -j 2 -h "$work/sock" -p "$port" -U postgres -d restore_target "$work/plain-dump"
+t1=$(now)
+rm -rf "$work/plain-dump"
+psql_prod -d postgres -c "DROP DATABASE restore_target"
+psql_prod -d postgres -c "ALTER ROLE replicator SUPERUSER"
+"$stemma" source add snap --url "$url" --mode snapshot --branch snap --jobs 2 >/dev/null
+t2=$(now)
+plain=$(calc "$t1 - $t0")
+ours=$(calc "$t2 - $t1")
+echo "snapshot: pg_dump + pg_restore $(printf %.2f "$plain") s, source add $(printf %.2f "$ours") s (throughput ratio $(printf %.2f "$(calc "$plain / $ours")"))"
+"$stemma" source remove snap >/dev/null
 
 "$pgbin/pgbench" -n -c 2 -j 2 -R "$rate" -T 3600 -h "$work/sock" -p "$port" -U postgres app >/dev/null 2>&1 &
 pgbench_pid=$!

@@ -1479,6 +1479,45 @@ mod tests {
     }
 
     #[test]
+    fn connection_errors_say_what_to_change() {
+        let url = SourceUrl::parse("postgresql://rep:pw@db:5432/app").unwrap();
+        let e = connection_error(
+            "psql: error: connection to server at \"db\", port 5432 failed: Connection refused",
+            &url,
+            "connections",
+        );
+        assert!(
+            e.to_string()
+                .contains("cannot reach the source database at db:5432"),
+            "{e}"
+        );
+        let e = connection_error(
+            "FATAL:  password authentication failed for user \"rep\"",
+            &url,
+            "connections",
+        );
+        assert!(e.to_string().contains("check the password"), "{e}");
+        let e = connection_error(
+            "FATAL:  no pg_hba.conf entry for replication connection from host \"10.0.0.1\", user \"rep\"",
+            &url,
+            "replication connections",
+        );
+        assert!(e.to_string().contains("host replication rep"), "{e}");
+        let e = connection_error(
+            "FATAL:  must be superuser or replication role to start walsender",
+            &url,
+            "replication connections",
+        );
+        assert!(
+            e.to_string().contains("ALTER ROLE \"rep\" REPLICATION"),
+            "{e}"
+        );
+        // A tool that echoes the password never gets it into the message.
+        let e = connection_error("FATAL: something about pw", &url, "connections");
+        assert!(!e.to_string().contains(" pw"), "{e}");
+    }
+
+    #[test]
     fn slot_names_are_valid() {
         let s = slot_name("Prod-EU.1");
         assert!(s.starts_with("stemma_prod_eu_1_"), "{s}");
