@@ -444,6 +444,31 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
     psql(&dev, "insert into t values (2, 'only in dev')");
     assert_eq!(prod.sql("app", "select count(*) from t"), "1");
 
+    // A branch of a past moment of the standby is cut loose as well.
+    let at = prod.sql(
+        "postgres",
+        "select to_char(now() at time zone 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    wait_for("a moment strictly in the past", WAIT, || {
+        prod.sql(
+            "postgres",
+            &format!("select now() > '{at}'::timestamptz + interval '10 milliseconds'"),
+        ) == "t"
+    });
+    env.ok(&["branch", "create", "past", "--parent", "main", "--at", &at]);
+    let past = env.connection_string("past");
+    assert_eq!(psql(&past, "select pg_is_in_recovery()"), "f");
+    psql(&past, "insert into t values (100, 'only in past')");
+    assert_eq!(
+        prod.sql(
+            "postgres",
+            "select string_agg(application_name, ',') from pg_stat_replication"
+        ),
+        slot
+    );
+    let e = env.fail(&["branch", "restore", "main", "--at", &at]);
+    assert!(e.contains("follows production"), "{e}");
+
     // Stemma stops and starts again: the root streams again by itself.
     let before = walsender(&prod, &slot).expect("streaming");
     env.ok(&["down"]);

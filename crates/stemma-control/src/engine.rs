@@ -943,6 +943,11 @@ impl Engine {
                 })
         })
         .await;
+        // A past state of a standby is cut loose from production too.
+        let result = match result {
+            Ok(()) => self.cut_loose_from_production(source, &tl).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             let _ = self.destroy_timeline(tl.as_str()).await;
             return Err(e);
@@ -957,6 +962,7 @@ impl Engine {
     ) -> Result<api::Branch> {
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
+        self.refuse_if_following(&b)?;
         if !self.storage.capabilities().point_in_time {
             return Err(ControlError::Unsupported(format!(
                 "the {} storage driver keeps no history, so a branch cannot be restored to a past moment; use the pagestore driver",

@@ -473,6 +473,17 @@ impl Engine {
         })
     }
 
+    /// A root that follows production is changed only through its source.
+    pub(crate) fn refuse_if_following(&self, b: &BranchRow) -> Result<()> {
+        match self.meta.source_of_branch(b.id)? {
+            Some(s) if s.mode == "physical" => Err(ControlError::Conflict(format!(
+                "branch {:?} follows production (source {:?}); remove the source first (`stemma source remove {}`), or branch from it: `stemma branch create NAME --parent {} --at TIME`",
+                b.name, s.name, s.name, b.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether a root holds anything beyond what `initdb` made (or cannot be asked).
     async fn holds_data(&self, b: &BranchRow) -> bool {
         if self.start_compute_of(b).await.is_err() {
