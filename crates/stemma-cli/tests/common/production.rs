@@ -48,7 +48,7 @@ impl Production {
     /// initdb, configure, start, create the roles and the `app` database.
     pub fn start() -> Production {
         let dir = tempfile::Builder::new()
-            .prefix("stemma-prod-")
+            .prefix("stemma-test-prod-")
             .tempdir()
             .expect("a temporary directory");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
