@@ -1085,10 +1085,16 @@ impl Engine {
                 .map_err(Into::into)
         })
         .await;
-        let restarted = self.supervisor.start(spec).await;
-        copied?;
-        restarted?;
-        Ok(())
+        // The standby resumes while the copy is being prepared; starts of one compute are
+        // serialised by the supervisor, so a connection that wakes it meanwhile waits for it.
+        let supervisor = self.supervisor.clone();
+        let label = parent.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = supervisor.start(spec).await {
+                tracing::warn!(branch = %label, error = %e, "the standby did not restart after a copy; the daemon retries");
+            }
+        });
+        copied
     }
 
     // ----- status ---------------------------------------------------------------------------
