@@ -15,7 +15,7 @@ pg_bin_has() {
 if ! have_pg_server; then
     need_apt+=(postgresql)
 fi
-for tool in psql pg_dump pg_restore pgbench pg_amcheck; do
+for tool in psql pg_dump pg_restore pgbench pg_amcheck pg_basebackup; do
     if ! pg_bin_has "$tool"; then
         need_apt+=(postgresql-client postgresql)
         break

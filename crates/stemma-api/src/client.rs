@@ -295,6 +295,40 @@ impl Client {
         )
     }
 
+    // ----- sources ------------------------------------------------------------------------
+
+    pub fn add_source(&self, req: &AddSourceRequest) -> Result<Source, ClientError> {
+        self.call("POST", "/v1/sources", Some(req))
+    }
+
+    pub fn list_sources(&self) -> Result<Vec<Source>, ClientError> {
+        self.call("GET", "/v1/sources", None::<&()>)
+    }
+
+    pub fn get_source(&self, name: &str) -> Result<Source, ClientError> {
+        self.call(
+            "GET",
+            &format!("/v1/sources/{}", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
+    pub fn refresh_source(&self, name: &str) -> Result<Source, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/sources/{}/refresh", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
+    pub fn remove_source(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            "DELETE",
+            &format!("/v1/sources/{}", Self::seg(name)),
+            None::<&()>,
+        )
+    }
+
     pub fn shutdown(&self) -> Result<serde_json::Value, ClientError> {
         self.call("POST", "/v1/shutdown", None::<&()>)
     }

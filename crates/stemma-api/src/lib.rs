@@ -298,3 +298,77 @@ pub struct ApiError {
     /// What went wrong and, where possible, what to do.
     pub error: String,
 }
+
+// ----- sources ------------------------------------------------------------------------------
+
+/// How a source feeds its root branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMode {
+    /// A base backup, then a hot standby streaming from production (same major version).
+    Physical,
+    /// A consistent `pg_dump`, restored into a new timeline on `source refresh`.
+    Snapshot,
+}
+
+impl SourceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceMode::Physical => "physical",
+            SourceMode::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// Adds a source that feeds a root branch.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddSourceRequest {
+    pub name: String,
+    /// A libpq URI of production, e.g. `postgresql://replicator:secret@db.internal:5432/app`.
+    pub url: String,
+    pub mode: SourceMode,
+    /// The root branch it feeds (created when missing); default `main`.
+    pub branch: Option<String>,
+    /// Replace a root that already holds data (its children keep their state).
+    #[serde(default)]
+    pub replace: bool,
+    /// Snapshot mode: parallel jobs (connections to production); default 2.
+    pub jobs: Option<u32>,
+    /// Physical mode: `source status` warns above this much WAL held back by the slot;
+    /// default 1 GiB.
+    pub max_retained_wal_bytes: Option<u64>,
+}
+
+/// A source and how it is doing. The URL's password is always redacted (`****`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Source {
+    pub name: String,
+    pub branch: String,
+    pub mode: SourceMode,
+    /// `adding`, `ready`, `refreshing`, `removing`.
+    pub state: String,
+    /// The URL with its password replaced by `****`.
+    pub url: String,
+    /// Physical mode: the replication slot on production.
+    pub slot: Option<String>,
+    /// Physical mode: the standby's state as production sees it (`streaming`, `catchup`,
+    /// `disconnected`), or `unknown` when production cannot be asked.
+    pub replication: Option<String>,
+    /// Physical mode: bytes of WAL production wrote that the standby has not replayed.
+    pub lag_bytes: Option<u64>,
+    /// Physical mode: production's measure of the replay lag, in seconds.
+    pub lag_seconds: Option<f64>,
+    /// Physical mode: bytes of WAL the slot keeps on production.
+    pub retained_wal_bytes: Option<u64>,
+    pub max_retained_wal_bytes: u64,
+    pub jobs: u32,
+    pub created_at: DateTime<Utc>,
+    /// When the root last took a snapshot (snapshot mode) or its base backup (physical).
+    pub last_refresh_at: Option<DateTime<Utc>>,
+    /// Why the last operation failed (cleared by the next success).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub warnings: Vec<String>,
+    /// The last `refresh` step of a schedule on this source (`ok`, `failed`, `skipped`).
+    pub last_scheduled_refresh: Option<ScheduledReset>,
+}

@@ -7,6 +7,7 @@
 mod bench;
 mod daemon_ctl;
 mod output;
+mod source_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -169,6 +170,9 @@ enum Command {
         #[arg(long, value_parser = stemma_fuse::server::parse_owner)]
         owner: Option<(u32, u32)>,
     },
+    /// Production databases that root branches follow (physical) or snapshot.
+    #[command(subcommand)]
+    Source(source_cmd::SourceCommand),
 }
 
 #[derive(Subcommand)]
@@ -564,6 +568,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::ColdStart { branch, trials }) => {
             let client = daemon_ctl::client(&data_dir)?;
             bench::cold_start(&client, &branch, trials.max(1), cli.output == Format::Json)?;
+        }
+        Command::Source(cmd) => {
+            let client = daemon_ctl::client(&data_dir)?;
+            source_cmd::run(&client, cmd, &out, cli.output == Format::Json)?;
         }
         Command::Compute(cmd) => {
             let client = daemon_ctl::client(&data_dir)?;

@@ -72,7 +72,8 @@ type ApiResult<T> = Result<Json<T>, HttpError>;
         reset_branch, restore_branch, rename_branch, start_compute, stop_compute,
         connection_string, init, operation, shutdown, pr_open, pr_close, schema_diff,
         migrate, github_webhook, anonymize_suggest, anonymize, reanonymize, create_token,
-        list_tokens, delete_token
+        list_tokens, delete_token, list_sources, add_source, get_source, refresh_source,
+        remove_source
     ),
     modifiers(&BearerAuth)
 )]
@@ -121,6 +122,9 @@ pub fn router(state: AppState) -> Router {
         .route("/init", post(init))
         .route("/operations/{id}", get(operation))
         .route("/shutdown", post(shutdown))
+        .route("/sources", get(list_sources).post(add_source))
+        .route("/sources/{name}", get(get_source).delete(remove_source))
+        .route("/sources/{name}/refresh", post(refresh_source))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -651,4 +655,60 @@ async fn delete_token(
     s.engine.require_admin(&caller, "deleting tokens")?;
     s.engine.delete_token(&name)?;
     Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+// ----- sources ------------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/sources", responses((status = 200, body = Vec<Source>)))]
+async fn list_sources(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Vec<Source>> {
+    s.engine.require_admin(&caller, "reading sources")?;
+    Ok(Json(s.engine.list_sources().await?))
+}
+
+#[utoipa::path(post, path = "/v1/sources", request_body = AddSourceRequest,
+    responses((status = 200, body = Source), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn add_source(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<AddSourceRequest>,
+) -> ApiResult<Source> {
+    s.engine.require_admin(&caller, "adding a source")?;
+    Ok(Json(s.engine.add_source(&req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/sources/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Source), (status = 404, body = ApiError)))]
+async fn get_source(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Source> {
+    s.engine.require_admin(&caller, "reading sources")?;
+    Ok(Json(s.engine.source_status(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sources/{name}/refresh", params(("name" = String, Path)),
+    responses((status = 200, body = Source), (status = 400, body = ApiError)))]
+async fn refresh_source(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Source> {
+    s.engine.require_admin(&caller, "refreshing a source")?;
+    Ok(Json(s.engine.refresh_source(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/sources/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ApiError)))]
+async fn remove_source(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.require_admin(&caller, "removing a source")?;
+    s.engine.remove_source(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
 }

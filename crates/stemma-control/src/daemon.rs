@@ -138,6 +138,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let expiry = tokio::spawn(expiry_loop(engine.clone(), shutdown_rx.clone()));
     let suspender = tokio::spawn(suspend_loop(engine.clone(), shutdown_rx.clone()));
     let scheduler = tokio::spawn(schedule_loop(engine.clone(), shutdown_rx.clone()));
+    let sources = tokio::spawn(engine.clone().follow_sources(shutdown_rx.clone()));
     // Pull-request events: a bounded queue, handled in order.
     let (pr_tx, mut pr_rx) = tokio::sync::mpsc::channel(1024);
     let _ = engine.pr_events.set(pr_tx);
@@ -189,6 +190,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = expiry.await;
     let _ = suspender.await;
     let _ = scheduler.await;
+    let _ = sources.await;
     pr_worker.abort();
     tracing::info!("stopping computes");
     supervisor.stop_all().await;

@@ -119,6 +119,12 @@ impl Engine {
             let mut idle: Vec<(Instant, String)> = running
                 .iter()
                 .filter(|c| c.key != waking)
+                // A compute that never suspends (a source's standby) is not evicted either.
+                .filter(|c| {
+                    Self::branch_id_of_key(&c.key)
+                        .and_then(|id| self.meta.branch_by_id(id).ok().flatten())
+                        .is_none_or(|b| b.suspend_timeout_secs != Some(0))
+                })
                 .filter_map(|c| {
                     let a = proxy.activity(&c.key);
                     (a.open == 0).then_some((a.last_change, c.key.clone()))

@@ -562,6 +562,10 @@ impl Engine {
             .await;
         }
 
+        // A standby (a source's root) has no superuser of ours for an online backup.
+        if crate::source::is_standby(self.storage.as_ref(), &parent_tl) {
+            return self.clone_paused_standby(parent, child, base_filter).await;
+        }
         let label = format!("stemma clone of {} into {}", parent.name, child);
         let spec = self.compute_spec(parent)?;
         let backup = OnlineBackup::start(
@@ -611,7 +615,12 @@ impl Engine {
         let tl = new_timeline_id();
         self.meta
             .begin_timeline(tl.as_str(), Some(&parent.timeline_id))?;
-        if let Err(e) = self.clone_state(parent, &tl).await {
+        // A copy of a standby is cut loose from production before anything starts it.
+        let cloned = match self.clone_state(parent, &tl).await {
+            Ok(()) => self.cut_loose_from_production(parent, &tl).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = cloned {
             tracing::warn!(error = %e, timeline = %tl, "clone failed; removing the partial timeline");
             if let Err(e2) = self.destroy_timeline(tl.as_str()).await {
                 tracing::error!(error = %e2, "removing a partial timeline failed; the next start removes it");
@@ -817,6 +826,12 @@ impl Engine {
                 "branch {name:?} is protected; remove the protection first: `stemma branch set {name} --protected false`"
             )));
         }
+        if let Some(s) = self.meta.source_of_branch(b.id)? {
+            return Err(ControlError::Conflict(format!(
+                "branch {name:?} is fed by the source {:?}; remove it first (`stemma source remove {}`), which also drops its slot on production",
+                s.name, s.name
+            )));
+        }
         let children = self.meta.children(b.id)?;
         if !children.is_empty() {
             return Err(ControlError::Conflict(format!(
@@ -971,6 +986,11 @@ impl Engine {
                 })
         })
         .await;
+        // A past state of a standby is cut loose from production too.
+        let result = match result {
+            Ok(()) => self.cut_loose_from_production(source, &tl).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             let _ = self.destroy_timeline(tl.as_str()).await;
             return Err(e);
@@ -985,6 +1005,7 @@ impl Engine {
     ) -> Result<api::Branch> {
         let _op = self.op_lock.lock().await;
         let b = self.row(name)?;
+        self.refuse_if_following(&b)?;
         if !self.storage.capabilities().point_in_time {
             return Err(ControlError::Unsupported(format!(
                 "the {} storage driver keeps no history, so a branch cannot be restored to a past moment; use the pagestore driver",
@@ -1112,15 +1133,12 @@ impl Engine {
         for t in &timelines {
             if t.state != TimelineState::Ready {
                 tracing::warn!(timeline = %t.id, state = ?t.state, "finishing an interrupted operation: removing the timeline");
-                // An import or anonymization runs a private compute on its timeline; a crash
-                // leaves it running. Stop it before its files go.
+                // An operation's temporary compute (an import, a snapshot, a promotion) may
+                // have outlived the daemon in it.
                 let dir = self.storage.data_dir(&timeline(&t.id)?);
-                if stemma_compute::read_postmaster_pid(&dir).is_some() {
-                    let key = format!("orphan-{}", t.id);
-                    if let Err(e) = self.supervisor.stop(&key, &dir).await {
-                        tracing::warn!(timeline = %t.id, error = %e, "stopping a leftover compute");
-                    }
-                }
+                self.supervisor
+                    .stop(&format!("stray-{}", t.id), &dir)
+                    .await?;
                 self.destroy_timeline(&t.id).await?;
             }
         }

@@ -62,16 +62,7 @@ impl Engine {
         let name = req.name.clone();
         let jobs = req.jobs.unwrap_or(2).clamp(1, 16);
         tokio::spawn(async move {
-            let mut import = Import {
-                engine: engine.clone(),
-                op: id.clone(),
-                name: name.clone(),
-                url,
-                jobs,
-                scratch: engine.cfg.scratch_dir().join(&id),
-                timeline: None,
-                temp_compute: None,
-            };
+            let mut import = Import::new(engine.clone(), &id, &name, url, jobs);
             let result = import.run().await;
             import.cleanup_scratch().await;
             match result {
@@ -96,11 +87,17 @@ impl Engine {
     }
 }
 
-struct Import {
+/// A dump of an external database restored into a new timeline (`creating` until the caller
+/// points a branch at it): `init --from` makes it a new root, a snapshot source swaps it under
+/// an existing root (`source.rs`).
+pub(crate) struct Import {
     engine: Arc<Engine>,
     op: String,
     name: String,
+    /// The source as a connection string without its password, when it is a URI we can take
+    /// apart (the password then travels in `PGPASSWORD`, not on command lines).
     url: String,
+    password: Option<String>,
     jobs: u32,
     scratch: PathBuf,
     timeline: Option<String>,
@@ -116,6 +113,30 @@ struct ToolOutput {
 }
 
 impl Import {
+    /// `op` names the operation whose progress it reports (none need exist); `name` labels
+    /// the temporary compute and the logs.
+    pub(crate) fn new(engine: Arc<Engine>, op: &str, name: &str, url: String, jobs: u32) -> Self {
+        let scratch = engine.cfg.scratch_dir().join(op);
+        let (url, password) = match crate::source::SourceUrl::parse(&url) {
+            Ok(u) => (
+                u.conninfo(false, &[]),
+                Some(u.password).filter(|p| !p.is_empty()),
+            ),
+            Err(_) => (url, None),
+        };
+        Import {
+            engine,
+            op: op.to_string(),
+            name: name.to_string(),
+            url,
+            password,
+            jobs,
+            scratch,
+            timeline: None,
+            temp_compute: None,
+        }
+    }
+
     fn phase(&self, phase: &str) {
         tracing::info!(op = %self.op, phase, "import");
         self.engine
@@ -136,6 +157,7 @@ impl Import {
         let mut child = Command::new(program)
             .args(args)
             .env("PGCONNECT_TIMEOUT", "15")
+            .envs(self.password.iter().map(|p| ("PGPASSWORD", p)))
             .env("PGAPPNAME", "stemma-import")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -187,6 +209,7 @@ impl Import {
                 sql,
             ])
             .env("PGCONNECT_TIMEOUT", "15")
+            .envs(self.password.iter().map(|p| ("PGPASSWORD", p)))
             .stdin(Stdio::null())
             .output()
             .await
@@ -213,6 +236,48 @@ impl Import {
     }
 
     async fn run(&mut self) -> Result<api::Branch> {
+        let password = random_password();
+        let (tl, database) = self.build(&password).await?;
+
+        // 7. Make it a branch: record the branch, start its own compute.
+        self.phase("finishing");
+        let _op = self.engine.op_lock.lock().await;
+        self.engine.release_name(&self.name);
+        self.engine.check_new_name(&self.name)?;
+        let port = self.engine.allocate_port(&[])?;
+        let row = self.engine.meta.commit_new_branch(&NewBranch {
+            name: self.name.clone(),
+            parent_id: None,
+            timeline_id: tl.to_string(),
+            protected: false,
+            expires_at: None,
+            port,
+            db_user: DB_SUPERUSER.into(),
+            db_password: password,
+            database,
+            suspend_timeout_secs: None,
+            settings: Default::default(),
+        })?;
+        self.timeline = None;
+        if let Err(e) = self.engine.open_endpoint(&row).await {
+            tracing::error!(branch = %row.name, error = %e, "imported branch has no endpoint");
+        }
+        if let Err(e) = self.engine.start_compute_of(&row).await {
+            tracing::error!(branch = %row.name, error = %e, "imported branch did not start");
+        }
+        tracing::info!(branch = %row.name, "import finished");
+        drop(_op);
+        self.engine.get_branch(&row.name).await
+    }
+
+    /// Dumps the source and restores it into a new `creating` timeline whose superuser
+    /// (`DB_SUPERUSER`) has `password`. Returns the timeline (left to the caller: on success
+    /// [`Import::disown`] it once a branch points at it, or [`Import::roll_back`]) and the
+    /// source's database name. The import's compute is stopped when this returns `Ok`.
+    pub(crate) async fn build(
+        &mut self,
+        password: &str,
+    ) -> Result<(stemma_storage::TimelineId, String)> {
         // 1. The source: reachable, and not newer than our pg_dump.
         let probe = self
             .psql(
@@ -247,8 +312,7 @@ impl Import {
         let tl = new_timeline_id();
         self.engine.meta.begin_timeline(tl.as_str(), None)?;
         self.timeline = Some(tl.to_string());
-        let password = random_password();
-        self.engine.initdb_timeline(&tl, &password).await?;
+        self.engine.initdb_timeline(&tl, password).await?;
         let mut spec = self.engine.compute_spec(&NewBranchView::row(&tl, 0))?;
         spec.key = format!("import-{}", self.op);
         spec.socket_dir = self
@@ -286,7 +350,7 @@ impl Import {
             }
             tracing::info!(errors = ?out.errors, "pg_dumpall --roles-only was refused");
         }
-        let admin = self.target(&password, "postgres");
+        let admin = self.target(password, "postgres");
         if roles {
             // The source may have a role named like our superuser: its password must not
             // replace ours.
@@ -356,7 +420,7 @@ impl Import {
             self.jobs.to_string(),
             "-v".into(),
             "-d".into(),
-            self.target(&password, &database),
+            self.target(password, &database),
         ];
         if !roles {
             args.extend(["--no-owner".to_string(), "--no-privileges".to_string()]);
@@ -390,44 +454,22 @@ impl Import {
             tracing::warn!(errors = ?out.errors, "pg_restore reported harmless errors");
         }
 
-        // 7. Make it a branch: stop the import's compute, record the branch, start its own.
-        self.phase("finishing");
-        let _op = self.engine.op_lock.lock().await;
+        // The import's compute is done; the branch gets its own.
         if let Some(spec) = self.temp_compute.take() {
             self.engine
                 .supervisor
                 .stop(&spec.key, &spec.data_dir)
                 .await?;
         }
-        self.engine.release_name(&self.name);
-        self.engine.check_new_name(&self.name)?;
-        let port = self.engine.allocate_port(&[])?;
-        let row = self.engine.meta.commit_new_branch(&NewBranch {
-            name: self.name.clone(),
-            parent_id: None,
-            timeline_id: tl.to_string(),
-            protected: false,
-            expires_at: None,
-            port,
-            db_user: DB_SUPERUSER.into(),
-            db_password: password,
-            database,
-            suspend_timeout_secs: None,
-            settings: Default::default(),
-        })?;
-        self.timeline = None;
-        if let Err(e) = self.engine.open_endpoint(&row).await {
-            tracing::error!(branch = %row.name, error = %e, "imported branch has no endpoint");
-        }
-        if let Err(e) = self.engine.start_compute_of(&row).await {
-            tracing::error!(branch = %row.name, error = %e, "imported branch did not start");
-        }
-        tracing::info!(branch = %row.name, "import finished");
-        drop(_op);
-        self.engine.get_branch(&row.name).await
+        Ok((tl, database))
     }
 
-    async fn roll_back(&mut self) {
+    /// The timeline now belongs to a branch: a later roll back must leave it alone.
+    pub(crate) fn disown(&mut self) {
+        self.timeline = None;
+    }
+
+    pub(crate) async fn roll_back(&mut self) {
         if let Some(spec) = self.temp_compute.take() {
             let _ = self.engine.supervisor.stop(&spec.key, &spec.data_dir).await;
         }
@@ -438,7 +480,7 @@ impl Import {
         }
     }
 
-    async fn cleanup_scratch(&self) {
+    pub(crate) async fn cleanup_scratch(&self) {
         if let Err(e) = tokio::fs::remove_dir_all(&self.scratch).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(error = %e, "removing the import's scratch directory");

@@ -27,6 +27,7 @@ pub mod metadata;
 mod metrics;
 pub mod names;
 pub mod project;
+mod source;
 mod workflows;
 
 pub use access::{Access, Caller};

@@ -93,7 +93,28 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     );
     "#,
+    // 4: sources, the production databases a root branch follows (see `sources.rs`).
+    r#"
+    CREATE TABLE sources (
+        name            TEXT PRIMARY KEY,
+        branch_id       INTEGER NOT NULL UNIQUE,
+        mode            TEXT NOT NULL CHECK (mode IN ('physical', 'snapshot')),
+        url             TEXT NOT NULL,
+        slot            TEXT,
+        jobs            INTEGER NOT NULL DEFAULT 2,
+        max_retained_wal_bytes INTEGER NOT NULL,
+        state           TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        last_refresh_at TEXT,
+        last_error      TEXT,
+        last_error_at   TEXT
+    );
+    "#,
 ];
+
+// Sources' SQL lives beside, in `metadata/sources.rs`.
+mod sources;
+pub use sources::SourceRow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimelineState {

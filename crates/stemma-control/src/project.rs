@@ -23,6 +23,11 @@
 //! [[schedule]]
 //! branch = "dev"
 //! reset = "0 3 * * *"              # cron, UTC; a sixth leading field counts seconds
+//!
+//! [[schedule]]                     # or steps in order, stopping at the first failure
+//! name = "nightly"
+//! at = "0 2 * * *"
+//! steps = ["refresh prod", "reset anon", "reset dev"]   # refresh SOURCE | reset BRANCH
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -99,19 +104,66 @@ pub struct Github {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
+    /// The one-step form: the branch to reset...
+    #[serde(default)]
     pub branch: String,
-    /// A cron pattern for resetting `branch` to its parent.
+    /// ...on this cron pattern, to its parent.
+    #[serde(default)]
     pub reset: String,
+    /// The steps form: a name, a cron pattern (`at`) and steps run in order.
+    pub name: Option<String>,
+    pub at: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<String>,
+}
+
+/// One step of a schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Take a new snapshot of a source (a physical source follows anyway: nothing to do).
+    Refresh(String),
+    /// Reset a branch to its parent (re-anonymize an anonymized branch).
+    Reset(String),
 }
 
 impl Schedule {
     pub fn cron(&self) -> Result<croner::Cron> {
-        croner::Cron::from_str(&self.reset).with_context(|| {
+        let pattern = self.at.as_deref().unwrap_or(&self.reset);
+        croner::Cron::from_str(pattern).with_context(|| {
             format!(
-                "invalid cron pattern {:?} in the schedule of {:?}",
-                self.reset, self.branch
+                "invalid cron pattern {pattern:?} in the schedule {:?}",
+                self.key()
             )
         })
+    }
+
+    /// What names the schedule: its name, or the branch it resets.
+    pub fn key(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.branch.clone())
+    }
+
+    /// The steps, in order.
+    pub fn steps(&self) -> Result<Vec<Step>> {
+        if self.steps.is_empty() {
+            return Ok(vec![Step::Reset(self.branch.clone())]);
+        }
+        self.steps
+            .iter()
+            .map(|s| {
+                let mut words = s.split_whitespace();
+                let step = match (words.next(), words.next(), words.next()) {
+                    (Some("refresh"), Some(source), None) => Step::Refresh(source.to_string()),
+                    (Some("reset"), Some(branch), None) => Step::Reset(branch.to_string()),
+                    _ => bail!(
+                        "invalid step {s:?} in the schedule {:?}: write `refresh SOURCE` or `reset BRANCH`",
+                        self.key()
+                    ),
+                };
+                let (Step::Refresh(n) | Step::Reset(n)) = &step;
+                crate::names::validate_branch_name(n)?;
+                Ok(step)
+            })
+            .collect()
     }
 }
 
@@ -135,8 +187,13 @@ impl ProjectConfig {
         crate::names::parse_duration(&self.pull_requests.ttl)
             .map_err(|e| anyhow::anyhow!("pull_requests.ttl: {e}"))?;
         for s in &self.schedules {
-            crate::names::validate_branch_name(&s.branch)
-                .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
+            if s.steps.is_empty() {
+                crate::names::validate_branch_name(&s.branch)
+                    .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
+            } else if s.name.is_none() || s.at.is_none() || !s.branch.is_empty() {
+                bail!("schedule: a schedule with steps needs `name` and `at` (a cron pattern), and no `branch`");
+            }
+            s.steps()?;
             s.cron()?;
         }
         if self.migrations.directory.is_some() && self.migrations.command.is_some() {
@@ -212,6 +269,10 @@ reset = "0 3 * * *"
 [[schedule]]
 branch = "qa"
 reset = "*/5 * * * * *"
+[[schedule]]
+name = "nightly"
+at = "0 2 * * *"
+steps = ["refresh prod", "reset anon", "reset dev"]
 "#,
         )
         .unwrap();
@@ -222,7 +283,19 @@ reset = "*/5 * * * * *"
             cfg.migrations_dir().unwrap(),
             dir.path().join("db/migrations")
         );
-        assert_eq!(cfg.schedules.len(), 2);
+        assert_eq!(cfg.schedules.len(), 3);
+        assert_eq!(
+            cfg.schedules[2].steps().unwrap(),
+            vec![
+                Step::Refresh("prod".into()),
+                Step::Reset("anon".into()),
+                Step::Reset("dev".into())
+            ]
+        );
+        assert_eq!(
+            cfg.schedules[0].steps().unwrap(),
+            vec![Step::Reset("dev".into())]
+        );
         assert!(cfg.pull_requests.reset_on_synchronize);
     }
 
@@ -233,6 +306,8 @@ reset = "*/5 * * * * *"
         for bad in [
             "defalt_parent = \"x\"",
             "[[schedule]]\nbranch = \"dev\"\nreset = \"every night\"",
+            "[[schedule]]\nname = \"n\"\nat = \"0 3 * * *\"\nsteps = [\"vacuum main\"]",
+            "[[schedule]]\nat = \"0 3 * * *\"\nsteps = [\"reset dev\"]",
             "[pull_requests]\nttl = \"soon\"",
             "[migrations]\ndirectory = \"m\"\ncommand = \"x\"",
         ] {

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -12,7 +13,7 @@ use stemma_api as api;
 use tokio::process::Command;
 
 use crate::engine::Engine;
-use crate::metadata::{BranchRow, MigrationRecord, ScheduleRun};
+use crate::metadata::{BranchRow, MigrationRecord};
 use crate::{ControlError, Result};
 
 /// How much of a migration's output is kept.
@@ -523,19 +524,19 @@ impl Engine {
 
     /// One pass of the scheduler: runs the resets that are due. `next` holds each schedule's
     /// next time; it is filled on the first pass.
-    pub async fn run_due_schedules(&self) {
+    pub async fn run_due_schedules(self: &Arc<Self>) {
         let now = Utc::now();
         for s in &self.cfg.project.schedules {
             let Ok(cron) = s.cron() else { continue };
             let due = {
                 let mut next = lock(&self.schedule_next);
-                let at = *next.entry(s.branch.clone()).or_insert_with(|| {
+                let at = *next.entry(s.key()).or_insert_with(|| {
                     cron.find_next_occurrence(&now, false)
                         .unwrap_or(now + chrono::Duration::days(365))
                 });
                 if at <= now {
                     next.insert(
-                        s.branch.clone(),
+                        s.key(),
                         cron.find_next_occurrence(&now, false)
                             .unwrap_or(now + chrono::Duration::days(365)),
                     );
@@ -547,22 +548,8 @@ impl Engine {
             if !due {
                 continue;
             }
-            let run = match self.reset_branch(&s.branch, None).await {
-                Ok(_) => ScheduleRun {
-                    at: Utc::now(),
-                    outcome: "ok".into(),
-                    message: None,
-                },
-                Err(e) => ScheduleRun {
-                    at: Utc::now(),
-                    outcome: "failed".into(),
-                    message: Some(e.to_string()),
-                },
-            };
-            tracing::info!(branch = %s.branch, outcome = %run.outcome, "scheduled reset");
-            if let Err(e) = self.meta.record_schedule_run(&s.branch, &run) {
-                tracing::error!(error = %e, "recording a scheduled reset");
-            }
+            // Steps in order; the first failure skips the rest (see `source.rs`).
+            self.run_schedule_steps(s).await;
         }
     }
 

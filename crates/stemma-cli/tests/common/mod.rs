@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A separate PostgreSQL cluster standing in for production (sources' tests).
+pub mod production;
+
 pub const STEMMA: &str = env!("CARGO_BIN_EXE_stemma");
 
 /// Hands out blocks of ports below the kernel's ephemeral range, unique across the test
