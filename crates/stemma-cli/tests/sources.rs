@@ -175,7 +175,7 @@ fn physical_source_streams_and_branches_never_touch_production() {
     );
     let dev_conf = env.json(&["branch", "get", "dev"]);
     let tl = dev_conf["timeline_id"].as_str().unwrap();
-    let conf_dir = env.data_dir.join("timelines").join(tl);
+    let conf_dir = env.timeline_dir(tl);
     assert!(
         conf_dir.join("PG_VERSION").exists(),
         "{}",

@@ -972,10 +972,26 @@ impl Engine {
             .join("run")
             .join(format!("promote-{:08x}", rand::random::<u32>()));
         spec.log_path = self.cfg.logs_dir().join(format!("promote-{tl}.log"));
-        let hba = self.cfg.scratch_dir().join(format!("promote-{tl}.hba"));
+        // In a directory of its own that only the compute's user can enter (the scratch
+        // directory is the daemon's alone: imports stage raw dumps there).
+        let hba_dir = self
+            .cfg
+            .data_dir
+            .join("run")
+            .join(format!("hba-{:08x}", rand::random::<u32>()));
+        let hba = hba_dir.join("pg_hba.conf");
         {
             use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::create_dir_all(&hba_dir)
+                .with_context(|| format!("creating {}", hba_dir.display()))?;
+            std::fs::set_permissions(&hba_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", hba_dir.display()))?;
+            if let Some(u) = spec.user.as_ref().or(self.supervisor.user().as_ref()) {
+                std::os::unix::fs::chown(&hba_dir, Some(u.uid), Some(u.gid)).with_context(
+                    || format!("handing {} to the compute user", hba_dir.display()),
+                )?;
+            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -985,7 +1001,7 @@ impl Engine {
                 .with_context(|| format!("writing {}", hba.display()))?;
             f.write_all(HBA_TRUST.as_bytes())
                 .with_context(|| format!("writing {}", hba.display()))?;
-            if let Some(u) = self.supervisor.user() {
+            if let Some(u) = spec.user.as_ref().or(self.supervisor.user().as_ref()) {
                 std::os::unix::fs::chown(&hba, Some(u.uid), Some(u.gid))
                     .with_context(|| format!("handing {} to the compute user", hba.display()))?;
             }
@@ -993,7 +1009,7 @@ impl Engine {
         spec.settings
             .insert("hba_file".into(), hba.display().to_string());
         if let Err(e) = self.supervisor.start(spec.clone()).await {
-            let _ = std::fs::remove_file(&hba);
+            let _ = std::fs::remove_dir_all(&hba_dir);
             return Err(e.into());
         }
         let result = async {
@@ -1055,7 +1071,7 @@ impl Engine {
         }
         .await;
         let stopped = self.supervisor.stop(&spec.key, &spec.data_dir).await;
-        let _ = std::fs::remove_file(&hba);
+        let _ = std::fs::remove_dir_all(&hba_dir);
         result?;
         stopped?;
         Ok(())
