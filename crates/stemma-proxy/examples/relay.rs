@@ -1,12 +1,10 @@
 //! The proxy alone in front of one running PostgreSQL, to measure the relay's overhead.
 //!
-//!     cargo run --release -p stemma-proxy --example relay -- [--threads] PORT SOCKET
+//!     cargo run --release -p stemma-proxy --example relay -- PORT SOCKET
 //!
 //! Listens on 127.0.0.1:PORT and relays every connection to the Unix socket SOCKET (a path
 //! such as `/tmp/pg/.s.PGSQL.5432`) exactly as the daemon relays a branch's connections, with
-//! no control plane: compare `pgbench` through PORT with `pgbench` on the socket directly
-//! (`bench/relay.py` does). `--threads` turns the in-kernel redirect of client-to-compute
-//! bytes off, so that both directions are relayed by threads.
+//! no control plane: compare `pgbench` through PORT with `pgbench` on the socket directly.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,13 +30,9 @@ fn route() -> Route {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let threads = args.first().is_some_and(|a| a == "--threads");
-    if threads {
-        args.remove(0);
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let [port, socket] = args.as_slice() else {
-        eprintln!("usage: relay [--threads] PORT SOCKET");
+        eprintln!("usage: relay PORT SOCKET");
         std::process::exit(2);
     };
     let port: u16 = port.parse().expect("a port number");
@@ -47,7 +41,6 @@ async fn main() -> std::io::Result<()> {
         ProxyMetrics::default(),
         None,
     );
-    proxy.set_kernel_redirect(!threads);
     proxy.listen_branch(port, route()).await?;
     std::future::pending::<()>().await;
     Ok(())

@@ -16,14 +16,13 @@
 //!   suspension, is decided from that count by the control plane.
 
 mod protocol;
-mod sockmap;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -206,119 +205,28 @@ impl Framer {
 const RELAY_STACK: usize = 256 * 1024;
 const RELAY_BUFFER: usize = 64 * 1024;
 
-/// Client to compute: raw bytes. With the kernel's redirect in place (`redirected`), this
-/// thread only waits for the client's end of stream, and forwards anything that was queued
-/// before the redirect began (which the protocol rules out: the client waits for the
-/// compute's answer to its startup message); `bytes` is not counted then, the socket's
-/// statistics are.
+/// Client to compute: raw bytes.
 fn relay_upstream(
     from: &mut std::net::TcpStream,
     to: &mut std::os::unix::net::UnixStream,
     bytes: &Counter,
-    redirected: bool,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; 16 * 1024];
-    // Reads that found nothing after poll(2) said there was something, in a row: a bound
-    // against spinning should the kernel keep saying so.
-    let mut empty = 0u32;
     loop {
-        let n = if redirected {
-            // poll(2) wakes only for queued data or a hang-up, not for the redirected bytes;
-            // a blocking read would also wake (and fail with EAGAIN) whenever the kernel
-            // frees send space on the socket.
-            let revents = wait_readable(from);
-            match recv_nowait(from, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    empty = 0;
-                    n
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    empty += 1;
-                    if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0
-                        || empty > 1000
-                    {
-                        break;
-                    }
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        } else {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         };
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        if !redirected {
-            bytes.inc_by(n as u64);
-        }
+        bytes.inc_by(n as u64);
     }
     let _ = to.shutdown(std::net::Shutdown::Write);
     Ok(())
-}
-
-/// A read that does not block, on a socket whose other descriptors block.
-fn recv_nowait(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Blocks until `socket` is readable or hung up; returns poll(2)'s events.
-fn wait_readable(socket: &impl std::os::fd::AsRawFd) -> libc::c_short {
-    let mut fd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd. An error (EINTR) just returns to the read.
-    unsafe { libc::poll(&mut fd, 1, -1) };
-    fd.revents
-}
-
-/// The client-to-compute direction of a connection, redirected in the kernel.
-struct UpstreamRedirect {
-    _redirect: sockmap::Redirect,
-    client: std::net::TcpStream,
-    /// The client socket's received bytes already added to the metric.
-    counted: u64,
-    last_count: Instant,
-}
-
-impl UpstreamRedirect {
-    /// Adds the bytes the kernel forwarded since the last count to `bytes`: at most once a
-    /// second (a getsockopt per round trip would cost a few percent of what the redirect
-    /// saves), and always when `last`.
-    fn count(&mut self, bytes: &Counter, last: bool) {
-        use std::os::fd::AsFd;
-        if !last && self.last_count.elapsed() < std::time::Duration::from_secs(1) {
-            return;
-        }
-        self.last_count = Instant::now();
-        if let Ok(n) = sockmap::tcp_bytes_received(self.client.as_fd()) {
-            bytes.inc_by(n.saturating_sub(self.counted));
-            self.counted = self.counted.max(n);
-        }
-    }
 }
 
 struct BranchState {
@@ -341,8 +249,6 @@ pub struct Proxy {
     /// CancelRequest reaches the right compute.
     cancel_keys: Mutex<HashMap<(i32, i32), PathBuf>>,
     next_id: AtomicU64,
-    /// Whether plain connections try the in-kernel redirect of client-to-compute bytes.
-    kernel_redirect: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -362,16 +268,7 @@ impl Proxy {
             branches: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            kernel_redirect: AtomicBool::new(true),
         })
-    }
-
-    /// Turns the in-kernel redirect of client-to-compute bytes on (the default) or off, for
-    /// connections opened from now on; off, both directions are relayed by threads. It is used
-    /// only where the kernel allows it (see the `sockmap` module), so this is a switch for
-    /// measuring and for ruling it out when diagnosing, not a requirement.
-    pub fn set_kernel_redirect(&self, on: bool) {
-        self.kernel_redirect.store(on, Ordering::Relaxed);
     }
 
     fn with_branch<T>(&self, key: &str, f: impl FnOnce(&mut BranchState) -> T) -> T {
@@ -670,22 +567,14 @@ impl Proxy {
             server: server.try_clone()?,
         });
         let conn_id = self.register(&route.key, &control, &mut terminated);
-        // Before anything of the compute's reaches the client, so that the client has sent
-        // nothing beyond its startup message yet.
-        let redirect = if self.kernel_redirect.load(Ordering::Relaxed) {
-            self.start_redirect(&client, &server)
-        } else {
-            None
-        };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
         let up = {
             let (mut from, mut to) = (client.try_clone()?, server.try_clone()?);
             let bytes = self.metrics.bytes_client_to_compute.clone();
-            let redirected = redirect.is_some();
             std::thread::Builder::new()
                 .name("proxy-up".into())
                 .stack_size(RELAY_STACK)
-                .spawn(move || relay_upstream(&mut from, &mut to, &bytes, redirected))?
+                .spawn(move || relay_upstream(&mut from, &mut to, &bytes))?
         };
         let this = self.clone();
         let key = route.key.clone();
@@ -693,10 +582,8 @@ impl Proxy {
             .name("proxy-down".into())
             .stack_size(RELAY_STACK)
             .spawn(move || {
-                let mut redirect = redirect;
-                let r = this.relay_downstream(server, client, &socket, &control, &mut redirect);
+                let r = this.relay_downstream(server, client, &socket, &control);
                 let _ = up.join();
-                drop(redirect);
                 this.with_branch(&key, |s| {
                     s.connections.remove(&conn_id);
                 });
@@ -704,32 +591,6 @@ impl Proxy {
                 let _ = done_tx.send(r);
             })?;
         done_rx.await.unwrap_or(Ok(()))
-    }
-
-    /// Hands the client-to-compute direction to the kernel (see the `sockmap` module), or
-    /// `None` where the kernel does not allow it: then the upstream thread relays.
-    fn start_redirect(
-        &self,
-        client: &std::net::TcpStream,
-        server: &std::os::unix::net::UnixStream,
-    ) -> Option<UpstreamRedirect> {
-        use std::os::fd::AsFd;
-        static REFUSED: std::sync::Once = std::sync::Once::new();
-        let base = sockmap::tcp_bytes_received(client.as_fd()).ok()?;
-        match sockmap::Redirect::new(client.as_fd(), server.as_fd()) {
-            Ok(redirect) => Some(UpstreamRedirect {
-                _redirect: redirect,
-                client: client.try_clone().ok()?,
-                counted: base,
-                last_count: Instant::now(),
-            }),
-            Err(e) => {
-                REFUSED.call_once(|| {
-                    tracing::info!(error = %e, "client-to-compute bytes are relayed by threads: the kernel refused a sockmap redirect");
-                });
-                None
-            }
-        }
     }
 
     /// Relays a TLS connection on the async runtime (the TLS session cannot be split across
@@ -834,16 +695,9 @@ impl Proxy {
         mut client: std::net::TcpStream,
         socket: &std::path::Path,
         control: &ConnControl,
-        redirect: &mut Option<UpstreamRedirect>,
     ) -> std::io::Result<()> {
         use std::io::{Read, Write};
         let mut buf = vec![0u8; RELAY_BUFFER];
-        // With the redirect, the compute's socket is waited for in poll(2), which wakes only
-        // for data or a hang-up: a blocking read of a Unix socket in a sockmap also wakes,
-        // and fails with EAGAIN, each time the redirected sends free space on it (measured:
-        // on 60% of pgbench's round trips, which ate the redirect's gain). `empty` bounds the
-        // reads in a row that find nothing after poll(2) said there was something.
-        let mut empty = 0u32;
         let (mut start, mut end) = (0usize, 0usize);
         let mut framer = Framer::default();
         let mut cancel_key = None;
@@ -873,31 +727,13 @@ impl Proxy {
                 end -= start;
                 start = 0;
             }
-            if let Some(r) = redirect {
-                r.count(&self.metrics.bytes_client_to_compute, false);
-            }
-            let read = if redirect.is_some() {
-                let _ = wait_readable(&server);
-                recv_nowait(&server, &mut buf[end..])
-            } else {
-                server.read(&mut buf[end..])
-            };
-            match read {
+            match server.read(&mut buf[end..]) {
                 Ok(0) => break Ok(()),
-                Ok(n) => {
-                    end += n;
-                    empty = 0;
-                }
+                Ok(n) => end += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && empty < 1000 => {
-                    empty += 1;
-                }
                 Err(e) => break Err(e),
             }
         };
-        if let Some(r) = redirect {
-            r.count(&self.metrics.bytes_client_to_compute, true);
-        }
         if let Some(k) = cancel_key {
             lock(&self.cancel_keys).remove(&k);
         }
