@@ -20,7 +20,7 @@ reps=${REPS:-1}
 
 scripts/install-deps.sh
 cargo build --release --quiet -p stemma-cli
-stemma="$PWD/target/release/stemma"
+stemma="${CARGO_TARGET_DIR:-$PWD/target}/release/stemma"
 work=$(mktemp -d /tmp/stemma-bench-XXXXXX)
 chmod 711 "$work"
 export STEMMA_DATA_DIR="$work/data"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "==> building stemma (release)"
 cargo build --release --quiet -p stemma-cli
-bin="$PWD/target/release/stemma"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/stemma"
 if [ -w /usr/local/bin ]; then
     ln -sf "$bin" /usr/local/bin/stemma
     stemma=stemma

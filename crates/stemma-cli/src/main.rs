@@ -326,6 +326,18 @@ enum ComputeCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::PagestoreServer { .. }
+    ) {
+        // A client command whose output pipe closes (`stemma status | head`) ends quietly,
+        // like other Unix tools. Long-running servers keep Rust's default (ignored), so a
+        // client that goes away is an error on that socket, not the end of the process.
+        // SAFETY: setting a signal's disposition to its default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
