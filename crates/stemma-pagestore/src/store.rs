@@ -214,6 +214,7 @@ impl PageStore {
 
         let mut st = State {
             timelines: IntMap::default(),
+            ancestor_cache: Default::default(),
             next_lsn: 1,
             next_ino: ROOT_INO + 1,
             last_time_ns: i64::MIN,
