@@ -222,6 +222,7 @@ impl PageStore {
                 dir: log_dir.clone(),
                 segments: Vec::new(),
                 active_len: 0,
+                behind: 0,
                 segment_size: config.segment_size.max(1 << 16),
                 total_bytes: 0,
             },
@@ -324,6 +325,7 @@ impl PageStore {
         }
         st.log.segments = segments;
         st.log.active_len = active_len;
+        st.log.behind = active_len;
         st.log.total_bytes = total;
         // What recovery read may sit only in the page cache (a kill -9 loses nothing, a power
         // loss would): make it durable before anything is built on it.
@@ -769,6 +771,11 @@ impl PageStore {
             let d = &data[(pos - offset) as usize..(next - offset) as usize];
             let mut st = self.state.write();
             self.write_chunk(&mut st, tl, ino, pos, d)?;
+            let behind = st.log.write_behind();
+            drop(st);
+            if let Some((file, from, len)) = behind {
+                log::start_writeback(&file, from, len);
+            }
             pos = next;
         }
         Ok(data.len())
