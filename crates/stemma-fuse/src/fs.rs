@@ -13,8 +13,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -155,59 +154,11 @@ pub struct TimelineFs {
     direct_dir: AtomicU64,
     /// Regular files seen in that directory: opened with FOPEN_DIRECT_IO (see `open`).
     direct: Mutex<HashSet<Ino>>,
-    /// Fsync replies for the syncer thread (see [`TimelineFs::fsync_later`]). `None` only
-    /// while dropping.
-    sync_tx: Option<mpsc::Sender<ReplyEmpty>>,
-    syncer: Option<JoinHandle<()>>,
-}
-
-impl Drop for TimelineFs {
-    fn drop(&mut self) {
-        // Closing the queue stops the syncer once it has answered what it holds; waiting for
-        // it means the store is no longer referenced from here when the mount is gone.
-        drop(self.sync_tx.take());
-        if let Some(t) = self.syncer.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The syncer thread of one mount: answers queued fsyncs, each batch with one engine sync
-/// started after every request in it arrived (so everything the kernel had written before
-/// sending them is covered).
-fn run_syncer(store: Arc<PageStore>, rx: mpsc::Receiver<ReplyEmpty>, nice: Option<i32>) {
-    set_thread_priority(nice);
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        // Bounded by the fsyncs the kernel has in flight: each waits for its reply.
-        batch.extend(rx.try_iter());
-        match store.sync() {
-            Ok(()) => batch.into_iter().for_each(|r| r.ok()),
-            Err(e) => {
-                let n = errno(e);
-                batch.into_iter().for_each(|r| r.error(n));
-            }
-        }
-    }
 }
 
 impl TimelineFs {
     pub fn new(store: Arc<PageStore>, tl: TimelineId, options: FuseOptions) -> Self {
-        let (sync_tx, rx) = mpsc::channel();
-        let syncer = {
-            let store = store.clone();
-            let nice = options.nice;
-            std::thread::Builder::new()
-                .name(format!("stemma-fsync-{tl}"))
-                .spawn(move || run_syncer(store, rx, nice))
-                .map_err(
-                    |e| tracing::warn!(error = %e, "no syncer thread: fsyncs block a FUSE worker"),
-                )
-                .ok()
-        };
         TimelineFs {
-            sync_tx: syncer.is_some().then_some(sync_tx),
-            syncer,
             store,
             tl,
             options,
@@ -246,25 +197,6 @@ impl TimelineFs {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
-        }
-    }
-
-    /// Hands an fsync to the syncer thread, which replies once the log is durable. Why not
-    /// in place: an fdatasync takes about a millisecond, and a worker blocked in it cannot
-    /// serve the writes and attribute changes of other clients' commits meanwhile; with every
-    /// worker waiting on fsyncs those queue, and the next fsync covers fewer commits. The
-    /// syncer answers all the fsyncs that arrived during one fdatasync with the next one.
-    fn fsync_later(&self, reply: ReplyEmpty) {
-        let reply = match &self.sync_tx {
-            Some(tx) => match tx.send(reply) {
-                Ok(()) => return,
-                Err(mpsc::SendError(reply)) => reply,
-            },
-            None => reply,
-        };
-        match self.store.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -742,7 +674,10 @@ impl Filesystem for TimelineFs {
         set_thread_priority(self.options.nice);
         // The kernel has already sent this file's dirty pages; one group-committed fsync of
         // the log makes them (and everything before them) durable.
-        self.fsync_later(reply);
+        match self.store.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -825,7 +760,10 @@ impl Filesystem for TimelineFs {
         count(Op::Fsyncdir);
         set_thread_priority(self.options.nice);
         // Directory changes are frames of the same log: the same sync covers them.
-        self.fsync_later(reply);
+        match self.store.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
