@@ -15,6 +15,8 @@
 # crates/stemma-fuse/examples/pagestore-mount.rs, e.g.
 #   VARIANTS="pagestore nodirect:STEMMA_FUSE_DIRECT_DIR="
 # (default: "pagestore", the driver's defaults). Ratios are printed for each variant.
+# BIN=PATH among a variant's settings runs that variant with another build of the mount helper
+# (e.g. a copy built from the base commit), to compare engine versions in the same run.
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -34,7 +36,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   echo "building the mount helper (release)..." >&2
   (cd "$HERE" && cargo build --release -q -p stemma-fuse --example pagestore-mount)
 fi
-MOUNT_BIN="$HERE/target/release/examples/pagestore-mount"
+MOUNT_BIN="${CARGO_TARGET_DIR:-$HERE/target}/release/examples/pagestore-mount"
 
 WORK=$(mktemp -d "$BENCH_DIR/stemma-pgbench.XXXXXX")
 chmod 711 "$WORK"
@@ -80,7 +82,11 @@ for v in $VARIANTS; do
   name=${v%%:*}
   envs=()
   [ "$name" != "$v" ] && IFS=, read -r -a envs <<<"${v#*:}"
-  env "${envs[@]}" "$MOUNT_BIN" "$WORK/$name" 0a --owner "$PGUID:$PGGID" \
+  bin=$MOUNT_BIN
+  for i in "${!envs[@]}"; do
+    case ${envs[$i]} in BIN=*) bin=${envs[$i]#BIN=} && unset "envs[$i]" ;; esac
+  done
+  env "${envs[@]}" "$bin" "$WORK/$name" 0a --owner "$PGUID:$PGGID" \
     >"$WORK/$name.out" 2>"$WORK/$name.mount.log" &
   MOUNT_PIDS+=($!)
   for _ in $(seq 100); do

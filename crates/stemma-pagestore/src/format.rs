@@ -128,7 +128,12 @@ pub(crate) fn encode_frame(
     time_ns: i64,
     muts: &[Mutation<'_>],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + 32 + muts.len() * 64);
+    // Sized up front: a 1 MiB write would otherwise grow (and copy) the buffer eight times.
+    let pages = muts
+        .iter()
+        .filter(|m| matches!(m, Mutation::Page { .. }))
+        .count();
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + 32 + muts.len() * 64 + pages * PAGE_SIZE);
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[0u8; 8]); // length and checksum, filled below
     out.extend_from_slice(&lsn.to_le_bytes());

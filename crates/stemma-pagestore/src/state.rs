@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
+
 use crate::error::Result;
 use crate::format::{decode_body, Mutation};
 use crate::log::LogWriter;
@@ -142,8 +144,92 @@ impl TimeIndex {
     }
 }
 
+/// Where a page of a timeline resolves to *through its ancestors* (the levels after the
+/// timeline's own in its chain): `(timeline, ino, page) → Loc`.
+///
+/// Why no invalidation is needed: a timeline's ancestors are seen only below their bounds
+/// (branch positions), and every new frame takes a position above every existing bound, so
+/// what the ancestors hold below them never changes; an ancestor cannot be deleted while it has
+/// descendants, and timeline ids are positions, never reused. Only the timeline's own level
+/// changes, and it is looked up before the cache. (Compaction, when it moves page data, will
+/// have to clear the cache under the write lock.)
+///
+/// Bounded: a fixed number of direct-mapped slots (a colliding key replaces the old one), split
+/// into shards with a lock each so that concurrent readers rarely meet. Slots are allocated on
+/// first use, so a store that never reads a deep timeline pays nothing.
+pub(crate) struct AncestorCache {
+    shards: [Mutex<Option<Box<[CacheSlot]>>>; CACHE_SHARDS],
+}
+
+/// A timeline with fewer ancestors than this walks them: one or two lookups cost about what the
+/// cache's own lookup costs.
+pub(crate) const CACHE_MIN_ANCESTORS: usize = 3;
+const CACHE_SHARDS: usize = 16;
+/// 16 × 8192 slots of 32 bytes: 4 MiB at most, enough for a 1 GiB working set of pages.
+const CACHE_SLOTS_PER_SHARD: usize = 8192;
+
+#[derive(Clone, Copy)]
+struct CacheSlot {
+    /// 0: empty (no timeline has id 0).
+    timeline: u64,
+    ino: u64,
+    page: u64,
+    loc: Loc,
+}
+
+const EMPTY_SLOT: CacheSlot = CacheSlot {
+    timeline: 0,
+    ino: 0,
+    page: 0,
+    loc: Loc::Zero,
+};
+
+impl Default for AncestorCache {
+    fn default() -> Self {
+        AncestorCache {
+            shards: std::array::from_fn(|_| Mutex::new(None)),
+        }
+    }
+}
+
+impl AncestorCache {
+    fn index(tl: TimelineId, ino: Ino, page: u64) -> (usize, usize) {
+        let mut h = IntHasher::default();
+        h.write_u64(tl.0);
+        h.write_u64(ino);
+        h.write_u64(page);
+        let h = h.finish();
+        (
+            (h as usize) % CACHE_SHARDS,
+            ((h >> 32) as usize) % CACHE_SLOTS_PER_SHARD,
+        )
+    }
+
+    fn get(&self, tl: TimelineId, ino: Ino, page: u64) -> Option<Loc> {
+        let (shard, slot) = Self::index(tl, ino, page);
+        let g = self.shards[shard].lock();
+        let s = g.as_ref()?[slot];
+        (s.timeline == tl.0 && s.ino == ino && s.page == page).then_some(s.loc)
+    }
+
+    fn insert(&self, tl: TimelineId, ino: Ino, page: u64, loc: Loc) {
+        let (shard, slot) = Self::index(tl, ino, page);
+        let mut g = self.shards[shard].lock();
+        let slots =
+            g.get_or_insert_with(|| vec![EMPTY_SLOT; CACHE_SLOTS_PER_SHARD].into_boxed_slice());
+        slots[slot] = CacheSlot {
+            timeline: tl.0,
+            ino,
+            page,
+            loc,
+        };
+    }
+}
+
 pub(crate) struct State {
     pub timelines: IntMap<TimelineId, Timeline>,
+    /// Pages resolved through deep ancestries; see [`AncestorCache`].
+    pub ancestor_cache: AncestorCache,
     pub next_lsn: Lsn,
     pub next_ino: Ino,
     pub last_time_ns: i64,
@@ -190,9 +276,49 @@ impl<'a> View<'a> {
     }
 
     pub fn page(&self, ino: Ino, page: u64) -> Loc {
-        self.find(ino, |ii| ii.pages.get(&page))
-            .copied()
-            .unwrap_or(Loc::Zero)
+        let Some(((own, _), ancestors)) = self.chain.split_first() else {
+            return Loc::Zero;
+        };
+        if ancestors.len() < CACHE_MIN_ANCESTORS {
+            return self
+                .find(ino, |ii| ii.pages.get(&page))
+                .copied()
+                .unwrap_or(Loc::Zero);
+        }
+        // The timeline's own level changes with every write: always looked up first.
+        if let Some(loc) = self
+            .st
+            .timelines
+            .get(own)
+            .and_then(|t| t.inodes.get(&ino))
+            .and_then(|ii| ii.pages.get(&page))
+            .and_then(|v| v.last())
+        {
+            return loc.1;
+        }
+        let cache = &self.st.ancestor_cache;
+        if let Some(loc) = cache.get(*own, ino, page) {
+            debug_assert_eq!(
+                Some(loc),
+                Some(self.walk_page(ancestors, ino, page)),
+                "ancestor cache of timeline {own} is stale for inode {ino} page {page}"
+            );
+            return loc;
+        }
+        let loc = self.walk_page(ancestors, ino, page);
+        cache.insert(*own, ino, page, loc);
+        loc
+    }
+
+    /// Resolves a page through `levels` (part of the chain), nearest first.
+    fn walk_page(&self, levels: &[(TimelineId, Lsn)], ino: Ino, page: u64) -> Loc {
+        View {
+            st: self.st,
+            chain: levels,
+        }
+        .find(ino, |ii| ii.pages.get(&page))
+        .copied()
+        .unwrap_or(Loc::Zero)
     }
 
     pub fn entry(&self, dir: Ino, name: &[u8]) -> Option<Ino> {

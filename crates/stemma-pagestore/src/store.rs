@@ -89,6 +89,9 @@ pub struct PageStore {
     /// already durable.
     sync_serial: Mutex<()>,
     durable: Mutex<DurableMark>,
+    /// The end of the log as of the last commit, kept apart from the state lock so that an
+    /// fsync never waits for a writer holding it (a writer's `pwrite` can block on the disk).
+    log_end: Mutex<LogEnd>,
     /// Set when an fsync (or an append) failed: after a failed fsync the kernel may have dropped
     /// the dirty pages, so the only safe way on is to reopen and trust the log.
     poisoned: AtomicBool,
@@ -101,6 +104,13 @@ impl fmt::Debug for PageStore {
             .field("dir", &self.dir)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the log ends: what an fsync started now makes durable.
+struct LogEnd {
+    file: Arc<File>,
+    path: PathBuf,
+    mark: DurableMark,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -214,6 +224,7 @@ impl PageStore {
 
         let mut st = State {
             timelines: IntMap::default(),
+            ancestor_cache: Default::default(),
             next_lsn: 1,
             next_ino: ROOT_INO + 1,
             last_time_ns: i64::MIN,
@@ -221,6 +232,7 @@ impl PageStore {
                 dir: log_dir.clone(),
                 segments: Vec::new(),
                 active_len: 0,
+                behind: 0,
                 segment_size: config.segment_size.max(1 << 16),
                 total_bytes: 0,
             },
@@ -323,6 +335,7 @@ impl PageStore {
         }
         st.log.segments = segments;
         st.log.active_len = active_len;
+        st.log.behind = active_len;
         st.log.total_bytes = total;
         // What recovery read may sit only in the page cache (a kill -9 loses nothing, a power
         // loss would): make it durable before anything is built on it.
@@ -345,12 +358,19 @@ impl PageStore {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "page store opened"
         );
+        let st_active_file = st.log.active().file.clone();
+        let st_active_path = st.log.active().path.clone();
         Ok(PageStore {
             dir: dir.to_path_buf(),
             config,
             state: RwLock::new(st),
             sync_serial: Mutex::new(()),
             durable: Mutex::new(mark),
+            log_end: Mutex::new(LogEnd {
+                file: st_active_file,
+                path: st_active_path,
+                mark,
+            }),
             poisoned: AtomicBool::new(false),
             _lock: lock,
         })
@@ -403,17 +423,27 @@ impl PageStore {
         if let Some(m) = rolled {
             self.durable.lock().advance(m);
         }
-        let path = st.log.active().path.clone();
         st.apply_frame(seg, off, frame.len() as u64, &frame[FRAME_HEADER_LEN..])
             .map_err(|reason| {
                 let e = Error::Corrupt {
-                    path,
+                    path: segment_path(&st.log.dir, seg),
                     offset: off,
                     reason: format!("bug: a frame just written does not apply: {reason}"),
                 };
                 self.poison(&e);
                 e
             })?;
+        let active = st.log.active();
+        let mut end = self.log_end.lock();
+        if end.mark.seg != active.no {
+            end.file = active.file.clone();
+            end.path = active.path.clone();
+        }
+        end.mark = DurableMark {
+            seg: active.no,
+            len: st.log.active_len,
+            lsn,
+        };
         Ok(lsn)
     }
 
@@ -421,24 +451,17 @@ impl PageStore {
     /// of any timeline all map here). Concurrent callers share one fsync.
     pub fn sync(&self) -> Result<()> {
         self.check_writable()?;
-        let target = self.state.read().next_lsn - 1;
+        // Every commit that returned before this call has moved `log_end` (under the state
+        // lock, which this does not take).
+        let target = self.log_end.lock().mark.lsn;
         if self.durable.lock().lsn >= target {
             return Ok(());
         }
         let _serial = self.sync_serial.lock();
         // Capture again: whatever was committed while we queued rides along (group commit).
         let (file, path, mark) = {
-            let st = self.state.read();
-            let a = st.log.active();
-            (
-                a.file.clone(),
-                a.path.clone(),
-                DurableMark {
-                    seg: a.no,
-                    len: st.log.active_len,
-                    lsn: st.next_lsn - 1,
-                },
-            )
+            let end = self.log_end.lock();
+            (end.file.clone(), end.path.clone(), end.mark)
         };
         if self.durable.lock().lsn >= mark.lsn {
             return Ok(());
@@ -768,6 +791,11 @@ impl PageStore {
             let d = &data[(pos - offset) as usize..(next - offset) as usize];
             let mut st = self.state.write();
             self.write_chunk(&mut st, tl, ino, pos, d)?;
+            let behind = st.log.write_behind();
+            drop(st);
+            if let Some((file, from, len)) = behind {
+                log::start_writeback(&file, from, len);
+            }
             pos = next;
         }
         Ok(data.len())

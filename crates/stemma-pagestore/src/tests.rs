@@ -596,3 +596,85 @@ fn statfs_reports_totals() {
     let st = s.statfs().unwrap();
     assert!(st.total_bytes > 0 && st.log_bytes > 0 && st.inodes >= 2);
 }
+
+/// The ancestor-resolution cache (timelines with 3+ ancestors) must see exactly what a walk
+/// sees: changes made to ancestors after a branch stay invisible, the leaf's own writes and
+/// truncates win over cached ancestor pages, and holes stay holes.
+#[test]
+fn deep_ancestry_reads_through_the_cache_stay_isolated() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let root = s.create_root(b"root").unwrap();
+    let f = file(&s, root, "f");
+    let ps = PAGE_SIZE as u64;
+    // Pages 0..8 written by the root; page 9 a hole; generation g rewrites page g.
+    for p in 0..8u64 {
+        s.write(root, f, p * ps, &[1; PAGE_SIZE]).unwrap();
+    }
+    let mut tl = root;
+    let mut gens = vec![root];
+    for g in 1..=5u8 {
+        tl = s.branch(tl, BranchPoint::Now, b"gen").unwrap();
+        s.write(tl, f, u64::from(g) * ps, &[g + 1; PAGE_SIZE])
+            .unwrap();
+        gens.push(tl);
+    }
+    let leaf = s.branch(tl, BranchPoint::Now, b"leaf").unwrap();
+    let page = |t: TimelineId, p: u64| s.read(t, f, p * ps, PAGE_SIZE).unwrap();
+    let expect = |p: u64| -> u8 {
+        if (1..=5).contains(&p) {
+            p as u8 + 1
+        } else {
+            1
+        }
+    };
+    for _ in 0..2 {
+        // Twice: the second pass is served from the cache.
+        for p in 0..8 {
+            assert_eq!(page(leaf, p), vec![expect(p); PAGE_SIZE], "page {p}");
+        }
+    }
+    // Ancestors change after the branch: the leaf must not see it, cached or not.
+    for (g, t) in gens.iter().enumerate() {
+        s.write(*t, f, 0, &[0xEE; PAGE_SIZE]).unwrap();
+        s.write(*t, f, (g as u64 + 1) * ps, &[0xDD; PAGE_SIZE])
+            .unwrap();
+    }
+    s.write(root, f, 9 * ps, &[0xCC; PAGE_SIZE]).unwrap();
+    for p in 0..8 {
+        assert_eq!(page(leaf, p), vec![expect(p); PAGE_SIZE], "page {p}");
+    }
+    assert_eq!(s.getattr(leaf, f).unwrap().size, 8 * ps);
+    // The leaf's own changes win over what the cache holds for its ancestors.
+    s.write(leaf, f, 2 * ps, &[0x77; PAGE_SIZE]).unwrap();
+    assert_eq!(page(leaf, 2), vec![0x77; PAGE_SIZE]);
+    s.setattr(
+        leaf,
+        f,
+        SetAttr {
+            size: Some(3 * ps),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    s.setattr(
+        leaf,
+        f,
+        SetAttr {
+            size: Some(8 * ps),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    for p in 3..8 {
+        assert_eq!(page(leaf, p), vec![0; PAGE_SIZE], "page {p} after the cut");
+    }
+    assert_eq!(page(leaf, 1), vec![expect(1); PAGE_SIZE]);
+    // And a reopened store (empty cache) agrees.
+    let before: Vec<_> = (0..8).map(|p| page(leaf, p)).collect();
+    drop(s);
+    let s = open(d.path());
+    for (p, want) in before.iter().enumerate() {
+        assert_eq!(&s.read(leaf, f, p as u64 * ps, PAGE_SIZE).unwrap(), want);
+    }
+}
