@@ -2,6 +2,7 @@
 # Installs what Stemma needs to build, run and test, when it is missing. Idempotent: on a
 # machine that has everything it only checks.
 set -euo pipefail
+. "$(dirname "$0")/rust-env.sh"
 
 need_apt=()
 have_pg_server() {

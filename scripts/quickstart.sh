@@ -3,6 +3,7 @@
 # to it. Safe to run again: it reuses what already exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/rust-env.sh
 
 scripts/install-deps.sh
 echo "==> building stemma (release)"

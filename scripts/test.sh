@@ -3,6 +3,7 @@
 # and the real daemon. Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/rust-env.sh
 
 scripts/install-deps.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
