@@ -168,6 +168,44 @@ fn write_rules(env: &Env, name: &str, text: &str) -> PathBuf {
     p.to_path_buf()
 }
 
+/// `stemma branch create NAME --parent main --anonymize RULES`, which must succeed.
+fn anonymize(env: &Env, name: &str, rules: &Path) -> String {
+    let rules = rules.to_str().expect("utf-8 path");
+    env.ok(&[
+        "branch",
+        "create",
+        name,
+        "--parent",
+        "main",
+        "--anonymize",
+        rules,
+    ])
+}
+
+/// The same, which must fail: its error.
+fn anonymize_fails(env: &Env, name: &str, rules: &Path) -> String {
+    let rules = rules.to_str().expect("utf-8 path");
+    env.fail(&[
+        "branch",
+        "create",
+        name,
+        "--parent",
+        "main",
+        "--anonymize",
+        rules,
+    ])
+}
+
+/// The names of the branches the daemon lists.
+fn branch_names(env: &Env) -> Vec<String> {
+    env.json(&["branch", "list"])
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|b| b["name"].as_str().expect("a name").to_string())
+        .collect()
+}
+
 fn shop(env: &Env, branch: &str) -> String {
     env.ok(&["connection-string", branch, "--database", "shop"])
         .trim()
@@ -215,16 +253,7 @@ fn an_anonymized_branch_and_its_children_hold_no_raw_value_anywhere() {
     env.up();
     load_shop(&env);
     let rules = write_rules(&env, "masking.toml", SHOP_RULES);
-    let rules = rules.to_str().expect("utf-8 path");
-    let out = env.ok(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        rules,
-    ]);
+    let out = anonymize(&env, "anon", &rules);
     assert!(out.contains("anonymized:        ok"), "{out}");
     env.ok(&["branch", "create", "alice", "--parent", "anon"]);
     psql(
@@ -308,25 +337,8 @@ fn masks_are_deterministic_and_reset_re_anonymizes_the_parent() {
     env.up();
     load_shop(&env);
     let rules = write_rules(&env, "masking.toml", SHOP_RULES);
-    let rules = rules.to_str().expect("utf-8 path");
-    env.ok(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        rules,
-    ]);
-    env.ok(&[
-        "branch",
-        "create",
-        "anon2",
-        "--parent",
-        "main",
-        "--anonymize",
-        rules,
-    ]);
+    anonymize(&env, "anon", &rules);
+    anonymize(&env, "anon2", &rules);
     let q = "select string_agg(email || full_name, ',' order by id) from account";
     assert_eq!(psql(&shop(&env, "anon"), q), psql(&shop(&env, "anon2"), q));
     // Main's credentials do not open the anonymized branch, nor the other way round.
@@ -396,15 +408,7 @@ fn bad_rules_and_failed_runs_leave_everything_as_it_was() {
         "bad.toml",
         "[[rule]]\ntable = \"public.account\"\ncolumn = \"email\"\nmask = \"scramble\"\n",
     );
-    let err = env.fail(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        bad.to_str().unwrap(),
-    ]);
+    let err = anonymize_fails(&env, "anon", &bad);
     assert!(err.contains("line 4") && err.contains("scramble"), "{err}");
     // An unknown column.
     let bad = write_rules(
@@ -412,15 +416,7 @@ fn bad_rules_and_failed_runs_leave_everything_as_it_was() {
         "bad2.toml",
         "[[rule]]\ntable = \"public.account\"\ncolumn = \"emial\"\nmask = \"email\"\n",
     );
-    let err = env.fail(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        bad.to_str().unwrap(),
-    ]);
+    let err = anonymize_fails(&env, "anon", &bad);
     assert!(err.contains("emial"), "{err}");
     // Personal data without a rule: refused, with the columns listed.
     let thin = write_rules(
@@ -428,15 +424,7 @@ fn bad_rules_and_failed_runs_leave_everything_as_it_was() {
         "thin.toml",
         "[[rule]]\ndatabase = \"shop\"\ntable = \"public.account\"\ncolumn = \"notes\"\nmask = \"text\"\n",
     );
-    let err = env.fail(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        thin.to_str().unwrap(),
-    ]);
+    let err = anonymize_fails(&env, "anon", &thin);
     assert!(
         err.contains("account.email") && err.contains("personal data"),
         "{err}"
@@ -447,37 +435,15 @@ fn bad_rules_and_failed_runs_leave_everything_as_it_was() {
         "column = \"account_email\"\nmask = \"hash\"",
     );
     let broken = write_rules(&env, "fk.toml", &broken);
-    let err = env.fail(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        broken.to_str().unwrap(),
-    ]);
+    let err = anonymize_fails(&env, "anon", &broken);
     assert!(err.contains("orders_account_email_fkey"), "{err}");
-    let names: Vec<String> = env
-        .json(&["branch", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["name"].as_str().unwrap().to_string())
-        .collect();
+    let names = branch_names(&env);
     assert_eq!(names, vec!["main"]);
     assert_eq!(env.timeline_dirs().len(), dirs_before);
 
     // A reset whose parent gained a personal-data column fails and leaves the branch serving.
     let rules = write_rules(&env, "masking.toml", SHOP_RULES);
-    env.ok(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        rules.to_str().unwrap(),
-    ]);
+    anonymize(&env, "anon", &rules);
     let before = env.json(&["branch", "get", "anon"]);
     psql(&shop(&env, "main"), "alter table account add column ssn text; update account set ssn = '078-05-' || lpad(id::text, 4, '0')");
     let err = env.fail(&["branch", "reset", "anon"]);
@@ -544,13 +510,7 @@ fn bad_rules_and_failed_runs_leave_everything_as_it_was() {
     kill9(env.daemon_pid().expect("daemon"));
     let _ = child.wait();
     env.up();
-    let names: Vec<String> = env
-        .json(&["branch", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["name"].as_str().unwrap().to_string())
-        .collect();
+    let names = branch_names(&env);
     assert!(!names.contains(&"anon3".to_string()), "{names:?}");
     assert_eq!(
         env.timeline_dirs().len(),
@@ -572,15 +532,7 @@ fn a_restricted_token_reaches_only_its_subtree() {
     load_chinook(&env, "main");
     let rules = env.ok(&["anonymize", "suggest", "main"]);
     let rules = write_rules(&env, "masking.toml", &rules);
-    env.ok(&[
-        "branch",
-        "create",
-        "anon",
-        "--parent",
-        "main",
-        "--anonymize",
-        rules.to_str().unwrap(),
-    ]);
+    anonymize(&env, "anon", &rules);
     env.ok(&["branch", "create", "other", "--parent", "main"]);
     let t = env.json(&["token", "create", "alice", "--branch", "anon"]);
     let token = t["token"].as_str().expect("token shown once").to_string();

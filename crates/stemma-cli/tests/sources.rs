@@ -36,27 +36,6 @@ fn root_as(env: &Env, branch: &str, user: &str, password: &str) -> String {
     )
 }
 
-fn try_psql(conn: &str, sql: &str) -> Option<String> {
-    let out = Command::new(pg_bin("psql"))
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            conn,
-            "-c",
-            sql,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 #[test]
 fn physical_source_streams_and_branches_never_touch_production() {
     let env = Env::new();

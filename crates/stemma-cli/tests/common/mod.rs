@@ -368,8 +368,8 @@ pub fn pg_bin(name: &str) -> PathBuf {
         .bin(name)
 }
 
-pub fn psql(conn: &str, sql: &str) -> String {
-    let out = Command::new(pg_bin("psql"))
+fn psql_output(conn: &str, sql: &str) -> std::io::Result<Output> {
+    Command::new(pg_bin("psql"))
         .args([
             "-X",
             "-A",
@@ -383,7 +383,11 @@ pub fn psql(conn: &str, sql: &str) -> String {
         ])
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", pg_bin("psql").display()));
+}
+
+pub fn psql(conn: &str, sql: &str) -> String {
+    let out =
+        psql_output(conn, sql).unwrap_or_else(|e| panic!("run {}: {e}", pg_bin("psql").display()));
     assert!(
         out.status.success(),
         "psql {sql:?} failed: {}",
@@ -394,21 +398,7 @@ pub fn psql(conn: &str, sql: &str) -> String {
 
 /// Like [`psql`], but `None` when psql fails (a connection ended by a reset, say).
 pub fn try_psql(conn: &str, sql: &str) -> Option<String> {
-    let out = Command::new(pg_bin("psql"))
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            conn,
-            "-c",
-            sql,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
+    let out = psql_output(conn, sql).ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
