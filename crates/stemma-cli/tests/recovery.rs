@@ -337,3 +337,64 @@ fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
         "mounts left"
     );
 }
+
+/// A pagestore server that runs but answers nothing (stopped with SIGSTOP here; a deadlock
+/// or a disk that no longer answers in life) is killed by the daemon's watchdog once it has
+/// been silent for the hang timeout, and replaced like a dead one: the branches come back
+/// with their committed data.
+#[test]
+fn a_hung_pagestore_server_is_replaced() {
+    let env = Env::new();
+    let base = env.port_base.to_string();
+    let out = env
+        .cmd(&[
+            "up",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--port-base",
+            &base,
+            "--storage",
+            "pagestore",
+        ])
+        .env("STEMMA_PAGESTORE_HANG_TIMEOUT", "3")
+        .output()
+        .expect("run stemma up");
+    assert!(
+        out.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.sql("main", "create table t(v int); insert into t values (1)");
+    let conn = env.connection_string("main");
+    let servers = env.pagestore_server_pids();
+    assert_eq!(servers.len(), 1);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0] as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("stop the pagestore server");
+    wait_for("a new pagestore server", Duration::from_secs(90), || {
+        let now = env.pagestore_server_pids();
+        now.len() == 1 && now != servers
+    });
+    assert!(!alive(servers[0]), "the hung server was not killed");
+    wait_for("main to come back", Duration::from_secs(120), || {
+        try_psql(&conn, "select count(*) from t").as_deref() == Some("1")
+    });
+    let log = std::fs::read_to_string(env.data_dir.join("logs/daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("hung"),
+        "the daemon's log does not say the server hung"
+    );
+
+    env.ok(&["down"]);
+    assert!(env.pagestore_server_pids().is_empty());
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
+}

@@ -28,6 +28,17 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the watchdog checks that the server runs.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a ping waits when looking for a running server.
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the watchdog asks a running server to answer. The answer takes the store's
+/// lock, so a server whose store is stuck (a deadlock, a disk that no longer answers) stops
+/// answering, not only one whose process is gone.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a running server may leave the watchdog's pings unanswered before it counts as
+/// hung: it is then killed and started again, like a dead one. Long, because that stops
+/// every compute on the pagestore for a few seconds; `STEMMA_PAGESTORE_HANG_TIMEOUT`
+/// (seconds) overrides it (tests).
+const HANG_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest wait between two attempts to start a server that keeps failing.
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for the server process to exit after it answered.
@@ -113,7 +124,7 @@ impl PagestoreClient {
     /// Connects to the running server of `spec.root`; fails when none answers.
     pub fn connect(spec: ServerSpec) -> Result<Self> {
         let socket = socket_path(&spec.root);
-        let pid = ping(&socket).map_err(|e| StorageError::Io {
+        let pid = ping(&socket, PING_TIMEOUT).map_err(|e| StorageError::Io {
             context: "connecting to the pagestore server",
             path: socket.clone(),
             source: e,
@@ -134,7 +145,7 @@ impl PagestoreClient {
     /// [`PagestoreClient::shutdown_server`].
     pub fn connect_or_start(spec: ServerSpec) -> Result<Arc<Self>> {
         let socket = socket_path(&spec.root);
-        let (pid, child) = match ping(&socket) {
+        let (pid, child) = match ping(&socket, PING_TIMEOUT) {
             Ok(pid) => {
                 tracing::info!(pid, socket = %socket.display(), "reconnected to the running pagestore server");
                 (pid, None)
@@ -162,7 +173,10 @@ impl PagestoreClient {
         let spawned = std::thread::Builder::new()
             .name("pagestore-watchdog".into())
             .spawn(move || {
+                let hang_timeout = hang_timeout();
                 let mut wait = WATCH_INTERVAL;
+                let mut last_check = Instant::now();
+                let mut last_answer = Instant::now();
                 loop {
                     std::thread::sleep(wait);
                     let Some(client) = weak.upgrade() else {
@@ -173,6 +187,10 @@ impl PagestoreClient {
                     }
                     if client.server_alive() {
                         wait = WATCH_INTERVAL;
+                        if last_check.elapsed() >= HEALTH_INTERVAL {
+                            last_check = Instant::now();
+                            client.check_health(hang_timeout, &mut last_answer);
+                        }
                         continue;
                     }
                     let _lifecycle = client.lifecycle.lock();
@@ -189,6 +207,7 @@ impl PagestoreClient {
                             client.pid.store(pid, Ordering::SeqCst);
                             *client.child.lock() = child;
                             wait = WATCH_INTERVAL;
+                            last_answer = Instant::now();
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "could not start a new pagestore server; trying again");
@@ -199,6 +218,39 @@ impl PagestoreClient {
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the pagestore server's watchdog: a dead server will not be restarted");
+        }
+    }
+
+    /// Pings the running server; when it has answered nothing for `hang_timeout`, kills it
+    /// (SIGKILL), so that the watchdog starts a new one as for a server that died.
+    fn check_health(&self, hang_timeout: Duration, last_answer: &mut Instant) {
+        match ping(&self.socket, hang_timeout) {
+            Ok(_) => *last_answer = Instant::now(),
+            Err(e) => {
+                let silent = last_answer.elapsed();
+                let pid = self.server_pid();
+                if silent < hang_timeout {
+                    tracing::warn!(pid, error = %e, silent_s = silent.as_secs(), "the pagestore server did not answer a ping");
+                    return;
+                }
+                let _lifecycle = self.lifecycle.lock();
+                if self.stopping.load(Ordering::SeqCst) || !self.server_alive() {
+                    return;
+                }
+                tracing::error!(
+                    pid,
+                    error = %e,
+                    silent_s = silent.as_secs(),
+                    log = %self.spec.log.display(),
+                    "the pagestore server runs but has not answered for too long (hung): killing it so that a new one takes over"
+                );
+                if let Err(e) = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
+                    tracing::error!(pid, error = %e, "cannot kill the hung pagestore server");
+                }
+            }
         }
     }
 
@@ -322,7 +374,7 @@ fn start_server(spec: &ServerSpec, socket: &Path) -> Result<(u32, Option<Child>)
     let pid = child.id();
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Ok(p) = ping(socket) {
+        if let Ok(p) = ping(socket, PING_TIMEOUT) {
             if p != pid {
                 // Another server won the race to the store's lock; ours exits by itself.
                 tracing::warn!(
@@ -357,10 +409,26 @@ fn start_server(spec: &ServerSpec, socket: &Path) -> Result<(u32, Option<Child>)
     }
 }
 
-/// Asks the server at `socket` for its pid; fails when none answers.
-fn ping(socket: &Path) -> io::Result<u32> {
+/// The hang timeout: [`HANG_TIMEOUT`] unless `STEMMA_PAGESTORE_HANG_TIMEOUT` says otherwise.
+fn hang_timeout() -> Duration {
+    match std::env::var("STEMMA_PAGESTORE_HANG_TIMEOUT") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs),
+            _ => {
+                tracing::warn!(value = %v, "STEMMA_PAGESTORE_HANG_TIMEOUT is not a positive number of seconds; using the default");
+                HANG_TIMEOUT
+            }
+        },
+        Err(_) => HANG_TIMEOUT,
+    }
+}
+
+/// Asks the server at `socket` for its pid, waiting at most `timeout` for the answer; fails
+/// when none answers.
+fn ping(socket: &Path, timeout: Duration) -> io::Result<u32> {
     let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     wire::write_line(&mut &stream, &Request::Ping)?;
     match wire::read_line::<Response>(&mut BufReader::new(&stream))? {
         Some(Response::Ok(Reply::Pong { pid })) => Ok(pid),

@@ -260,9 +260,14 @@ fn serve_connection(conn: UnixStream, shared: &Shared) -> io::Result<()> {
 fn dispatch(d: &PagestoreDriver, req: Request) -> Result<Reply> {
     use wire::id_from_wire as id;
     Ok(match req {
-        Request::Ping => Reply::Pong {
-            pid: std::process::id(),
-        },
+        Request::Ping => {
+            // Through the store's lock: a store that is stuck must not look healthy to the
+            // daemon's watchdog.
+            let _ = d.store().last_lsn();
+            Reply::Pong {
+                pid: std::process::id(),
+            }
+        }
         Request::Describe => Reply::Text(d.describe()),
         Request::CreateEmpty { id: i } => Reply::Path(d.create_empty(&id(&i)?)?),
         Request::CloneTimeline {
