@@ -398,3 +398,40 @@ fn a_hung_pagestore_server_is_replaced() {
         "mounts left"
     );
 }
+
+/// A daemon that cannot start (its API port is taken) stops the pagestore server it launched
+/// instead of leaving it running with nobody to stop it.
+#[test]
+fn a_failed_start_leaves_no_pagestore_server() {
+    let env = Env::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let base = env.port_base.to_string();
+    let stderr = env.fail(&[
+        "up",
+        "--api-listen",
+        &addr,
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--port-base",
+        &base,
+        "--storage",
+        "pagestore",
+    ]);
+    assert!(stderr.contains("--api-listen"), "unclear error: {stderr}");
+    wait_for(
+        "the pagestore server to stop",
+        Duration::from_secs(30),
+        || env.pagestore_server_pids().is_empty(),
+    );
+    assert_eq!(
+        env.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "mounts left"
+    );
+    // The data directory is still good for a daemon that can start.
+    env.up_with(&["--storage", "pagestore"]);
+    env.sql("main", "select 1");
+    env.ok(&["down"]);
+    drop(taken);
+}

@@ -107,25 +107,42 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tls,
     );
     let _ = engine.proxy.set(proxy.clone());
-    let shared = proxy
-        .listen_shared(cfg.proxy_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the shared proxy port; choose another with --proxy-listen",
-                cfg.proxy_listen
-            )
-        })?;
+    // Both listeners, before anything is started on them: a port in use fails the start
+    // here, and a pagestore server started for this daemon alone is stopped again.
+    let bound: Result<_> = async {
+        let shared = proxy
+            .listen_shared(cfg.proxy_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} for the shared proxy port; choose another with --proxy-listen",
+                    cfg.proxy_listen
+                )
+            })?;
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} for the API; is another daemon using it? Choose another address with --api-listen",
+                    cfg.api_listen
+                )
+            })?;
+        Ok((shared, listener))
+    }
+    .await;
+    let (shared, listener) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(client) = pagestore.as_ref().filter(|c| c.started_here()) {
+                tracing::info!("stopping the pagestore server this failed start launched");
+                if let Err(stop) = client.shutdown_server() {
+                    tracing::warn!(error = %stop, "could not stop the pagestore server");
+                }
+            }
+            return Err(e);
+        }
+    };
     engine.set_proxy_port(shared.port());
-
-    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the API; is another daemon using it? Choose another address with --api-listen",
-                cfg.api_listen
-            )
-        })?;
     let addr = listener.local_addr()?;
     let api_url = format!("http://{addr}");
     engine.set_api_url(&api_url);

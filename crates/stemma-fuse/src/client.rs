@@ -254,6 +254,11 @@ impl PagestoreClient {
         }
     }
 
+    /// Whether this process started the server (rather than reconnecting to one that ran).
+    pub fn started_here(&self) -> bool {
+        self.child.lock().is_some()
+    }
+
     /// The server's pid.
     pub fn server_pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
