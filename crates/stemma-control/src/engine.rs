@@ -748,15 +748,10 @@ impl Engine {
             self.destroy_timeline(tl.as_str()).await?;
             return Err(e);
         }
-        if let Err(e) = self.start_compute_of(&row).await {
-            // A branch that cannot start is no branch: roll back.
-            tracing::warn!(branch = %row.name, error = %e, "compute did not start; rolling back");
-            self.close_endpoint(&row, "the branch could not start");
-            let _ = self.stop_compute_of(&row).await;
-            self.meta.delete_branch(row.id)?;
-            self.destroy_timeline(tl.as_str()).await?;
-            return Err(e);
-        }
+        // No compute yet: the first connection starts it through the endpoint (computes run
+        // on demand), so creating a branch costs what the storage driver's fork costs, which
+        // on the pagestore is one record. A compute that cannot start gives that connection
+        // a clear error; the branch stays, like any suspended branch.
         tracing::info!(branch = %row.name, parent = %parent.name, port, "branch created");
         self.view(&row).await
     }

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Branch creation on the pagestore by database size, while the parent is being written.
+#
+#   bench/pagestore-branch.sh [SCALE...]    pgbench scales; default "68 680" (about 1 GB and 10 GB)
+#
+# The pagestore issue's goals: `stemma branch create` from the CLI has a median under 50 ms, the
+# same on a 1 GB and a 10 GB database (ratio <= 1.2), and the first query on a new branch
+# answers in under 1 s. For each size, with pgbench writing to the parent throughout (a branch
+# needs no pause of the parent), REPS times (default 11):
+#   create        wall time of `stemma branch create NAME --parent ROOT` (the CLI process)
+#   first query   wall time of the first `psql -c 'select count(*) from pgbench_branches'` on
+#                 the new branch: its compute starts (wakes) and recovers like after a crash
+# Prints medians and p90s per size, and the ratio of the largest size's create median to the
+# smallest's. Everything runs in a temporary data directory that is removed at the end.
+# Needs root and FUSE (the daemon is started with --storage pagestore).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scales=("$@")
+[ ${#scales[@]} -gt 0 ] || scales=(68 680)
+reps=${REPS:-11}
+dir_base=${BENCH_DIR:-/var/tmp}
+
+scripts/install-deps.sh >/dev/null
+source scripts/rust-env.sh
+cargo build --release --quiet -p stemma-cli
+stemma="${CARGO_TARGET_DIR:-$PWD/target}/release/stemma"
+work=$(mktemp -d "$dir_base/stemma-bench-XXXXXX")
+chmod 711 "$work"
+export STEMMA_DATA_DIR="$work/data"
+writer=""
+cleanup() {
+    [ -n "$writer" ] && kill "$writer" 2>/dev/null && wait "$writer" 2>/dev/null
+    "$stemma" down >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$stemma" up --api-listen 127.0.0.1:0 --port-base 47200 --storage pagestore >/dev/null
+pgbin=$("$stemma" --output json status | python3 -c 'import json,sys; print(json.load(sys.stdin)["postgres_bin_dir"])')
+
+now() { date +%s.%N; }
+calc() { awk "BEGIN { print $* }"; }
+pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p+0.999); if (i<1) i=1; print a[i]}'; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
+
+echo "host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), data in $work ($(df -hT "$work" | awk 'NR==2 {print $2}'))"
+printf '%-6s %9s %14s %14s %16s %16s\n' scale size "create p50" "create p90" "1st query p50" "1st query p90"
+first_create=""; last_create=""
+for scale in "${scales[@]}"; do
+    root="bench-$scale"
+    "$stemma" init --name "$root" >/dev/null
+    conn=$("$stemma" connection-string "$root")
+    "$pgbin/pgbench" -i -q -s "$scale" "$conn" >/dev/null 2>&1
+    size=$("$stemma" --output json branch get "$root" | field logical_size_bytes)
+    # The parent is written throughout: a branch never pauses it.
+    "$pgbin/pgbench" -n -c 2 -T 100000 "$conn" >/dev/null 2>&1 &
+    writer=$!
+    sleep 2
+    creates=(); queries=()
+    for i in $(seq "$reps"); do
+        t0=$(now)
+        "$stemma" branch create "$root-b$i" --parent "$root" >/dev/null
+        t1=$(now)
+        bconn=$("$stemma" connection-string "$root-b$i")
+        t2=$(now)
+        "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
+        t3=$(now)
+        creates+=("$(calc "($t1 - $t0) * 1000")")
+        queries+=("$(calc "($t3 - $t2) * 1000")")
+        "$stemma" branch delete "$root-b$i" >/dev/null
+    done
+    kill "$writer" 2>/dev/null; wait "$writer" 2>/dev/null || true
+    writer=""
+    c50=$(printf '%s\n' "${creates[@]}" | pct 0.5)
+    c90=$(printf '%s\n' "${creates[@]}" | pct 0.9)
+    q50=$(printf '%s\n' "${queries[@]}" | pct 0.5)
+    q90=$(printf '%s\n' "${queries[@]}" | pct 0.9)
+    printf '%-6s %8.0fM %11.1f ms %11.1f ms %13.0f ms %13.0f ms\n' "$scale" \
+        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90"
+    [ -n "$first_create" ] || first_create=$c50
+    last_create=$c50
+    "$stemma" branch delete "$root" >/dev/null 2>&1 || "$stemma" compute stop "$root" >/dev/null
+done
+if [ "${#scales[@]}" -gt 1 ]; then
+    ratio=$(calc "$last_create / $first_create")
+    verdict=$(awk "BEGIN { print ($ratio <= 1.2) ? \"ok\" : \"ABOVE GOAL\" }")
+    printf 'create median, largest / smallest size: %.2f (goal <= 1.2: %s)\n' "$ratio" "$verdict"
+fi
