@@ -9,7 +9,9 @@
 # needs no pause of the parent), REPS times (default 11):
 #   create        wall time of `stemma branch create NAME --parent ROOT` (the CLI process)
 #   first query   wall time of the first `psql -c 'select count(*) from pgbench_branches'` on
-#                 the new branch: its compute starts (wakes) and recovers like after a crash
+#                 the new branch: its compute starts (wakes) and recovers like after a crash,
+#                 replaying the parent's WAL since the parent's last checkpoint
+# then the same with the parent idle after a checkpoint ("idle"; creates count in both).
 # Prints medians and p90s per size, and the ratio of the largest size's create median to the
 # smallest's. Everything runs in a temporary data directory that is removed at the end.
 # Needs root and FUSE (the daemon is started with --storage pagestore).
@@ -44,7 +46,7 @@ pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p+0.999); if (i<1) i=1
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
 
 echo "host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), data in $work ($(df -hT "$work" | awk 'NR==2 {print $2}'))"
-printf '%-6s %9s %14s %14s %16s %16s\n' scale size "create p50" "create p90" "1st query p50" "1st query p90"
+printf '%-6s %9s %14s %14s %17s %17s\n' scale size "create p50" "create p90" "1st q. busy p50/90" "1st q. idle p50/90"
 first_create=""; last_create=""
 for scale in "${scales[@]}"; do
     root="bench-$scale"
@@ -56,27 +58,35 @@ for scale in "${scales[@]}"; do
     "$pgbin/pgbench" -n -c 2 -T 100000 "$conn" >/dev/null 2>&1 &
     writer=$!
     sleep 2
-    creates=(); queries=()
-    for i in $(seq "$reps"); do
+    creates=(); queries=(); idle=()
+    trial() { # NAME -> appends to creates and to the array named by $2
+        local t0 t1 t2 t3 bconn
         t0=$(now)
-        "$stemma" branch create "$root-b$i" --parent "$root" >/dev/null
+        "$stemma" branch create "$1" --parent "$root" >/dev/null
         t1=$(now)
-        bconn=$("$stemma" connection-string "$root-b$i")
+        bconn=$("$stemma" connection-string "$1")
         t2=$(now)
         "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
         t3=$(now)
         creates+=("$(calc "($t1 - $t0) * 1000")")
-        queries+=("$(calc "($t3 - $t2) * 1000")")
-        "$stemma" branch delete "$root-b$i" >/dev/null
-    done
+        eval "$2+=(\"$(calc "($t3 - $t2) * 1000")\")"
+        "$stemma" branch delete "$1" >/dev/null
+    }
+    for i in $(seq "$reps"); do trial "$root-b$i" queries; done
     kill "$writer" 2>/dev/null; wait "$writer" 2>/dev/null || true
     writer=""
+    # The parent idle after its writes: its next timed checkpoint (checkpoint_timeout) leaves
+    # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it.
+    "$pgbin/psql" -X -q -c checkpoint "$conn"
+    for i in $(seq "$reps"); do trial "$root-i$i" idle; done
     c50=$(printf '%s\n' "${creates[@]}" | pct 0.5)
     c90=$(printf '%s\n' "${creates[@]}" | pct 0.9)
     q50=$(printf '%s\n' "${queries[@]}" | pct 0.5)
     q90=$(printf '%s\n' "${queries[@]}" | pct 0.9)
-    printf '%-6s %8.0fM %11.1f ms %11.1f ms %13.0f ms %13.0f ms\n' "$scale" \
-        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90"
+    i50=$(printf '%s\n' "${idle[@]}" | pct 0.5)
+    i90=$(printf '%s\n' "${idle[@]}" | pct 0.9)
+    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms\n' "$scale" \
+        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90" "$i50" "$i90"
     [ -n "$first_create" ] || first_create=$c50
     last_create=$c50
     "$stemma" branch delete "$root" >/dev/null 2>&1 || "$stemma" compute stop "$root" >/dev/null

@@ -90,7 +90,12 @@ impl Output {
         }
         println!("branch:            {}", b.name);
         println!("parent:            {}", b.parent.as_deref().unwrap_or("-"));
-        println!("state:             {}", state(b.state));
+        match b.state {
+            BranchState::Suspended => println!(
+                "state:             suspended (no process; the first connection starts it)"
+            ),
+            BranchState::Running => println!("state:             {}", state(b.state)),
+        }
         println!("connection string: {}", b.connection_string);
         println!("created at:        {}", b.created_at.to_rfc3339());
         if let Some(t) = b.last_reset_at {
