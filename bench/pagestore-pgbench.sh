@@ -66,7 +66,7 @@ SETTINGS=(-c shared_buffers=32MB -c max_connections=100 -c work_mem=4MB
   -c min_wal_size=32MB -c wal_level=replica -c max_wal_senders=4 -c max_replication_slots=4
   -c max_worker_processes=4 -c max_parallel_workers=2 -c max_parallel_workers_per_gather=1
   -c autovacuum_max_workers=2 -c huge_pages=off -c jit=off -c logging_collector=off
-  -c recovery_init_sync_method=syncfs -c checkpoint_timeout=30s
+  -c recovery_init_sync_method=syncfs
   -c listen_addresses=)
 
 # Native: a directory of the host filesystem.
