@@ -63,8 +63,8 @@ pub(crate) struct LogWriter {
     pub segment_size: u64,
     /// Total bytes of all segments.
     pub total_bytes: u64,
-    /// Bytes appended since the store was opened (never decreases): how much the log grew
-    /// since the last checkpoint.
+    /// Bytes appended since the store was opened, plus those replayed at open (never
+    /// decreases): how much log no checkpoint covers, against the value at the last one.
     pub appended: u64,
 }
 

@@ -304,6 +304,9 @@ impl PageStore {
         let mut active_len = 0u64;
         let mut total = 0u64;
         let mut frames = 0u64;
+        // Bytes of log no checkpoint covers: the first maintenance checkpoints when they are
+        // many, so that the next open does not replay them again.
+        let mut replayed = 0u64;
         for &no in &nums[..replay_from] {
             let path = segment_path(&log_dir, no);
             let file = open_rw(&path)?;
@@ -403,6 +406,7 @@ impl PageStore {
             }
             active_len = end.valid_len;
             total += end.valid_len;
+            replayed += end.valid_len.saturating_sub(resume.unwrap_or(0));
             segments.push(Segment {
                 no,
                 path,
@@ -418,6 +422,7 @@ impl PageStore {
         st.log.active_len = active_len;
         st.log.behind = active_len;
         st.log.total_bytes = total;
+        st.log.appended = replayed;
         let removed = open_packs_and_drop_garbage(&mut st, replay_from)?;
         if let Some(lsn) = ckpt_lsn {
             checkpoint::remove_all_but(&ckpt_dir, lsn)?;
