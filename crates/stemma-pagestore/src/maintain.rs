@@ -152,12 +152,14 @@ impl PageStore {
 
     fn checkpoint_locked(&self) -> Result<Lsn> {
         self.check_writable()?;
-        // Encoded under the read lock (writers wait, readers do not), written without it.
-        let (lsn, bytes, appended) = {
+        // Copied under the read lock (writers wait, and readers that come after a waiting
+        // writer), encoded and written without it.
+        let (snap, appended) = {
             let st = self.state.read();
-            let (lsn, bytes) = checkpoint::encode(&st)?;
-            (lsn, bytes, st.log.appended)
+            (checkpoint::snapshot(&st), st.log.appended)
         };
+        let (lsn, bytes) = checkpoint::encode(&snap)?;
+        drop(snap);
         // The checkpoint must never cover frames a power loss could still take away.
         self.sync()?;
         let dir = checkpoint::checkpoint_dir(&self.dir);

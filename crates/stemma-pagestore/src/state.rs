@@ -101,7 +101,7 @@ fn push_version<T>(v: &mut Versions<T>, lsn: Lsn, x: T) {
 }
 
 /// One timeline's own changes to one inode.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct InodeIndex {
     /// `None`: the inode was freed (its last link gone and nobody holds it open).
     pub attrs: Versions<Option<Attr>>,
@@ -111,7 +111,7 @@ pub(crate) struct InodeIndex {
     pub symlink: Option<Box<[u8]>>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct Timeline {
     pub id: TimelineId,
     pub parent: Option<(TimelineId, Lsn)>,
