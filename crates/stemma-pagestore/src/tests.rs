@@ -857,6 +857,17 @@ fn gc_past_the_retention_window_frees_the_index_and_refuses_old_branches() {
     ));
     let now_branch = s.branch(main, BranchPoint::Now, b"now").unwrap();
     assert_same(&all(&s, now_branch, f), &want_main);
+    // A moment inside the window (after every write) still resolves, to the last state.
+    let secs = now.load(Ordering::SeqCst) - 60;
+    let recent = s
+        .branch(
+            main,
+            BranchPoint::Time(UNIX_EPOCH + Duration::from_secs(secs as u64)),
+            b"recent",
+        )
+        .unwrap();
+    assert_same(&all(&s, recent, f), &want_main);
+    s.delete_timeline(recent).unwrap();
     // Even with the clock set back, what GC dropped stays out of reach.
     now.fetch_sub(2 * 3600, Ordering::SeqCst);
     assert!(matches!(
