@@ -93,6 +93,7 @@ pub fn log_report(r: &MaintenanceReport) {
         reclaimed_bytes = r.bytes_before.saturating_sub(r.bytes_after),
         store_bytes = r.bytes_after,
         versions_dropped = r.gc.versions_dropped,
+        orphans_freed = r.gc.orphans_freed,
         index_versions = r.gc.index_versions,
         files_compacted = r.files_compacted,
         pages_moved = r.pages_moved,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{self, file_len};
 use crate::error::{Error, Result};
 use crate::format::{
-    encode_pack_header, encode_pack_record, PACK_HEADER_LEN, PACK_RECORD_HEADER_LEN,
+    encode_pack_header, encode_pack_record, Mutation, PACK_HEADER_LEN, PACK_RECORD_HEADER_LEN,
 };
 use crate::gc::is_pack;
 use crate::log::sync_dir;
@@ -26,6 +26,9 @@ use crate::types::{to_nanos, Ino, Lsn, TimelineId, PAGE_SIZE};
 /// What [`PageStore::gc`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcReport {
+    /// Inodes freed because nothing could reach them: unlinked while open, and the process
+    /// ended before the last close (see [`PageStore::gc`]).
+    pub orphans_freed: u64,
     /// The oldest position a branch may still start at: every version at or after it was
     /// kept, and the newest one before it.
     pub horizon: Lsn,
@@ -106,8 +109,12 @@ struct Victim {
 impl PageStore {
     /// Drops from the index every version that no branch point can reach: older than the
     /// retention window and shadowed at every live child's branch point (see `gc.rs`).
-    /// Memory only; [`PageStore::maintain`] also makes the result durable and gives the disk
-    /// space back. Afterwards a branch at a position before the horizon is refused.
+    /// Memory only (but for the orphans below); [`PageStore::maintain`] also makes the result
+    /// durable and gives the disk space back. Afterwards a branch at a position before the
+    /// horizon is refused.
+    ///
+    /// First it frees the inodes left with no link and no open handle by a restart (unlinked
+    /// while open, the process gone before the last close): one `FreeInode` frame each.
     pub fn gc(&self) -> Result<GcReport> {
         let _m = self.maintenance.lock();
         self.gc_locked()
@@ -116,18 +123,43 @@ impl PageStore {
     fn gc_locked(&self) -> Result<GcReport> {
         let mut st = self.state.write();
         let t = Instant::now();
+        let orphans_freed = self.free_orphans(&mut st)?;
         let horizon = self.retention_horizon(&st);
         let counts = st.gc(horizon);
         let lock_held = t.elapsed();
         drop(st);
         let index_versions = self.state.read().index_versions();
         Ok(GcReport {
+            orphans_freed,
             horizon,
             versions_dropped: counts.versions_dropped,
             inodes_dropped: counts.inodes_dropped,
             index_versions,
             lock_held,
         })
+    }
+
+    /// Frees the inodes of a timeline's own level that have no link and no open handle: an
+    /// inode unlinked while open whose process ended before the last close (the handle
+    /// counts live in memory only). While the store runs, such an inode is freed as its last
+    /// handle goes, under the same write lock this runs under, so none is ever in between.
+    /// One `FreeInode` frame each; GC then drops its versions once out of the window.
+    fn free_orphans(&self, st: &mut State) -> Result<u64> {
+        let mut orphans = Vec::new();
+        for t in st.timelines.values() {
+            for (ino, ii) in &t.inodes {
+                let unlinked = matches!(ii.attrs.last(), Some((_, Some(a))) if a.nlink == 0);
+                if unlinked && !st.open_counts.contains_key(&(t.id, *ino)) {
+                    orphans.push((t.id, *ino));
+                }
+            }
+        }
+        orphans.sort_unstable();
+        for (tl, ino) in &orphans {
+            self.commit(st, *tl, &[Mutation::FreeInode { ino: *ino }])?;
+            tracing::info!(timeline = %tl, ino, "freed an inode unlinked while open before a restart");
+        }
+        Ok(orphans.len() as u64)
     }
 
     /// The oldest position [`PageStore::branch`] accepts now: the first frame of the

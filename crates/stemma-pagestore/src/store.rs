@@ -516,7 +516,12 @@ impl PageStore {
     }
 
     /// Appends one frame and applies it to the index: the single way anything changes.
-    fn commit(&self, st: &mut State, tl: TimelineId, muts: &[Mutation<'_>]) -> Result<Lsn> {
+    pub(crate) fn commit(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        muts: &[Mutation<'_>],
+    ) -> Result<Lsn> {
         self.check_writable()?;
         let lsn = st.next_lsn;
         let time_ns = to_nanos(self.now()).max(st.last_time_ns);

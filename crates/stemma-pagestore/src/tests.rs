@@ -1026,3 +1026,45 @@ fn a_damaged_checkpoint_is_refused() {
     let err = PageStore::open(d.path(), Config::default()).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
 }
+
+/// An inode unlinked while open whose process ended before the last close has no link and no
+/// handle after a restart: GC frees it (a frame), and once out of the window its pages go.
+#[test]
+fn an_inode_unlinked_while_open_before_a_restart_is_freed() {
+    let d = tempfile::tempdir().unwrap();
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        segment_size: 256 << 10,
+        retention: Duration::from_secs(3600),
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, &pattern(3, 64 * PAGE_SIZE)).unwrap();
+    s.open_handle(tl, f).unwrap();
+    s.unlink(tl, ROOT_INO, b"f").unwrap();
+    // Open, so not an orphan while the store runs.
+    assert_eq!(s.gc().unwrap().orphans_freed, 0);
+    assert_eq!(s.getattr(tl, f).unwrap().nlink, 0);
+    s.sync().unwrap();
+    drop(s); // the process ends with the file still open
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    assert_eq!(s.getattr(tl, f).unwrap().nlink, 0);
+    let before = dir_bytes(d.path());
+    assert_eq!(s.gc().unwrap().orphans_freed, 1);
+    assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
+    now.fetch_add(7200, Ordering::SeqCst);
+    let r = s.maintain().unwrap();
+    assert_eq!(r.gc.orphans_freed, 0);
+    assert!(
+        dir_bytes(d.path()) < before - 32 * PAGE_SIZE as u64,
+        "{before} -> {}: {r:?}",
+        dir_bytes(d.path())
+    );
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
+    assert!(s.readdir(tl, ROOT_INO).unwrap().is_empty());
+}
