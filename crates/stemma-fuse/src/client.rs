@@ -19,7 +19,7 @@ use stemma_storage::{
 
 use crate::driver::{mount_point, CAPABILITIES};
 use crate::server::socket_path;
-use crate::wire::{self, Reply, Request, Response};
+use crate::wire::{self, MaintenanceSummary, Reply, Request, Response};
 
 /// How long a new server may take to open the store (it replays the log) and mount.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -346,6 +346,16 @@ impl PagestoreClient {
                 ErrorKind::UnexpectedEof,
                 "the pagestore server closed the connection without an answer (did it die?)",
             ))),
+        }
+    }
+
+    /// Runs the page store's maintenance (GC, compaction, checkpoint) now, in the server, and
+    /// says what it gave back. The server also runs it on its own, periodically and after a
+    /// deletion.
+    pub fn maintain(&self) -> Result<MaintenanceSummary> {
+        match self.call(&Request::Maintain)? {
+            Reply::Maintained(s) => Ok(s),
+            other => Err(self.unexpected(other)),
         }
     }
 

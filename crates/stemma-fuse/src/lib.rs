@@ -25,6 +25,7 @@
 mod client;
 mod driver;
 mod fs;
+pub mod maintenance;
 mod mount;
 pub mod server;
 mod wire;
@@ -38,6 +39,7 @@ pub use fs::{request_counts, TimelineFs};
 pub use mount::{
     clear_stale_mounts, kill_stranded_processes, mounts_under, MountedTimeline, Unmounted,
 };
+pub use wire::MaintenanceSummary;
 
 /// How a timeline is served through FUSE.
 #[derive(Debug, Clone)]

@@ -32,6 +32,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use stemma_storage::{Result, StorageDriver, StorageError};
 
 use crate::driver::{DriverOptions, PagestoreDriver};
+use crate::maintenance::{self, Maintainer, AFTER_DELETE, MAINTENANCE_EVERY};
 use crate::wire::{self, Reply, Request, Response, WireError};
 
 /// Connections served at once; more wait in the listen queue.
@@ -62,6 +63,17 @@ pub fn parse_owner(s: &str) -> std::result::Result<(u32, u32), String> {
     parsed.ok_or_else(|| format!("expected UID:GID (numbers), got {s:?}"))
 }
 
+fn maintenance_err(dir: &Path, e: stemma_pagestore::Error) -> StorageError {
+    StorageError::Io {
+        context: "maintenance of the page store",
+        path: dir.to_path_buf(),
+        source: io::Error::new(
+            io::Error::from_raw_os_error(e.errno()).kind(),
+            e.to_string(),
+        ),
+    }
+}
+
 fn io_err(context: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StorageError {
     let path = path.to_path_buf();
     move |source| StorageError::Io {
@@ -78,6 +90,8 @@ enum Stop {
 
 struct Shared {
     driver: PagestoreDriver,
+    /// The page store's background GC and compaction.
+    maintainer: Arc<Maintainer>,
     /// Calls hold it shared; shutdown takes it exclusive, so no call runs while (or after)
     /// the mounts go. `true` once stopped.
     stopped: RwLock<bool>,
@@ -90,6 +104,7 @@ impl Shared {
         let mut stopped = self.stopped.write();
         if !*stopped {
             *stopped = true;
+            self.maintainer.stop();
             tracing::info!("unmounting every timeline");
             self.driver.shutdown();
         }
@@ -133,9 +148,12 @@ pub fn run(root: &Path, owner: Option<(u32, u32)>, options: DriverOptions) -> Re
         .and_then(|()| std::fs::rename(&tmp, &pid_file))
         .map_err(io_err("writing the pid file", &pid_file))?;
 
+    let maintainer = Maintainer::start(driver.store().clone(), MAINTENANCE_EVERY)
+        .map_err(io_err("starting the maintenance thread", root))?;
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         driver,
+        maintainer,
         stopped: RwLock::new(false),
         stop: Mutex::new(Some(tx.clone())),
     });
@@ -246,7 +264,7 @@ fn serve_connection(conn: UnixStream, shared: &Shared) -> io::Result<()> {
                     "the pagestore server is shutting down".into(),
                 )))
             } else {
-                match dispatch(&shared.driver, req) {
+                match dispatch(shared, req) {
                     Ok(reply) => Response::Ok(reply),
                     Err(e) => Response::Err(WireError::from(&e)),
                 }
@@ -257,8 +275,9 @@ fn serve_connection(conn: UnixStream, shared: &Shared) -> io::Result<()> {
     Ok(())
 }
 
-fn dispatch(d: &PagestoreDriver, req: Request) -> Result<Reply> {
+fn dispatch(shared: &Shared, req: Request) -> Result<Reply> {
     use wire::id_from_wire as id;
+    let d = &shared.driver;
     Ok(match req {
         Request::Ping => {
             // Through the store's lock: a store that is stuck must not look healthy to the
@@ -304,7 +323,17 @@ fn dispatch(d: &PagestoreDriver, req: Request) -> Result<Reply> {
         Request::Exists { id: i } => Reply::Bool(d.exists(&id(&i)?)),
         Request::Delete { id: i } => {
             d.delete(&id(&i)?)?;
+            // Its pages are garbage now: give the space back soon.
+            shared.maintainer.poke(AFTER_DELETE);
             Reply::Unit
+        }
+        Request::Maintain => {
+            let store = d.store();
+            let r = store
+                .maintain()
+                .map_err(|e| maintenance_err(store.dir(), e))?;
+            maintenance::log_report(&r);
+            Reply::Maintained((&r).into())
         }
         Request::List => Reply::Ids(d.list()?.iter().map(|t| t.to_string()).collect()),
         Request::Usage { id: i } => {

@@ -58,6 +58,9 @@ pub(crate) enum Request {
     Usage {
         id: String,
     },
+    /// Run the page store's maintenance (GC, compaction, checkpoint) now; the reply comes
+    /// when it is done.
+    Maintain,
     /// Unmount every timeline and exit. The reply comes once everything is unmounted.
     Shutdown,
 }
@@ -79,6 +82,33 @@ pub(crate) enum Reply {
     Bool(bool),
     Ids(Vec<String>),
     Usage { logical: u64, own: u64 },
+    Maintained(MaintenanceSummary),
+}
+
+/// What one maintenance run of the page store did (`PagestoreClient::maintain`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceSummary {
+    /// Bytes of the store's files before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Versions GC dropped from the index, and those left.
+    pub versions_dropped: u64,
+    pub index_versions: u64,
+    pub files_compacted: u64,
+    pub pages_moved: u64,
+}
+
+impl From<&stemma_pagestore::MaintenanceReport> for MaintenanceSummary {
+    fn from(r: &stemma_pagestore::MaintenanceReport) -> Self {
+        MaintenanceSummary {
+            bytes_before: r.bytes_before,
+            bytes_after: r.bytes_after,
+            versions_dropped: r.gc.versions_dropped,
+            index_versions: r.gc.index_versions,
+            files_compacted: r.files_compacted as u64,
+            pages_moved: r.pages_moved,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

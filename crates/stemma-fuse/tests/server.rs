@@ -132,3 +132,92 @@ fn driver_calls_cross_the_socket_with_their_errors() {
     let e = client.list().unwrap_err().to_string();
     assert!(e.contains("server.log"), "{e}");
 }
+
+/// Bytes of every file under `dir` (the store's segments, packs and checkpoint).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// Deleting a branch that wrote data, then maintenance (asked for over the socket here; the
+/// server also runs it by itself after a deletion), gives the store's disk space back, and
+/// the parent reads the same.
+#[test]
+fn deleting_a_branch_gives_the_store_space_back() {
+    common::init_tracing();
+    let dir = tempfile::Builder::new()
+        .prefix("stemma-fuse-gc-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let root = dir.path().join("root");
+    let options = DriverOptions {
+        store: stemma_pagestore::Config {
+            segment_size: 1 << 20,
+            ..stemma_pagestore::Config::default()
+        },
+        ..DriverOptions::default()
+    };
+    let server = {
+        let root = root.clone();
+        std::thread::spawn(move || server::run(&root, None, options))
+    };
+    let spec = ServerSpec {
+        program: "/nonexistent".into(),
+        args: vec![],
+        root: root.clone(),
+        owner: None,
+        log: dir.path().join("server.log"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        match PagestoreClient::connect(spec.clone()) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(!server.is_finished(), "the server ended: {e}");
+                assert!(Instant::now() < deadline, "the server never answered: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (a, b) = (tl("aa"), tl("bb"));
+        let kept: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(client.create_empty(&a).unwrap().join("kept"), &kept).unwrap();
+        client.clone_timeline(&a, &b, &CloneFilter::all()).unwrap();
+        let n = 8u64 << 20;
+        let big: Vec<u8> = (0..n).map(|i| (i % 241) as u8 + 1).collect();
+        let path = client.data_dir(&b).join("big");
+        std::fs::write(&path, &big).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        let store = root.join("store");
+        let before = dir_bytes(&store);
+        assert!(before > n, "{before} bytes in the store");
+        client.delete(&b).unwrap();
+        let s = client.maintain().unwrap();
+        let after = dir_bytes(&store);
+        assert!(
+            before - after >= n * 9 / 10,
+            "{before} -> {after} bytes after deleting a branch of {n}: {s:?}"
+        );
+        assert_eq!(
+            std::fs::read(client.data_dir(&a).join("kept")).unwrap(),
+            kept
+        );
+    }));
+    client.shutdown_server().unwrap();
+    let ended = server.join().expect("the server thread panicked");
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    ended.unwrap();
+}

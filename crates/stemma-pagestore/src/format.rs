@@ -41,35 +41,80 @@ pub(crate) struct SegmentHeader {
 
 impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
-        let mut b = [0u8; SEGMENT_HEADER_LEN];
-        b[0..8].copy_from_slice(SEGMENT_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.seg_no.to_le_bytes());
-        b[16..24].copy_from_slice(&self.first_lsn.to_le_bytes());
-        let crc = crc32fast::hash(&b[0..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
-        b
+        encode_file_header(SEGMENT_MAGIC, self.seg_no, self.first_lsn)
     }
 
     pub fn decode(b: &[u8; SEGMENT_HEADER_LEN]) -> Result<Self, String> {
-        if &b[0..8] != SEGMENT_MAGIC {
-            return Err("not a segment file (bad magic)".into());
-        }
-        let crc = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
-        if crc != crc32fast::hash(&b[0..24]) {
-            return Err("segment header checksum mismatch".into());
-        }
-        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != FORMAT_VERSION {
-            return Err(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION}"
-            ));
-        }
-        Ok(SegmentHeader {
-            seg_no: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-            first_lsn: u64::from_le_bytes(b[16..24].try_into().map_err(|_| "short header")?),
-        })
+        let (seg_no, first_lsn) = decode_file_header(SEGMENT_MAGIC, "segment", b)?;
+        Ok(SegmentHeader { seg_no, first_lsn })
     }
+}
+
+/// Segment and pack files share one header layout: magic, version, number, a position, CRC.
+fn encode_file_header(magic: &[u8; 8], no: u32, lsn: Lsn) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut b = [0u8; SEGMENT_HEADER_LEN];
+    b[0..8].copy_from_slice(magic);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&no.to_le_bytes());
+    b[16..24].copy_from_slice(&lsn.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..24]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_file_header(
+    magic: &[u8; 8],
+    what: &str,
+    b: &[u8; SEGMENT_HEADER_LEN],
+) -> Result<(u32, Lsn), String> {
+    if &b[0..8] != magic {
+        return Err(format!("not a {what} file (bad magic)"));
+    }
+    let crc = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+    if crc != crc32fast::hash(&b[0..24]) {
+        return Err(format!("{what} header checksum mismatch"));
+    }
+    let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&b[16..24]);
+    Ok((
+        u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        u64::from_le_bytes(lsn),
+    ))
+}
+
+/// First bytes of every pack file (pages copied by compaction).
+pub(crate) const PACK_MAGIC: &[u8; 8] = b"STMPGPAK";
+/// Same layout as a segment header; the position is the log's next position when the pack
+/// was written (for diagnosis only).
+pub(crate) const PACK_HEADER_LEN: usize = SEGMENT_HEADER_LEN;
+/// Before each page of a pack: ino u64, page u64, LSN u64 of the version, CRC-32 of the page
+/// u32, zero u32. The index points at the page bytes that follow.
+pub(crate) const PACK_RECORD_HEADER_LEN: usize = 32;
+
+pub(crate) fn encode_pack_header(no: u32, lsn: Lsn) -> [u8; PACK_HEADER_LEN] {
+    encode_file_header(PACK_MAGIC, no, lsn)
+}
+
+/// The pack's number, from its header.
+pub(crate) fn decode_pack_header(b: &[u8; PACK_HEADER_LEN]) -> Result<u32, String> {
+    decode_file_header(PACK_MAGIC, "pack", b).map(|(no, _)| no)
+}
+
+/// Appends one page record (header and data) to `out`.
+pub(crate) fn encode_pack_record(ino: Ino, page: u64, lsn: Lsn, data: &[u8], out: &mut Vec<u8>) {
+    debug_assert_eq!(data.len(), PAGE_SIZE);
+    out.extend_from_slice(&ino.to_le_bytes());
+    out.extend_from_slice(&page.to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(data);
 }
 
 /// One change inside a frame. Page data borrows from the frame body; `data_off` is the data's

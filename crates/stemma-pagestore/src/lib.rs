@@ -42,18 +42,24 @@
 //!   suffix of the order (never a change without the ones before it).
 //! - **Inode numbers are never reused** within a family of timelines; [`ROOT_INO`] is the root
 //!   directory of every timeline.
-//! - The index lives in memory and is rebuilt by replaying the log on open (checkpoints of the
-//!   index, GC and compaction come later; the format leaves room for them).
+//! - The index lives in memory. It is loaded at open from the newest index checkpoint, if any,
+//!   and the frames after it are replayed. [`PageStore::maintain`] drops from it what no
+//!   branch point can reach (GC), rewrites sparse data files into packs (compaction), and
+//!   writes a checkpoint before it deletes anything.
 
+mod checkpoint;
 mod error;
 mod format;
+mod gc;
 mod log;
+mod maintain;
 mod state;
 mod store;
 mod types;
 
 pub use error::{Error, Result};
 pub use log::DurableMark;
+pub use maintain::{DataFileReport, GcReport, MaintenanceReport, MaintenanceStep};
 pub use store::{Clock, Config, PageStore};
 pub use types::{
     Attr, BranchPoint, DirEntry, FileKind, Ino, Lsn, SetAttr, StatFs, TimelineId, TimelineInfo,

@@ -5,7 +5,7 @@
 //! last segment as a torn tail (cut it off) and damage anywhere else as corruption (refuse).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,6 +63,9 @@ pub(crate) struct LogWriter {
     pub segment_size: u64,
     /// Total bytes of all segments.
     pub total_bytes: u64,
+    /// Bytes appended since the store was opened, plus those replayed at open (never
+    /// decreases): how much log no checkpoint covers, against the value at the last one.
+    pub appended: u64,
 }
 
 /// What the last fsync made durable: every frame up to `lsn`, every byte of segment `seg`
@@ -134,23 +137,7 @@ impl LogWriter {
         let len = frame.len() as u64;
         if self.active_len > SEGMENT_HEADER_LEN as u64 && self.active_len + len > self.segment_size
         {
-            // Everything in the old segment must be durable before a newer segment exists, so
-            // that recovery only ever finds a torn tail in the last segment.
-            let old = self.active();
-            old.file
-                .sync_data()
-                .map_err(Error::io("syncing full log segment", &old.path))?;
-            let next_no = old.no + 1;
-            let seg = create_segment(&self.dir, next_no, lsn)?;
-            *rolled = Some(DurableMark {
-                seg: next_no,
-                len: SEGMENT_HEADER_LEN as u64,
-                lsn: lsn - 1,
-            });
-            self.segments.push(seg);
-            self.active_len = SEGMENT_HEADER_LEN as u64;
-            self.behind = SEGMENT_HEADER_LEN as u64;
-            self.total_bytes += SEGMENT_HEADER_LEN as u64;
+            *rolled = Some(self.roll(lsn)?);
         }
         let seg = self.active();
         seg.file
@@ -159,7 +146,31 @@ impl LogWriter {
         let (no, at) = (seg.no, self.active_len);
         self.active_len += len;
         self.total_bytes += len;
+        self.appended += len;
         Ok((no, at))
+    }
+
+    /// Seals the active segment (fsynced whole) and starts the next one, whose first frame
+    /// will be `next_lsn`. Returns what is now durable. Used when a segment is full, and by
+    /// compaction to make the garbage of the active segment reclaimable.
+    pub fn roll(&mut self, next_lsn: Lsn) -> Result<DurableMark> {
+        // Everything in the old segment must be durable before a newer segment exists, so
+        // that recovery only ever finds a torn tail in the last segment.
+        let old = self.active();
+        old.file
+            .sync_data()
+            .map_err(Error::io("syncing full log segment", &old.path))?;
+        let next_no = old.no + 1;
+        let seg = create_segment(&self.dir, next_no, next_lsn)?;
+        self.segments.push(seg);
+        self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.behind = SEGMENT_HEADER_LEN as u64;
+        self.total_bytes += SEGMENT_HEADER_LEN as u64;
+        Ok(DurableMark {
+            seg: next_no,
+            len: SEGMENT_HEADER_LEN as u64,
+            lsn: next_lsn - 1,
+        })
     }
 
     /// When [`WRITE_BEHIND`] bytes were appended since the last time, the range whose
@@ -175,11 +186,11 @@ impl LogWriter {
     }
 
     pub fn file(&self, seg_no: u32) -> Option<&Arc<File>> {
-        // Segment numbers are contiguous from the first segment kept.
-        let first = self.segments.first()?.no;
+        // Sorted by number; compaction may have removed some below the last checkpoint.
         self.segments
-            .get(seg_no.checked_sub(first)? as usize)
-            .map(|s| &s.file)
+            .binary_search_by_key(&seg_no, |s| s.no)
+            .ok()
+            .map(|i| &self.segments[i].file)
     }
 }
 
@@ -192,12 +203,14 @@ pub(crate) struct ScanEnd {
     pub file_len: u64,
 }
 
-/// Reads the frames of one segment in order, calling `f(frame_offset, frame_len, body)` for each
-/// valid one. Stops at the first frame that is short, damaged, or not at position
-/// `*next_lsn`, and reports where.
+/// Reads the frames of one segment in order from byte `start` (past the header; a checkpoint
+/// may say where its frames end), calling `f(frame_offset, frame_len, body)` for each valid
+/// one. Stops at the first frame that is short, damaged, or not at position `*next_lsn`, and
+/// reports where.
 pub(crate) fn scan_segment(
     path: &Path,
     file: &File,
+    start: u64,
     next_lsn: &mut Lsn,
     mut f: impl FnMut(u64, u64, &[u8]) -> Result<()>,
 ) -> Result<ScanEnd> {
@@ -210,6 +223,20 @@ pub(crate) fn scan_segment(
     r.read_exact(&mut hdr)
         .map_err(Error::io("reading log segment header", path))?;
     let mut pos = SEGMENT_HEADER_LEN as u64;
+    if start > pos {
+        if start > file_len {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                offset: start,
+                reason: format!(
+                    "the checkpoint says the log goes on at byte {start}, but the segment has {file_len} bytes"
+                ),
+            });
+        }
+        r.seek(SeekFrom::Start(start))
+            .map_err(Error::io("seeking in log segment", path))?;
+        pos = start;
+    }
     let mut body = Vec::new();
     let damage = loop {
         if pos == file_len {

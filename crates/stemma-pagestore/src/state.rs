@@ -4,14 +4,18 @@
 //! shows is by construction what the running one showed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{decode_body, Mutation};
-use crate::log::LogWriter;
+use crate::log::{segment_path, LogWriter};
 use crate::types::{from_nanos, Attr, Ino, Lsn, TimelineId, ROOT_INO};
 
 /// A hasher for the integer keys of the index (inode numbers, timeline ids): one multiply
@@ -39,12 +43,37 @@ impl Hasher for IntHasher {
 pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
 /// Where a page version lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Loc {
     /// All zeros: a hole, a page written with zeros, or a page cut by a truncate.
     Zero,
-    /// `PAGE_SIZE` bytes at `off` in segment `seg`.
-    Data { seg: u32, off: u64 },
+    /// `PAGE_SIZE` bytes at `off` in data file `file`: log segment number `file`, or pack
+    /// number `file & !PACK_BIT` when [`PACK_BIT`] is set (see [`data_path`]).
+    Data { file: u32, off: u64 },
+}
+
+/// Set in a [`Loc::Data`] file id that names a pack file (written by compaction) rather than a
+/// log segment: the two number spaces never meet.
+pub(crate) const PACK_BIT: u32 = 1 << 31;
+
+/// The path of data file `id` (a log segment or a pack) in the store's directory.
+pub(crate) fn data_path(store_dir: &Path, id: u32) -> PathBuf {
+    if id & PACK_BIT != 0 {
+        pack_path(&store_dir.join("pack"), id & !PACK_BIT)
+    } else {
+        segment_path(&store_dir.join("log"), id)
+    }
+}
+
+pub(crate) fn pack_path(pack_dir: &Path, no: u32) -> PathBuf {
+    pack_dir.join(format!("{no:010}.pack"))
+}
+
+/// A pack file: pages that compaction copied out of sparse segments or packs.
+pub(crate) struct Pack {
+    pub no: u32,
+    pub path: PathBuf,
+    pub file: Arc<File>,
 }
 
 /// Versions of one key, oldest first. Positions only grow, so appends keep it sorted.
@@ -72,7 +101,7 @@ fn push_version<T>(v: &mut Versions<T>, lsn: Lsn, x: T) {
 }
 
 /// One timeline's own changes to one inode.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct InodeIndex {
     /// `None`: the inode was freed (its last link gone and nobody holds it open).
     pub attrs: Versions<Option<Attr>>,
@@ -82,10 +111,12 @@ pub(crate) struct InodeIndex {
     pub symlink: Option<Box<[u8]>>,
 }
 
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct Timeline {
     pub id: TimelineId,
     pub parent: Option<(TimelineId, Lsn)>,
     pub label: Vec<u8>,
+    #[serde(with = "crate::types::nanos")]
     pub created_at: SystemTime,
     /// This timeline and its ancestors, nearest first, each with the bound below which its
     /// changes are visible here (`Lsn::MAX` for the timeline itself).
@@ -151,8 +182,9 @@ impl TimeIndex {
 /// (branch positions), and every new frame takes a position above every existing bound, so
 /// what the ancestors hold below them never changes; an ancestor cannot be deleted while it has
 /// descendants, and timeline ids are positions, never reused. Only the timeline's own level
-/// changes, and it is looked up before the cache. (Compaction, when it moves page data, will
-/// have to clear the cache under the write lock.)
+/// changes, and it is looked up before the cache. Compaction moves page data: it clears the
+/// cache under the same write lock that switches the index to the new locations
+/// ([`AncestorCache::clear`]), and GC never changes what a read point sees.
 ///
 /// Bounded: a fixed number of direct-mapped slots (a colliding key replaces the old one), split
 /// into shards with a lock each so that concurrent readers rarely meet. Slots are allocated on
@@ -205,6 +237,15 @@ impl AncestorCache {
         )
     }
 
+    /// Forgets everything. Called under the state's write lock when page data moves, so no
+    /// reader (they hold the read lock while they resolve and insert) can put back a stale
+    /// location.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            *shard.lock() = None;
+        }
+    }
+
     fn get(&self, tl: TimelineId, ino: Ino, page: u64) -> Option<Loc> {
         let (shard, slot) = Self::index(tl, ino, page);
         let g = self.shards[shard].lock();
@@ -227,6 +268,8 @@ impl AncestorCache {
 }
 
 pub(crate) struct State {
+    /// The store's directory.
+    pub dir: PathBuf,
     pub timelines: IntMap<TimelineId, Timeline>,
     /// Pages resolved through deep ancestries; see [`AncestorCache`].
     pub ancestor_cache: AncestorCache,
@@ -237,6 +280,13 @@ pub(crate) struct State {
     pub time_index: TimeIndex,
     /// Open handles per (timeline, inode), in memory only: after a restart nothing is open.
     pub open_counts: HashMap<(TimelineId, Ino), u32>,
+    /// The oldest position GC kept every version for: a branch below it is refused whatever
+    /// the clock says now (a clock set back must not expose what GC dropped).
+    pub gc_horizon: Lsn,
+    /// Pack files by number (without [`PACK_BIT`]).
+    pub packs: BTreeMap<u32, Pack>,
+    /// The number the next pack file gets.
+    pub next_pack: u32,
 }
 
 /// A read-only view of one timeline through its ancestry.
@@ -255,7 +305,7 @@ impl<'a> View<'a> {
 
     /// The first level (nearest timeline) with a version of the key below its bound decides:
     /// a deep ancestry costs one hash lookup per level that never touched the inode.
-    fn find<T>(
+    pub(crate) fn find<T>(
         &self,
         ino: Ino,
         get: impl Fn(&'a InodeIndex) -> Option<&'a Versions<T>>,
@@ -311,7 +361,7 @@ impl<'a> View<'a> {
     }
 
     /// Resolves a page through `levels` (part of the chain), nearest first.
-    fn walk_page(&self, levels: &[(TimelineId, Lsn)], ino: Ino, page: u64) -> Loc {
+    pub(crate) fn walk_page(&self, levels: &[(TimelineId, Lsn)], ino: Ino, page: u64) -> Loc {
         View {
             st: self.st,
             chain: levels,
@@ -380,6 +430,20 @@ impl<'a> View<'a> {
 }
 
 impl State {
+    /// The file holding data file `id` (a log segment or a pack).
+    pub fn data_file(&self, id: u32, off: u64) -> Result<Arc<File>> {
+        let file = if id & PACK_BIT != 0 {
+            self.packs.get(&(id & !PACK_BIT)).map(|p| &p.file)
+        } else {
+            self.log.file(id)
+        };
+        file.cloned().ok_or_else(|| Error::Corrupt {
+            path: data_path(&self.dir, id),
+            offset: off,
+            reason: "index points into a missing data file".into(),
+        })
+    }
+
     /// Applies one frame (already durable or about to be) to the index. `frame_off` is where
     /// the frame starts in segment `seg`, `frame_len` its total size. Errors mean the log
     /// contradicts itself (a frame for a missing timeline, say): corruption, not a torn tail.
@@ -486,7 +550,7 @@ impl State {
                     push_version(
                         ii.pages.entry(page).or_default(),
                         lsn,
-                        Loc::Data { seg, off },
+                        Loc::Data { file: seg, off },
                     );
                 }
                 Mutation::ZeroPage { ino, page } => {

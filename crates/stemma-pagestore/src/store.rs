@@ -2,7 +2,7 @@
 //! the index.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -14,15 +14,16 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Mutex, RwLock};
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{
-    encode_frame, Mutation, SegmentHeader, FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME,
-    SEGMENT_HEADER_LEN,
+    decode_pack_header, encode_frame, Mutation, SegmentHeader, FRAME_HEADER_LEN,
+    MAX_PAGES_PER_FRAME, PACK_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::log::{
     self, create_segment, open_rw, scan_segment, segment_path, DurableMark, LogWriter, Segment,
 };
-use crate::state::{IntMap, Loc, State, TimeIndex, Timeline, View};
+use crate::state::{data_path, pack_path, IntMap, Loc, Pack, State, TimeIndex, Timeline, View};
 use crate::types::*;
 
 /// Where the store gets the time from. Tests substitute a fake clock to exercise point-in-time
@@ -62,6 +63,12 @@ pub struct Config {
     /// committed at least this long before it, and maybe later ones up to that moment.
     pub time_granularity: Duration,
     pub clock: Clock,
+    /// Compaction rewrites a sealed segment or a pack whose live page bytes are below this
+    /// fraction of its size (see [`PageStore::maintain`]).
+    pub compact_below: f64,
+    /// [`PageStore::maintain`] writes an index checkpoint when it changed anything, or when
+    /// the log grew by this much since the last one (which bounds the replay at open).
+    pub checkpoint_every: u64,
 }
 
 impl Default for Config {
@@ -71,6 +78,8 @@ impl Default for Config {
             retention: Duration::from_secs(7 * 24 * 3600),
             time_granularity: Duration::from_secs(1),
             clock: Clock::system(),
+            compact_below: 0.5,
+            checkpoint_every: 64 << 20,
         }
     }
 }
@@ -82,19 +91,23 @@ impl Default for Config {
 /// and an index update each); [`PageStore::sync`] runs outside it and merges concurrent callers
 /// into one fsync (group commit).
 pub struct PageStore {
-    dir: PathBuf,
-    config: Config,
-    state: RwLock<State>,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: Config,
+    pub(crate) state: RwLock<State>,
     /// Held while an fsync runs, so that callers queue behind it and then find their changes
     /// already durable.
     sync_serial: Mutex<()>,
-    durable: Mutex<DurableMark>,
+    pub(crate) durable: Mutex<DurableMark>,
     /// The end of the log as of the last commit, kept apart from the state lock so that an
     /// fsync never waits for a writer holding it (a writer's `pwrite` can block on the disk).
     log_end: Mutex<LogEnd>,
     /// Set when an fsync (or an append) failed: after a failed fsync the kernel may have dropped
     /// the dirty pages, so the only safe way on is to reopen and trust the log.
     poisoned: AtomicBool,
+    /// One GC, compaction or checkpoint at a time.
+    pub(crate) maintenance: Mutex<()>,
+    /// `LogWriter::appended` when the last checkpoint was taken.
+    pub(crate) checkpointed_at: Mutex<u64>,
     _lock: Flock<File>,
 }
 
@@ -212,7 +225,35 @@ impl PageStore {
             }
         }
         nums.sort_unstable();
-        for w in nums.windows(2) {
+
+        // The newest checkpoint holds the index up to its position; only the log after it is
+        // replayed. Damage in it is corruption (it was fsynced whole under a temporary name
+        // before the rename), not a reason to fall back to an older one: compaction may have
+        // deleted what the older one needs.
+        let ckpt_dir = checkpoint::checkpoint_dir(dir);
+        let (ckpts, _) = checkpoint::list(&ckpt_dir)?;
+        let snap = match ckpts.last() {
+            Some((lsn, path)) => Some(checkpoint::load(path, *lsn)?),
+            None => None,
+        };
+        let ckpt_lsn = ckpts.last().map(|(l, _)| *l);
+        let ckpt_pos = snap.as_ref().map(|s| (s.log_seg, s.log_off));
+        // Segments from the checkpoint's on are the log to replay and are numbered without
+        // gaps; those before it only hold pages (their frames are in the checkpoint), and
+        // compaction deletes them one by one.
+        let replay_from = match ckpt_pos {
+            None => 0,
+            Some((seg, _)) => {
+                nums.iter()
+                    .position(|n| *n == seg)
+                    .ok_or_else(|| Error::Corrupt {
+                        path: segment_path(&log_dir, seg),
+                        offset: 0,
+                        reason: "the index checkpoint says the log goes on in this segment, which is missing".into(),
+                    })?
+            }
+        };
+        for w in nums[replay_from..].windows(2) {
             if w[1] != w[0] + 1 {
                 return Err(Error::Corrupt {
                     path: segment_path(&log_dir, w[0] + 1),
@@ -223,6 +264,7 @@ impl PageStore {
         }
 
         let mut st = State {
+            dir: dir.to_path_buf(),
             timelines: IntMap::default(),
             ancestor_cache: Default::default(),
             next_lsn: 1,
@@ -235,6 +277,7 @@ impl PageStore {
                 behind: 0,
                 segment_size: config.segment_size.max(1 << 16),
                 total_bytes: 0,
+                appended: 0,
             },
             time_index: TimeIndex {
                 entries: Vec::new(),
@@ -242,14 +285,41 @@ impl PageStore {
                 retention_ns: to_nanos_dur(config.retention),
             },
             open_counts: HashMap::new(),
+            gc_horizon: 0,
+            packs: BTreeMap::new(),
+            next_pack: 0,
         };
+        if let Some(snap) = snap {
+            st.next_lsn = snap.next_lsn;
+            st.next_ino = snap.next_ino;
+            st.last_time_ns = snap.last_time_ns;
+            st.gc_horizon = snap.gc_horizon;
+            st.time_index.entries = snap.time_entries;
+            for t in snap.timelines {
+                st.timelines.insert(t.id, t);
+            }
+        }
 
         let mut segments: Vec<Segment> = Vec::new();
         let mut active_len = 0u64;
         let mut total = 0u64;
         let mut frames = 0u64;
-        for (i, &no) in nums.iter().enumerate() {
+        // Bytes of log no checkpoint covers: the first maintenance checkpoints when they are
+        // many, so that the next open does not replay them again.
+        let mut replayed = 0u64;
+        for &no in &nums[..replay_from] {
+            let path = segment_path(&log_dir, no);
+            let file = open_rw(&path)?;
+            total += checkpoint::file_len(&file);
+            segments.push(Segment {
+                no,
+                path,
+                file: Arc::new(file),
+            });
+        }
+        for (i, &no) in nums.iter().enumerate().skip(replay_from) {
             let last = i + 1 == nums.len();
+            let resume = ckpt_pos.filter(|(seg, _)| *seg == no).map(|(_, off)| off);
             let path = segment_path(&log_dir, no);
             let file = open_rw(&path)?;
             let file_len = file
@@ -266,7 +336,9 @@ impl PageStore {
             };
             let header = match header {
                 Ok(h) => h,
-                Err(reason) if last && file_len <= SEGMENT_HEADER_LEN as u64 => {
+                Err(reason)
+                    if last && resume.is_none() && file_len <= SEGMENT_HEADER_LEN as u64 =>
+                {
                     // A crash while creating the segment: it never held a frame.
                     tracing::warn!(path = %path.display(), %reason, "removing a log segment whose creation was cut off");
                     std::fs::remove_file(&path)
@@ -282,7 +354,13 @@ impl PageStore {
                     })
                 }
             };
-            if header.seg_no != no || header.first_lsn != st.next_lsn {
+            // The checkpoint's segment started at or before the checkpoint's position.
+            let header_ok = header.seg_no == no
+                && match resume {
+                    Some(_) => header.first_lsn <= st.next_lsn,
+                    None => header.first_lsn == st.next_lsn,
+                };
+            if !header_ok {
                 return Err(Error::Corrupt {
                     path,
                     offset: 0,
@@ -293,15 +371,21 @@ impl PageStore {
                 });
             }
             let mut expected = st.next_lsn;
-            let end = scan_segment(&path, &file, &mut expected, |off, len, body| {
-                frames += 1;
-                st.apply_frame(no, off, len, body)
-                    .map_err(|reason| Error::Corrupt {
-                        path: path.clone(),
-                        offset: off,
-                        reason,
-                    })
-            })?;
+            let end = scan_segment(
+                &path,
+                &file,
+                resume.unwrap_or(0),
+                &mut expected,
+                |off, len, body| {
+                    frames += 1;
+                    st.apply_frame(no, off, len, body)
+                        .map_err(|reason| Error::Corrupt {
+                            path: path.clone(),
+                            offset: off,
+                            reason,
+                        })
+                },
+            )?;
             if let Some(reason) = end.damage {
                 if !last {
                     return Err(Error::Corrupt {
@@ -322,6 +406,7 @@ impl PageStore {
             }
             active_len = end.valid_len;
             total += end.valid_len;
+            replayed += end.valid_len.saturating_sub(resume.unwrap_or(0));
             segments.push(Segment {
                 no,
                 path,
@@ -337,6 +422,11 @@ impl PageStore {
         st.log.active_len = active_len;
         st.log.behind = active_len;
         st.log.total_bytes = total;
+        st.log.appended = replayed;
+        let removed = open_packs_and_drop_garbage(&mut st, replay_from)?;
+        if let Some(lsn) = ckpt_lsn {
+            checkpoint::remove_all_but(&ckpt_dir, lsn)?;
+        }
         // What recovery read may sit only in the page cache (a kill -9 loses nothing, a power
         // loss would): make it durable before anything is built on it.
         let active = st.log.active();
@@ -352,7 +442,10 @@ impl PageStore {
         tracing::info!(
             dir = %dir.display(),
             frames,
+            checkpoint = ckpt_lsn,
+            removed_files = removed,
             segments = st.log.segments.len(),
+            packs = st.packs.len(),
             timelines = st.timelines.len(),
             last_lsn = st.next_lsn - 1,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -372,6 +465,8 @@ impl PageStore {
                 mark,
             }),
             poisoned: AtomicBool::new(false),
+            maintenance: Mutex::new(()),
+            checkpointed_at: Mutex::new(0),
             _lock: lock,
         })
     }
@@ -397,20 +492,36 @@ impl PageStore {
         self.config.clock.now()
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
         Ok(())
     }
 
-    fn poison(&self, e: &Error) {
+    pub(crate) fn poison(&self, e: &Error) {
         tracing::error!(error = %e, "page store write failed; refusing further changes until reopened");
         self.poisoned.store(true, Ordering::Release);
     }
 
+    /// After maintenance sealed the active segment (under the write lock): the new one is
+    /// where fsyncs go, and everything before it is durable.
+    pub(crate) fn note_roll(&self, st: &State, mark: DurableMark) {
+        self.durable.lock().advance(mark);
+        let active = st.log.active();
+        let mut end = self.log_end.lock();
+        end.file = active.file.clone();
+        end.path = active.path.clone();
+        end.mark = mark;
+    }
+
     /// Appends one frame and applies it to the index: the single way anything changes.
-    fn commit(&self, st: &mut State, tl: TimelineId, muts: &[Mutation<'_>]) -> Result<Lsn> {
+    pub(crate) fn commit(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        muts: &[Mutation<'_>],
+    ) -> Result<Lsn> {
         self.check_writable()?;
         let lsn = st.next_lsn;
         let time_ns = to_nanos(self.now()).max(st.last_time_ns);
@@ -566,6 +677,12 @@ impl PageStore {
                         .ok_or_else(|| outside(t_ns))?
                 }
             };
+            if pos < st.gc_horizon && pos < st.next_lsn {
+                // GC has dropped versions below its horizon: whatever the clock says now (it
+                // may have been set back), those states are gone.
+                let t = st.time_index.time_of(pos).unwrap_or(i64::MIN);
+                return Err(outside(t));
+            }
             if pos <= parent.0 {
                 return Err(Error::BeforeTimelineCreated {
                     timeline: parent,
@@ -726,19 +843,15 @@ impl PageStore {
             let end = a.size.min(offset.saturating_add(len as u64));
             let ps = PAGE_SIZE as u64;
             for page in offset / ps..end.div_ceil(ps) {
-                if let Loc::Data { seg, off } = v.page(ino, page) {
-                    let file = st.log.file(seg).cloned().ok_or_else(|| Error::Corrupt {
-                        path: segment_path(&st.log.dir, seg),
-                        offset: off,
-                        reason: "index points into a missing segment".into(),
-                    })?;
-                    plan.push((page, file, seg, off));
+                if let Loc::Data { file: id, off } = v.page(ino, page) {
+                    plan.push((page, st.data_file(id, off)?, id, off));
                 }
             }
             end
         };
-        // The log is append-only, so the bytes an index entry points at never change: the disk
-        // reads run without the lock.
+        // The bytes an index entry points at never change (the log is append-only, packs are
+        // written once), so the disk reads run without the lock; compaction may unlink a file
+        // we hold meanwhile, which Linux keeps readable until we drop it.
         let ps = PAGE_SIZE as u64;
         let mut out = vec![0u8; (end - offset) as usize];
         for (page, file, seg, off) in plan {
@@ -746,10 +859,7 @@ impl PageStore {
             let to = ((page + 1) * ps).min(end);
             let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
             file.read_exact_at(dst, off + (from - page * ps))
-                .map_err(Error::io(
-                    "reading a page from the log",
-                    segment_path(&self.dir.join("log"), seg),
-                ))?;
+                .map_err(Error::io("reading a page", data_path(&self.dir, seg)))?;
         }
         Ok(out)
     }
@@ -757,15 +867,10 @@ impl PageStore {
     fn read_page(&self, st: &State, loc: Loc, buf: &mut [u8]) -> Result<()> {
         match loc {
             Loc::Zero => buf.fill(0),
-            Loc::Data { seg, off } => {
-                let path = segment_path(&st.log.dir, seg);
-                let file = st.log.file(seg).ok_or_else(|| Error::Corrupt {
-                    path: path.clone(),
-                    offset: off,
-                    reason: "index points into a missing segment".into(),
-                })?;
-                file.read_exact_at(buf, off)
-                    .map_err(Error::io("reading a page from the log", path))?;
+            Loc::Data { file: id, off } => {
+                st.data_file(id, off)?
+                    .read_exact_at(buf, off)
+                    .map_err(Error::io("reading a page", data_path(&st.dir, id)))?;
             }
         }
         Ok(())
@@ -1325,6 +1430,105 @@ fn info(t: &Timeline) -> TimelineInfo {
         label: t.label.clone(),
         created_at: t.created_at,
     }
+}
+
+/// At open, after the index is loaded: opens the pack files the index references and removes
+/// the data files nothing references any more, leftovers of a compaction a crash interrupted
+/// (a pack written but never switched to, segments and packs switched away from but not yet
+/// deleted). Only segments before the checkpoint's (index `replay_from`) can go: their frames
+/// are in the checkpoint. Returns how many files were removed.
+fn open_packs_and_drop_garbage(st: &mut State, replay_from: usize) -> Result<usize> {
+    let pack_dir = st.dir.join("pack");
+    std::fs::create_dir_all(&pack_dir)
+        .map_err(Error::io("creating the pack directory", &pack_dir))?;
+    let referenced = st.referenced_files();
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(&pack_dir).map_err(Error::io("listing pack files", &pack_dir))? {
+        let entry = entry.map_err(Error::io("listing pack files", &pack_dir))?;
+        let name = entry.file_name();
+        let Some(no) = name
+            .to_string_lossy()
+            .strip_suffix(".pack")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        st.next_pack = st.next_pack.max(no + 1);
+        let path = pack_path(&pack_dir, no);
+        if !referenced.contains(&(no | crate::state::PACK_BIT)) {
+            removed.push(path);
+            continue;
+        }
+        let file = open_rw(&path)?;
+        let mut hb = [0u8; PACK_HEADER_LEN];
+        file.read_exact_at(&mut hb, 0)
+            .map_err(Error::io("reading a pack header", &path))?;
+        match decode_pack_header(&hb) {
+            Ok(n) if n == no => {}
+            Ok(n) => {
+                return Err(Error::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: format!("pack header says pack {n}"),
+                })
+            }
+            Err(reason) => {
+                return Err(Error::Corrupt {
+                    path,
+                    offset: 0,
+                    reason,
+                })
+            }
+        }
+        st.packs.insert(
+            no,
+            Pack {
+                no,
+                path,
+                file: Arc::new(file),
+            },
+        );
+    }
+    let mut kept = Vec::with_capacity(st.log.segments.len());
+    for (i, seg) in std::mem::take(&mut st.log.segments).into_iter().enumerate() {
+        if i < replay_from && !referenced.contains(&seg.no) {
+            st.log.total_bytes = st
+                .log
+                .total_bytes
+                .saturating_sub(checkpoint::file_len(&seg.file));
+            removed.push(seg.path);
+        } else {
+            kept.push(seg);
+        }
+    }
+    st.log.segments = kept;
+    for id in &referenced {
+        let present = if crate::gc::is_pack(*id) {
+            st.packs.contains_key(&(id & !crate::state::PACK_BIT))
+        } else {
+            st.log.file(*id).is_some()
+        };
+        if !present {
+            return Err(Error::Corrupt {
+                path: data_path(&st.dir, *id),
+                offset: 0,
+                reason: "the index references this data file, which is missing".into(),
+            });
+        }
+    }
+    for path in &removed {
+        tracing::info!(path = %path.display(), "removing a data file nothing references (a compaction was interrupted)");
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing an unreferenced data file", path)(e)),
+        }
+    }
+    if !removed.is_empty() {
+        log::sync_dir(&st.log.dir)?;
+        log::sync_dir(&pack_dir)?;
+    }
+    Ok(removed.len())
 }
 
 fn to_nanos_dur(d: Duration) -> i64 {

@@ -678,3 +678,393 @@ fn deep_ancestry_reads_through_the_cache_stay_isolated() {
         assert_eq!(&s.read(leaf, f, p as u64 * ps, PAGE_SIZE).unwrap(), want);
     }
 }
+
+// ---- GC, compaction, checkpoints ----
+
+/// A clock the test moves by hand (seconds since the epoch).
+fn fake_clock(start: i64) -> (Arc<AtomicI64>, Clock) {
+    let now = Arc::new(AtomicI64::new(start));
+    let n2 = now.clone();
+    (
+        now,
+        Clock::new(move || UNIX_EPOCH + Duration::from_secs(n2.load(Ordering::SeqCst) as u64)),
+    )
+}
+
+/// Bytes of every file under `dir`, as `du --apparent-size` would add them up.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// Distinct, non-zero contents for a write (so no page is stored as a zero page).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed * 7) % 251) as u8 + 1)
+        .collect()
+}
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn deleting_a_branch_and_maintenance_give_its_space_back() {
+    let d = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: MIB as u64,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    let main_data = pattern(1, MIB);
+    s.write(main, f, 0, &main_data).unwrap();
+    let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
+    let g = file(&s, dev, "g");
+    let n = 8 * MIB;
+    for (i, chunk) in pattern(2, n).chunks(128 << 10).enumerate() {
+        s.write(dev, g, (i * (128 << 10)) as u64, chunk).unwrap();
+    }
+    s.sync().unwrap();
+    let before = dir_bytes(d.path());
+    s.delete_timeline(dev).unwrap();
+    let r = s.maintain().unwrap();
+    let after = dir_bytes(d.path());
+    assert!(
+        before - after >= (n as u64) * 9 / 10,
+        "{before} -> {after} bytes after deleting a branch of {n}: {r:?}"
+    );
+    assert_eq!(r.bytes_after, s.disk_bytes().unwrap());
+    assert_same(&all(&s, main, f), &main_data);
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    assert_same(&all(&s, main, f), &main_data);
+    assert_eq!(dir_bytes(d.path()), after);
+    assert!(matches!(s.getattr(dev, g), Err(Error::TimelineNotFound(_))));
+}
+
+/// Segments that hold some live pages among dead ones: the live ones move to a pack, and
+/// every timeline, a branch at a past position included, reads the same before and after,
+/// and after a reopen.
+#[test]
+fn compaction_moves_live_pages_and_everything_reads_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 256 << 10,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
+    let g = file(&s, dev, "g");
+    let ps = PAGE_SIZE as u64;
+    // One page of main for every three of dev, so every segment is mostly dev's.
+    for i in 0..200u64 {
+        s.write(main, f, (i % 50) * ps, &pattern(i, PAGE_SIZE))
+            .unwrap();
+        s.write(dev, g, i * 3 * ps, &pattern(1000 + i, 3 * PAGE_SIZE))
+            .unwrap();
+    }
+    let mid = s.last_lsn();
+    let past = s
+        .branch(main, BranchPoint::Lsn(mid - 100), b"past")
+        .unwrap();
+    // A deep chain, so that reads go through the ancestor cache.
+    let mut deep = main;
+    for _ in 0..4 {
+        deep = s.branch(deep, BranchPoint::Now, b"deep").unwrap();
+    }
+    let want_main = all(&s, main, f);
+    let want_past = all(&s, past, f);
+    let want_deep = all(&s, deep, f);
+    s.delete_timeline(dev).unwrap();
+    let r = s.maintain().unwrap();
+    assert!(r.files_compacted > 0 && r.pages_moved > 0, "{r:?}");
+    assert!(r.bytes_after < r.bytes_before, "{r:?}");
+    let check = |s: &PageStore| {
+        assert_same(&all(s, main, f), &want_main);
+        assert_same(&all(s, past, f), &want_past);
+        assert_same(&all(s, deep, f), &want_deep);
+        // Branching at a position inside the window still works after compaction.
+        let again = s
+            .branch(main, BranchPoint::Lsn(mid - 100), b"again")
+            .unwrap();
+        assert_same(&all(s, again, f), &want_past);
+        s.delete_timeline(again).unwrap();
+    };
+    check(&s);
+    // A second run finds nothing more to do and changes nothing.
+    let r2 = s.maintain().unwrap();
+    assert_eq!(r2.pages_moved, 0, "{r2:?}");
+    check(&s);
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    check(&s);
+    // Writes go on after a reopen from a checkpoint, and survive another.
+    s.write(main, f, 0, b"after").unwrap();
+    drop(s);
+    let s = open(d.path());
+    assert_eq!(&all(&s, main, f)[..5], b"after");
+}
+
+#[test]
+fn gc_past_the_retention_window_frees_the_index_and_refuses_old_branches() {
+    let d = tempfile::tempdir().unwrap();
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        segment_size: 256 << 10,
+        retention: Duration::from_secs(3600),
+        time_granularity: Duration::ZERO,
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    s.write(main, f, 0, &pattern(0, 16 * PAGE_SIZE)).unwrap();
+    // A child taken early keeps the first version alive (its bound is a read point).
+    let early = s.branch(main, BranchPoint::Now, b"early").unwrap();
+    let want_early = all(&s, early, f);
+    let old_lsn = s.last_lsn();
+    for round in 1..=50u64 {
+        now.fetch_add(10, Ordering::SeqCst);
+        s.write(main, f, 0, &pattern(round, 16 * PAGE_SIZE))
+            .unwrap();
+    }
+    let want_main = all(&s, main, f);
+    let before = s.index_versions();
+    assert!(before > 50 * 17, "{before}");
+    // Inside the window nothing goes.
+    let r = s.gc().unwrap();
+    assert_eq!(r.versions_dropped, 0, "{r:?}");
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    let r = s.gc().unwrap();
+    assert!(r.index_versions < before / 10, "{before} versions -> {r:?}");
+    assert_same(&all(&s, main, f), &want_main);
+    assert_same(&all(&s, early, f), &want_early);
+    assert!(matches!(
+        s.branch(main, BranchPoint::Lsn(old_lsn + 5), b"x"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    let now_branch = s.branch(main, BranchPoint::Now, b"now").unwrap();
+    assert_same(&all(&s, now_branch, f), &want_main);
+    // A moment inside the window (after every write) still resolves, to the last state.
+    let secs = now.load(Ordering::SeqCst) - 60;
+    let recent = s
+        .branch(
+            main,
+            BranchPoint::Time(UNIX_EPOCH + Duration::from_secs(secs as u64)),
+            b"recent",
+        )
+        .unwrap();
+    assert_same(&all(&s, recent, f), &want_main);
+    s.delete_timeline(recent).unwrap();
+    // Even with the clock set back, what GC dropped stays out of reach.
+    now.fetch_sub(2 * 3600, Ordering::SeqCst);
+    assert!(matches!(
+        s.branch(main, BranchPoint::Lsn(old_lsn + 5), b"x"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    // Maintenance makes it durable and gives the disk back; a reopen loads the collected
+    // index from the checkpoint.
+    let disk = dir_bytes(d.path());
+    let m = s.maintain().unwrap();
+    let versions = s.index_versions();
+    assert!(
+        dir_bytes(d.path()) < disk / 2,
+        "{disk} -> {} bytes: {m:?}",
+        dir_bytes(d.path())
+    );
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    assert_eq!(s.index_versions(), versions);
+    assert_same(&all(&s, main, f), &want_main);
+    assert_same(&all(&s, early, f), &want_early);
+    assert!(matches!(
+        s.branch(main, BranchPoint::Lsn(old_lsn + 5), b"x"),
+        Err(Error::OutsideRetention { .. })
+    ));
+    // Freed files leave the index once out of the window (and no branch point sees them).
+    s.unlink(main, ROOT_INO, b"f").unwrap();
+    s.delete_timeline(early).unwrap();
+    s.delete_timeline(now_branch).unwrap();
+    let before = s.index_versions();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    let r = s.gc().unwrap();
+    assert!(r.inodes_dropped >= 1, "{r:?}");
+    assert!(s.index_versions() < before);
+    assert!(s.lookup(main, ROOT_INO, b"f").is_err());
+}
+
+/// What a crash after each step of maintenance leaves: a store that opens and reads exactly
+/// as before, and finishes the job on the next run.
+#[test]
+fn a_crash_after_any_maintenance_step_reopens_the_same() {
+    for step in [
+        MaintenanceStep::Gc,
+        MaintenanceStep::PackWritten,
+        MaintenanceStep::Switched,
+        MaintenanceStep::Checkpointed,
+        MaintenanceStep::Done,
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let config = Config {
+            segment_size: 128 << 10,
+            ..Config::default()
+        };
+        let s = PageStore::open(d.path(), config.clone()).unwrap();
+        let main = s.create_root(b"main").unwrap();
+        let f = file(&s, main, "f");
+        let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
+        let g = file(&s, dev, "g");
+        let ps = PAGE_SIZE as u64;
+        for i in 0..60u64 {
+            s.write(main, f, (i % 20) * ps, &pattern(i, PAGE_SIZE))
+                .unwrap();
+            s.write(dev, g, i * 2 * ps, &pattern(500 + i, 2 * PAGE_SIZE))
+                .unwrap();
+        }
+        let past_at = s.last_lsn() - 30;
+        s.delete_timeline(dev).unwrap();
+        let want = all(&s, main, f);
+        let past = s.branch(main, BranchPoint::Lsn(past_at), b"past").unwrap();
+        let want_past = all(&s, past, f);
+        let r = s.maintain_until(step).unwrap();
+        drop(s);
+        let s = PageStore::open(d.path(), config.clone()).unwrap();
+        assert_same(&all(&s, main, f), &want);
+        assert_same(&all(&s, past, f), &want_past);
+        let full = s.maintain().unwrap();
+        assert_same(&all(&s, main, f), &want);
+        drop(s);
+        let s = PageStore::open(d.path(), config).unwrap();
+        assert_same(&all(&s, main, f), &want);
+        assert_same(&all(&s, past, f), &want_past);
+        assert!(
+            s.disk_bytes().unwrap() < 1 << 20,
+            "after a crash at {step:?} ({r:?}) and a full run ({full:?}): {} bytes",
+            s.disk_bytes().unwrap()
+        );
+    }
+}
+
+/// Readers resolve a location under the lock and read after releasing it: compaction may
+/// move and delete the file in between, and the read must still return the right bytes.
+#[test]
+fn reads_during_compaction_return_the_right_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 128 << 10,
+        // Every file is compacted every time: the live pages move on each run.
+        compact_below: 1.1,
+        ..Config::default()
+    };
+    let s = Arc::new(PageStore::open(d.path(), config).unwrap());
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    let ps = PAGE_SIZE as u64;
+    let pages = 32u64;
+    for p in 0..pages {
+        s.write(main, f, p * ps, &[p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let deep = (0..4).fold(main, |tl, _| s.branch(tl, BranchPoint::Now, b"d").unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = (n * 7 + r) % pages;
+                    let tl = if n & 1 == 0 { main } else { deep };
+                    let got = s.read(tl, f, p * ps, PAGE_SIZE).unwrap();
+                    assert!(got.iter().all(|b| *b == p as u8 + 1), "page {p}");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for round in 0..6u64 {
+        // Garbage around the live pages: a branch's writes, then its deletion.
+        let tmp = s.branch(main, BranchPoint::Now, b"tmp").unwrap();
+        let g = file(&s, tmp, "g");
+        s.write(tmp, g, 0, &pattern(round, 40 * PAGE_SIZE)).unwrap();
+        s.delete_timeline(tmp).unwrap();
+        s.maintain().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, b"data").unwrap();
+    let lsn = s.checkpoint().unwrap();
+    drop(s);
+    let path = d.path().join("checkpoint").join(format!("{lsn:020}.ckpt"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let err = PageStore::open(d.path(), Config::default()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+}
+
+/// An inode unlinked while open whose process ended before the last close has no link and no
+/// handle after a restart: GC frees it (a frame), and once out of the window its pages go.
+#[test]
+fn an_inode_unlinked_while_open_before_a_restart_is_freed() {
+    let d = tempfile::tempdir().unwrap();
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        segment_size: 256 << 10,
+        retention: Duration::from_secs(3600),
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "f");
+    s.write(tl, f, 0, &pattern(3, 64 * PAGE_SIZE)).unwrap();
+    s.open_handle(tl, f).unwrap();
+    s.unlink(tl, ROOT_INO, b"f").unwrap();
+    // Open, so not an orphan while the store runs.
+    assert_eq!(s.gc().unwrap().orphans_freed, 0);
+    assert_eq!(s.getattr(tl, f).unwrap().nlink, 0);
+    s.sync().unwrap();
+    drop(s); // the process ends with the file still open
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    assert_eq!(s.getattr(tl, f).unwrap().nlink, 0);
+    let before = dir_bytes(d.path());
+    assert_eq!(s.gc().unwrap().orphans_freed, 1);
+    assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
+    now.fetch_add(7200, Ordering::SeqCst);
+    let r = s.maintain().unwrap();
+    assert_eq!(r.gc.orphans_freed, 0);
+    assert!(
+        dir_bytes(d.path()) < before - 32 * PAGE_SIZE as u64,
+        "{before} -> {}: {r:?}",
+        dir_bytes(d.path())
+    );
+    drop(s);
+    let s = PageStore::open(d.path(), config).unwrap();
+    assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
+    assert!(s.readdir(tl, ROOT_INO).unwrap().is_empty());
+}

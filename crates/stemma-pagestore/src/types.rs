@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 /// A position in the store's single global order of changes. Every committed operation takes
 /// the next one; `0` is "before everything" and never names a change.
 pub type Lsn = u64;
@@ -33,7 +35,7 @@ pub const MAX_FILE_SIZE: u64 = (1u64 << 32) * PAGE_SIZE as u64;
 
 /// A timeline's identifier: the position of the record that created it, so ids are unique,
 /// never reused and sort by creation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TimelineId(pub u64);
 
 impl fmt::Display for TimelineId {
@@ -43,7 +45,7 @@ impl fmt::Display for TimelineId {
 }
 
 /// What an inode is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FileKind {
     Regular,
     Directory,
@@ -73,7 +75,7 @@ impl FileKind {
 ///
 /// Directories report `nlink == 2` whatever their subdirectories (PostgreSQL does not look),
 /// and size 0. `atime` changes only through [`crate::SetAttr`]: reads never write (noatime).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attr {
     pub ino: Ino,
     pub kind: FileKind,
@@ -83,8 +85,11 @@ pub struct Attr {
     pub gid: u32,
     pub nlink: u32,
     pub size: u64,
+    #[serde(with = "nanos")]
     pub atime: SystemTime,
+    #[serde(with = "nanos")]
     pub mtime: SystemTime,
+    #[serde(with = "nanos")]
     pub ctime: SystemTime,
 }
 
@@ -175,5 +180,20 @@ pub(crate) fn from_nanos(n: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_nanos(n as u64)
     } else {
         UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+    }
+}
+
+/// Serde for a `SystemTime` as nanoseconds since the Unix epoch (an `i64`, negative before it),
+/// as in the log: serde's own `SystemTime` refuses times before the epoch, which `utimes` can set.
+pub(crate) mod nanos {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(super::to_nanos(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        Ok(super::from_nanos(i64::deserialize(d)?))
     }
 }

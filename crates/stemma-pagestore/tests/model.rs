@@ -5,15 +5,28 @@
 //! the log's unsynced tail is cut at a random byte (sometimes followed by garbage), after which
 //! the store must come back as of the last fsync or a later prefix of the operations.
 //!
+//! A fake clock advances (`Tick`), so the retention window moves; `Gc` and `Maintain` collect
+//! the index, compact and checkpoint, `Maintain` possibly crashing after one of its steps.
+//! Branches at past positions must work inside the window and be refused before it, and
+//! after each GC the oldest position of the window (the horizon) is branched and checked.
+//!
 //! `PROPTEST_CASES=1000 cargo nextest run -p stemma-pagestore --test model` runs it longer.
 //! A failure prints the minimal sequence of operations; proptest also records its seed in
 //! `proptest-regressions/model.txt`, and reruns that case first on the next run.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proptest::prelude::*;
-use stemma_pagestore::{BranchPoint, Config, FileKind, PageStore, SetAttr, TimelineId, ROOT_INO};
+use stemma_pagestore::{
+    BranchPoint, Clock, Config, FileKind, MaintenanceStep, PageStore, SetAttr, TimelineId, ROOT_INO,
+};
+
+/// Seconds of history a branch can reach back (the store's retention window).
+const RETENTION_SECS: i64 = 60;
 
 const PATHS: &[&str] = &["a", "b", "d", "d/a", "d/b", "d/e", "d/e/a"];
 const MAX_TIMELINES: usize = 8;
@@ -74,6 +87,21 @@ enum Op {
         cut: u16,
         junk: bool,
     },
+    /// The clock moves on.
+    Tick {
+        secs: u8,
+    },
+    /// GC of the index, then a check of the horizon on timeline `tl`.
+    Gc {
+        tl: usize,
+    },
+    /// GC, compaction, checkpoint; `step < 4` crashes (power loss) after that step.
+    Maintain {
+        tl: usize,
+        step: u8,
+        cut: u16,
+        junk: bool,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -93,10 +121,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (tl.clone(), path.clone()).prop_map(|(tl, path)| Op::Rmdir { tl, path }),
         3 => (tl.clone(), path.clone(), path.clone()).prop_map(|(tl, from, to)| Op::Rename { tl, from, to }),
         3 => (tl.clone(), proptest::option::of(any::<u32>())).prop_map(|(tl, past)| Op::Branch { tl, past }),
-        1 => tl.prop_map(|tl| Op::Delete { tl }),
+        1 => tl.clone().prop_map(|tl| Op::Delete { tl }),
         2 => Just(Op::Sync),
         1 => Just(Op::Reopen),
         2 => (any::<u16>(), any::<bool>()).prop_map(|(cut, junk)| Op::Crash { cut, junk }),
+        4 => (0u8..60).prop_map(|secs| Op::Tick { secs }),
+        2 => tl.clone().prop_map(|tl| Op::Gc { tl }),
+        3 => (tl.clone(), 0u8..5, any::<u16>(), any::<bool>())
+            .prop_map(|(tl, step, cut, junk)| Op::Maintain { tl, step, cut, junk }),
     ]
 }
 
@@ -470,12 +502,92 @@ fn check_all(s: &PageStore, m: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn config() -> Config {
-    // Small segments so that rolls happen within a test case.
+/// `compact_below` above 1 compacts every sealed file on every run: the live pages move each
+/// time.
+fn config(now: &Arc<AtomicI64>, compact_below: f64) -> Config {
+    let now = now.clone();
+    // The smallest segments, so that rolls happen within a test case; an exact time index.
     Config {
-        segment_size: 1 << 17,
+        segment_size: 1 << 16,
+        compact_below,
+        retention: Duration::from_secs(RETENTION_SECS as u64),
+        time_granularity: Duration::ZERO,
+        clock: Clock::new(move || {
+            UNIX_EPOCH + Duration::from_secs(now.load(Ordering::SeqCst) as u64)
+        }),
         ..Config::default()
     }
+}
+
+/// History of the run: the model after every position, and when each position was committed.
+struct History {
+    states: Vec<(u64, Model)>,
+    times: BTreeMap<u64, i64>,
+}
+
+impl History {
+    /// The model as of every change strictly below `p`.
+    fn before(&self, p: u64) -> &Model {
+        &self.states.iter().rev().find(|(l, _)| *l < p).unwrap().1
+    }
+
+    /// Whether a branch at position `p` is inside the retention window at `now`.
+    fn in_window(&self, p: u64, next: u64, now: i64) -> bool {
+        p == next
+            || self
+                .times
+                .get(&p)
+                .is_some_and(|t| *t >= now - RETENTION_SECS)
+    }
+
+    /// The oldest position inside the window: what GC must report as its horizon.
+    fn horizon(&self, next: u64, now: i64) -> u64 {
+        self.times
+            .iter()
+            .find(|(_, t)| **t >= now - RETENTION_SECS)
+            .map_or(next, |(l, _)| *l)
+    }
+}
+
+/// After a GC with horizon `h`: a branch of `parent` at `h` (the oldest point of the window)
+/// reads as the model did then, and one just before it is refused. The branches are deleted
+/// again (synced), so the model does not change.
+fn check_horizon(
+    st: &PageStore,
+    history: &History,
+    parent: u64,
+    h: u64,
+    now: i64,
+) -> Result<(), TestCaseError> {
+    let next = st.last_lsn() + 1;
+    // Positions after the last recorded one were committed by this GC (freeing inodes a
+    // crash left unlinked while open), now: inside the window.
+    let first_new = history.times.keys().last().map_or(1, |l| l + 1);
+    prop_assert_eq!(h, history.horizon(first_new, now), "GC horizon");
+    if h > parent && h <= next {
+        let child = st
+            .branch(TimelineId(parent), BranchPoint::Lsn(h), b"horizon")
+            .unwrap();
+        let want = &history.before(h).timelines[&parent];
+        let got = engine_fs(st, child);
+        prop_assert!(
+            &got == want,
+            "branch at the horizon {}: {}",
+            h,
+            describe_diff(&got, want)
+        );
+        st.delete_timeline(child).unwrap();
+    }
+    if h > parent + 1 {
+        let r = st.branch(TimelineId(parent), BranchPoint::Lsn(h - 1), b"old");
+        prop_assert!(
+            matches!(r, Err(stemma_pagestore::Error::OutsideRetention { .. })),
+            "branch before the horizon {}: {:?}",
+            h,
+            r
+        );
+    }
+    Ok(())
 }
 
 /// Simulates a power loss after dropping the store: everything after the durable mark may be
@@ -506,45 +618,89 @@ fn power_cut(dir: &Path, mark: stemma_pagestore::DurableMark, cut: u16, junk: bo
     }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Some(PageStore::open(dir.path(), config()).unwrap());
+    let clock = Arc::new(AtomicI64::new(1_000_000));
+    let now = || clock.load(Ordering::SeqCst);
+    let mut s = Some(PageStore::open(dir.path(), config(&clock, compact_below)).unwrap());
     let root = s.as_ref().unwrap().create_root(b"root").unwrap();
     let mut m = Model::default();
     m.timelines.insert(root.0, Fs::new());
     // The model after every position: (lsn, model), to branch at past positions and to know
-    // what a crash must come back to.
-    let mut history: Vec<(u64, Model)> = vec![(root.0, m.clone())];
+    // what a crash must come back to; and the time of every position.
+    let mut history = History {
+        states: vec![(root.0, m.clone())],
+        times: BTreeMap::from([(root.0, now())]),
+    };
 
     for op in &ops {
         let st = s.as_ref().unwrap();
         let before = st.last_lsn();
         let ids: Vec<u64> = m.timelines.keys().copied().collect();
         let pick = |i: usize| ids[i % ids.len()];
+        // A power loss now: the store must come back as of a prefix at least as long as the
+        // last fsync.
+        let crash = |s: &mut Option<PageStore>,
+                     m: &mut Model,
+                     history: &mut History,
+                     cut: u16,
+                     junk: bool|
+         -> Result<(), TestCaseError> {
+            let st = s.as_ref().unwrap();
+            let before = st.last_lsn();
+            let mark = st.durable_mark();
+            drop(s.take());
+            power_cut(dir.path(), mark, cut, junk);
+            let reopened = PageStore::open(dir.path(), config(&clock, compact_below)).unwrap();
+            let r = reopened.last_lsn();
+            prop_assert!(
+                r >= mark.lsn,
+                "lost synced changes: recovered to {} < {}",
+                r,
+                mark.lsn
+            );
+            prop_assert!(r <= before);
+            history.states.retain(|(l, _)| *l <= r);
+            history.times.retain(|l, _| *l <= r);
+            let (l, snap) = history.states.last().unwrap().clone();
+            prop_assert_eq!(l, r, "recovered to a position that no operation ended at");
+            *m = snap;
+            *s = Some(reopened);
+            Ok(())
+        };
         match op {
             Op::Sync => st.sync().unwrap(),
             Op::Reopen => {
                 drop(s.take());
-                s = Some(PageStore::open(dir.path(), config()).unwrap());
+                s = Some(PageStore::open(dir.path(), config(&clock, compact_below)).unwrap());
             }
-            Op::Crash { cut, junk } => {
-                let mark = st.durable_mark();
-                drop(s.take());
-                power_cut(dir.path(), mark, *cut, *junk);
-                let reopened = PageStore::open(dir.path(), config()).unwrap();
-                let r = reopened.last_lsn();
-                prop_assert!(
-                    r >= mark.lsn,
-                    "lost synced changes: recovered to {} < {}",
-                    r,
-                    mark.lsn
-                );
-                prop_assert!(r <= before);
-                history.retain(|(l, _)| *l <= r);
-                let (l, snap) = history.last().unwrap().clone();
-                prop_assert_eq!(l, r, "recovered to a position that no operation ended at");
-                m = snap;
-                s = Some(reopened);
+            Op::Crash { cut, junk } => crash(&mut s, &mut m, &mut history, *cut, *junk)?,
+            Op::Tick { secs } => {
+                clock.fetch_add(i64::from(*secs), Ordering::SeqCst);
+            }
+            Op::Gc { tl } => {
+                let r = st.gc().unwrap();
+                check_horizon(st, &history, pick(*tl), r.horizon, now())?;
+            }
+            Op::Maintain {
+                tl,
+                step,
+                cut,
+                junk,
+            } => {
+                let stop = [
+                    MaintenanceStep::Gc,
+                    MaintenanceStep::PackWritten,
+                    MaintenanceStep::Switched,
+                    MaintenanceStep::Checkpointed,
+                    MaintenanceStep::Done,
+                ][usize::from(*step)];
+                let r = st.maintain_until(stop).unwrap();
+                if stop == MaintenanceStep::Done {
+                    check_horizon(st, &history, pick(*tl), r.gc.horizon, now())?;
+                } else {
+                    crash(&mut s, &mut m, &mut history, *cut, *junk)?;
+                }
             }
             Op::Branch { tl, past } => {
                 if m.timelines.len() >= MAX_TIMELINES {
@@ -554,11 +710,20 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let next = before + 1;
                 let pos = past.map(|p| parent + 1 + u64::from(p) % (next - parent));
                 let at = pos.map_or(BranchPoint::Now, BranchPoint::Lsn);
-                let child = st.branch(TimelineId(parent), at, b"child").unwrap();
                 let p = pos.unwrap_or(next);
+                let r = st.branch(TimelineId(parent), at, b"child");
+                if !history.in_window(p, next, now()) {
+                    prop_assert!(
+                        matches!(r, Err(stemma_pagestore::Error::OutsideRetention { .. })),
+                        "branch at {} outside the window: {:?}",
+                        p,
+                        r
+                    );
+                    continue;
+                }
+                let child = r.unwrap();
                 // The parent as of every change below p.
-                let (_, snap) = history.iter().rev().find(|(l, _)| *l < p).unwrap();
-                let fs = snap.timelines[&parent].clone();
+                let fs = history.before(p).timelines[&parent].clone();
                 m.timelines.insert(child.0, fs);
                 *m.children.entry(parent).or_default() += 1;
                 m.parent.insert(child.0, parent);
@@ -606,14 +771,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         let st = s.as_ref().unwrap();
         let after = st.last_lsn();
-        for l in history.last().map_or(0, |(l, _)| *l) + 1..=after {
-            history.push((l, m.clone()));
+        for l in history.states.last().map_or(0, |(l, _)| *l) + 1..=after {
+            history.states.push((l, m.clone()));
+            history.times.insert(l, now());
         }
         check_all(st, &m)?;
     }
-    // And everything survives a final clean reopen.
+    // And everything survives a final clean reopen, and one after full maintenance.
     drop(s.take());
-    let st = PageStore::open(dir.path(), config()).unwrap();
+    let st = PageStore::open(dir.path(), config(&clock, compact_below)).unwrap();
+    check_all(&st, &m)?;
+    st.maintain().unwrap();
+    drop(st);
+    let st = PageStore::open(dir.path(), config(&clock, compact_below)).unwrap();
     check_all(&st, &m)
 }
 
@@ -628,8 +798,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
-        run(ops)?;
+    fn store_matches_model(
+        ops in proptest::collection::vec(op_strategy(), 1..60),
+        compact_below in prop_oneof![Just(0.5), Just(1.5)],
+    ) {
+        run(ops, compact_below)?;
     }
 }
 
@@ -665,5 +838,5 @@ fn truncate_then_extend_in_a_branch() {
             fill: 3,
         },
     ];
-    run(ops).unwrap();
+    run(ops, 0.5).unwrap();
 }
