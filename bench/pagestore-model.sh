@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 source scripts/rust-env.sh
 cases=${CASES:-2000}
 start=$(date +%s)
-PROPTEST_CASES=$cases cargo nextest run --release -p stemma-pagestore --test model --no-capture 2>&1 | tail -5
+PROPTEST_CASES=$cases cargo nextest run --release -p stemma-pagestore --test model
 echo "model test: $cases cases passed in $(( $(date +%s) - start )) s"

@@ -526,6 +526,17 @@ struct History {
 }
 
 impl History {
+    /// Records frames up to `last` that change nothing a reader sees (GC freeing an inode a
+    /// restart left unlinked while open): each is a position a crash may come back to, with
+    /// the model as it is.
+    fn invisible_frames(&mut self, last: u64, m: &Model, now: i64) {
+        let known = self.states.last().map_or(0, |(l, _)| *l);
+        for l in known + 1..=last {
+            self.states.push((l, m.clone()));
+            self.times.insert(l, now);
+        }
+    }
+
     /// The model as of every change strictly below `p`.
     fn before(&self, p: u64) -> &Model {
         &self.states.iter().rev().find(|(l, _)| *l < p).unwrap().1
@@ -680,6 +691,7 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
             }
             Op::Gc { tl } => {
                 let r = st.gc().unwrap();
+                history.invisible_frames(st.last_lsn(), &m, now());
                 check_horizon(st, &history, pick(*tl), r.horizon, now())?;
             }
             Op::Maintain {
@@ -696,6 +708,7 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
                     MaintenanceStep::Done,
                 ][usize::from(*step)];
                 let r = st.maintain_until(stop).unwrap();
+                history.invisible_frames(st.last_lsn(), &m, now());
                 if stop == MaintenanceStep::Done {
                     check_horizon(st, &history, pick(*tl), r.gc.horizon, now())?;
                 } else {
