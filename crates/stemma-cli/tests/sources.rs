@@ -119,6 +119,48 @@ fn physical_source_streams_and_branches_never_touch_production() {
         try_psql(&main_ro, "select pg_is_in_recovery()").as_deref(),
         Some("t")
     );
+    // main's connection string names production's user (never its password) and says why.
+    let out = env.run(&["connection-string", "main"]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        printed.starts_with("postgresql://replicator@127.0.0.1:") && printed.ends_with("/app"),
+        "{printed}"
+    );
+    assert!(
+        note.contains("read-only hot standby of source \"prod\""),
+        "{note}"
+    );
+    assert!(!printed.contains(REPLICATOR_PASSWORD) && !note.contains(REPLICATOR_PASSWORD));
+    let cs = env.json(&["connection-string", "main"]);
+    assert_eq!(cs["follows_source"], "prod", "{cs}");
+    assert!(cs.get("source_password").is_none(), "{cs}");
+    let b = env.json(&["branch", "get", "main"]);
+    assert_eq!(b["follows_source"], "prod", "{b}");
+    assert_eq!(b["connection_string"].as_str(), Some(printed.as_str()));
+    assert!(
+        b["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("production's credentials")),
+        "{b}"
+    );
+    assert!(!b.to_string().contains(REPLICATOR_PASSWORD), "{b}");
+    let human = env.ok(&["branch", "get", "main"]);
+    assert!(human.contains("read-only hot standby"), "{human}");
+    assert!(!human.contains(REPLICATOR_PASSWORD), "{human}");
+    // `stemma psql main` logs in with the source's stored credentials.
+    let out = env.ok(&[
+        "psql",
+        "main",
+        "--",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "select current_user || ' ' || pg_is_in_recovery()",
+    ]);
+    assert_eq!(out.trim(), "replicator true");
     env.ok(&["branch", "create", "dev", "--parent", "main"]);
     let dev = env.connection_string("dev");
     assert_eq!(
@@ -198,6 +240,15 @@ fn physical_source_streams_and_branches_never_touch_production() {
         "0"
     );
     assert_eq!(env.json(&["source", "status"]), serde_json::json!([]));
+    let b = env.json(&["branch", "get", "main"]);
+    assert!(b["follows_source"].is_null() && b["note"].is_null(), "{b}");
+    assert!(
+        !b["connection_string"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("postgresql://replicator"),
+        "{b}"
+    );
     assert_eq!(
         env.sql("main", "select count(*) from t where id in (1, 3)"),
         "2"

@@ -210,6 +210,7 @@ impl Engine {
 
     fn to_api(&self, b: &BranchRow, parent: Option<String>, usage: Usage) -> api::Branch {
         let compute = self.supervisor.info(&Self::compute_key(b));
+        let login = self.standby_login(b, &b.database);
         api::Branch {
             name: b.name.clone(),
             parent,
@@ -219,7 +220,10 @@ impl Engine {
             } else {
                 BranchState::Suspended
             },
-            connection_string: Self::connection_string(b, &b.database),
+            connection_string: match &login {
+                Some(l) => l.connection_string.clone(),
+                None => Self::connection_string(b, &b.database),
+            },
             protected: b.protected,
             expires_at: b.expires_at,
             logical_size_bytes: usage.logical_size_bytes,
@@ -271,6 +275,8 @@ impl Engine {
                     }),
                 }
             }),
+            follows_source: login.as_ref().map(|l| l.source.clone()),
+            note: login.map(|l| l.note),
         }
     }
 
@@ -328,17 +334,33 @@ impl Engine {
         self.view(&b).await
     }
 
+    /// A branch's connection string. `with_source_password`: production's password too, when
+    /// the branch follows a physical source (the API asks it of the daemon's token only).
     pub async fn connection_string_for(
         &self,
         name: &str,
         database: Option<&str>,
+        with_source_password: bool,
     ) -> Result<api::ConnectionString> {
         let b = self.row(name)?;
         let database = database.unwrap_or(&b.database).to_string();
-        Ok(api::ConnectionString {
-            branch: b.name.clone(),
-            connection_string: Self::connection_string(&b, &database),
-            database,
+        Ok(match self.standby_login(&b, &database) {
+            Some(login) => api::ConnectionString {
+                branch: b.name.clone(),
+                connection_string: login.connection_string,
+                database,
+                follows_source: Some(login.source),
+                note: Some(login.note),
+                source_password: with_source_password.then_some(login.password),
+            },
+            None => api::ConnectionString {
+                branch: b.name.clone(),
+                connection_string: Self::connection_string(&b, &database),
+                database,
+                follows_source: None,
+                note: None,
+                source_password: None,
+            },
         })
     }
 

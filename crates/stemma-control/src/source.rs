@@ -462,9 +462,58 @@ pub(crate) fn is_standby(storage: &dyn StorageDriver, tl: &TimelineId) -> bool {
     storage.data_dir(tl).join("standby.signal").exists()
 }
 
+/// How to log in to a root while it follows a physical source: production's user (never its
+/// password in anything printed).
+pub(crate) struct StandbyLogin {
+    pub source: String,
+    pub connection_string: String,
+    pub note: String,
+    pub password: String,
+}
+
+/// Percent-encodes a URI component (user or database name).
+fn uri_component(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 // ----- operations ---------------------------------------------------------------------------
 
 impl Engine {
+    /// While `b` follows a physical source (its timeline is a standby's), how to log in: it
+    /// has production's roles only, and Stemma cannot add its own there.
+    pub(crate) fn standby_login(&self, b: &BranchRow, database: &str) -> Option<StandbyLogin> {
+        let source = self.meta.source_of_branch(b.id).ok().flatten()?;
+        if source.mode != "physical" {
+            return None;
+        }
+        let tl = TimelineId::parse(&b.timeline_id).ok()?;
+        if !is_standby(self.storage.as_ref(), &tl) {
+            return None;
+        }
+        let url = SourceUrl::parse(&source.url).ok()?;
+        Some(StandbyLogin {
+            connection_string: format!(
+                "postgresql://{}@127.0.0.1:{}/{}",
+                uri_component(&url.user),
+                b.port,
+                uri_component(database)
+            ),
+            note: format!(
+                "branch \"{}\" is a read-only hot standby of source \"{}\": log in with production's credentials (user \"{}\" of the source URL, or any role of production); `stemma psql {}` uses the source's stored password",
+                b.name, source.name, url.user, b.name
+            ),
+            source: source.name,
+            password: url.password,
+        })
+    }
+
     fn source_row(&self, name: &str) -> Result<SourceRow> {
         self.meta.source(name)?.ok_or_else(|| {
             ControlError::NotFound(format!(
