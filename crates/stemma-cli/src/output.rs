@@ -73,6 +73,22 @@ impl Output {
         }
     }
 
+    /// A spinner with the elapsed time and `msg`, on a terminal only (not with JSON): for a
+    /// long call that reports no progress of its own.
+    pub fn spinner(&self, msg: &str) -> Option<ProgressBar> {
+        if self.json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(msg.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
+    }
+
     pub fn progress(&self) -> Option<ProgressBar> {
         if self.json || !std::io::stderr().is_terminal() {
             return None;
