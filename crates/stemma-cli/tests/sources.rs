@@ -474,7 +474,11 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
     psql(&dev, "insert into t values (2, 'only in dev')");
     assert_eq!(prod.sql("app", "select count(*) from t"), "1");
 
-    // A branch of a past moment of the standby is cut loose as well.
+    // A branch of a past moment of the standby is cut loose as well. The pagestore resolves a
+    // time to a position up to its granularity (1 s) earlier, so the moment is taken that
+    // long after the standby was seen consistent (else it may resolve to the middle of the
+    // base backup, which no start can recover).
+    std::thread::sleep(Duration::from_millis(1100));
     let at = prod.sql(
         "postgres",
         "select to_char(now() at time zone 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
@@ -499,10 +503,35 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
     let e = env.fail(&["branch", "restore", "main", "--at", &at]);
     assert!(e.contains("follows production"), "{e}");
 
-    // Stemma stops and starts again: the root streams again by itself.
+    // Stemma stops and starts again: the root streams again by itself. A branch whose first
+    // start was cut off (its promotion directory is left, as a crash would leave it) is gone.
     let before = walsender(&prod, &slot).expect("streaming");
+    let past_tl = env.json(&["branch", "get", "past"])["timeline_id"]
+        .as_str()
+        .expect("a timeline")
+        .to_string();
     env.ok(&["down"]);
+    std::fs::create_dir_all(
+        env.data_dir
+            .join("run")
+            .join(format!("promoting-{past_tl}")),
+    )
+    .expect("a promotion directory");
     env.up_with(&["--storage", "pagestore"]);
+    let names: Vec<String> = env
+        .json(&["branch", "list"])
+        .as_array()
+        .expect("branches")
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(String::from))
+        .collect();
+    assert!(!names.contains(&"past".to_string()), "{names:?}");
+    assert!(names.contains(&"dev".to_string()), "{names:?}");
+    assert!(!env
+        .data_dir
+        .join("run")
+        .join(format!("promoting-{past_tl}"))
+        .exists());
     wait_for("streaming to resume after a daemon restart", WAIT, || {
         walsender(&prod, &slot).is_some_and(|p| p != before)
     });
