@@ -9,9 +9,12 @@
 #
 # Settings (environment): TRIALS (9), SCALE (pgbench scale of production, 10), RATE (pgbench
 # transactions per second on production, 50), STORAGE (copy | pagestore, default copy),
-# STEMMA_BIN (default: target/release/stemma, built when missing), PG_BIN.
+# STEMMA_BIN (default: target/release/stemma, built when missing), PG_BIN, SKIP_THROUGHPUT=1
+# (only the freshness trials), LOGS (a directory to keep the daemon's and computes' logs in),
+# KEEP_BRANCHES=1 (the new branches are not deleted, so their logs stay).
 # Needs root (production and computes run as the `postgres` user). Everything it starts is
-# stopped and removed on exit, even on failure. Prints the median, min and max freshness.
+# stopped and removed on exit, even on failure. Prints each trial's steps (branch create,
+# first query on the new branch, attempts), and the median, min and max freshness.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 trials=${TRIALS:-9}
@@ -33,6 +36,9 @@ pgbench_pid=
 cleanup() {
     [ -n "$pgbench_pid" ] && kill "$pgbench_pid" 2>/dev/null || true
     "$stemma" down >/dev/null 2>&1 || true
+    if [ -n "${LOGS:-}" ]; then
+        mkdir -p "$LOGS" && cp -r "$STEMMA_DATA_DIR/logs/." "$LOGS/" 2>/dev/null || true
+    fi
     runuser -u postgres -- "$pgbin/pg_ctl" -D "$prod" -m fast -w stop >/dev/null 2>&1 || true
     rm -rf "$work"
 }
@@ -65,6 +71,9 @@ url="postgresql://replicator:bench@127.0.0.1:$port/app"
 
 echo "storage: $storage; production: pgbench scale $scale ($((size / 1048576)) MiB in app), $rate tps while measuring"
 
+if [ "${SKIP_THROUGHPUT:-}" = 1 ]; then
+    "$stemma" source add prod --url "$url" --mode physical >/dev/null
+else
 # Base backup: plain pg_basebackup into a local directory, then `source add`.
 t0=$(now)
 PGPASSWORD=bench "$pgbin/pg_basebackup" -D "$work/plain-backup" -d "host=127.0.0.1 port=$port user=replicator" -X stream -c fast
@@ -92,6 +101,7 @@ plain=$(calc "$t1 - $t0")
 ours=$(calc "$t2 - $t1")
 echo "snapshot: pg_dump + pg_restore $(printf %.2f "$plain") s, source add $(printf %.2f "$ours") s (throughput ratio $(printf %.2f "$(calc "$plain / $ours")"))"
 "$stemma" source remove snap >/dev/null
+fi
 
 "$pgbin/pgbench" -n -c 2 -j 2 -R "$rate" -T 3600 -h "$work/sock" -p "$port" -U postgres app >/dev/null 2>&1 &
 pgbench_pid=$!
@@ -103,21 +113,28 @@ for i in $(seq 1 "$trials"); do
     visible=
     deletions=()
     # The first new branch of main that holds the row; a branch without it is deleted.
+    steps=
     for attempt in $(seq 1 100); do
         b="fresh-$i-$attempt"
+        a0=$(now)
         "$stemma" branch create "$b" --parent main >/dev/null
+        a1=$(now)
         conn=$("$stemma" connection-string "$b")
         seen=$("$pgbin/psql" -X -A -t -d "$conn" -c "SELECT count(*) FROM freshness WHERE id = $i")
-        "$stemma" branch delete "$b" >/dev/null &
-        deletions+=($!)
+        a2=$(now)
+        steps="$steps create $(printf %.3f "$(calc "$a1 - $a0")") query $(printf %.3f "$(calc "$a2 - $a1")");"
+        if [ "${KEEP_BRANCHES:-}" != 1 ]; then
+            "$stemma" branch delete "$b" >/dev/null &
+            deletions+=($!)
+        fi
         if [ "$seen" = "1" ]; then
             visible=$(now)
             break
         fi
     done
-    wait "${deletions[@]}"
+    [ ${#deletions[@]} -eq 0 ] || wait "${deletions[@]}"
     [ -n "$visible" ] || { echo "row $i never became visible in a new branch" >&2; exit 1; }
     results+=("$(calc "$visible - $committed")")
-    echo "trial $i: $(printf %.3f "${results[-1]}") s"
+    echo "trial $i: $(printf %.3f "${results[-1]}") s (attempts:$steps)"
 done
 printf '%s\n' "${results[@]}" | { printf "freshness (commit on production -> visible in a new branch of main): "; stats; }

@@ -199,6 +199,24 @@ impl Client {
         self.call("GET", &path, None::<&()>)
     }
 
+    /// [`Client::connection_string`], with production's password when the branch follows a
+    /// physical source (the daemon's token only): for `stemma psql`, never to be printed.
+    pub fn connection_string_with_source_password(
+        &self,
+        name: &str,
+        database: Option<&str>,
+    ) -> Result<ConnectionString, ClientError> {
+        let mut path = format!(
+            "/v1/branches/{}/connection-string?source_password=true",
+            Self::seg(name)
+        );
+        if let Some(db) = database {
+            path.push_str("&database=");
+            path.push_str(&Self::seg(db));
+        }
+        self.call("GET", &path, None::<&()>)
+    }
+
     pub fn pr_open(&self, number: u64, parent: Option<&str>) -> Result<Branch, ClientError> {
         let req = PullRequestRequest {
             parent: parent.map(String::from),

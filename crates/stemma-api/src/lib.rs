@@ -60,6 +60,14 @@ pub struct Branch {
     /// Set on an anonymized branch: its masking rules and last run.
     #[serde(default)]
     pub anonymization: Option<Anonymization>,
+    /// Set while this root follows a physical source: it is a read-only hot standby of
+    /// production with production's roles, so `connection_string` names production's user
+    /// (from the source URL, without its password) and `note` says how to log in.
+    #[serde(default)]
+    pub follows_source: Option<String>,
+    /// Something to know before connecting (shown by the CLI), e.g. a standby's login.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// The masking rules of an anonymized branch, and its last (re-)anonymization.
@@ -287,6 +295,17 @@ pub struct ConnectionString {
     pub branch: String,
     pub database: String,
     pub connection_string: String,
+    /// Set while the branch follows a physical source (see [`Branch::follows_source`]).
+    #[serde(default)]
+    pub follows_source: Option<String>,
+    /// Something to know before connecting, e.g. a standby's login.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Production's password, only when asked with `source_password=true` by the daemon's
+    /// own token, and only while the branch follows a physical source: `stemma psql` passes
+    /// it to psql in its environment. Never printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_password: Option<String>,
 }
 
 /// Every error response has this shape.

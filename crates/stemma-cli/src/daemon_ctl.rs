@@ -353,7 +353,19 @@ pub fn psql_path(client: &Client) -> PathBuf {
     PathBuf::from("psql")
 }
 
-pub fn exec_psql(psql: &Path, conn: &str, args: &[String]) -> Result<ExitCode> {
-    let err = Command::new(psql).arg(conn).args(args).exec();
+/// Replaces this process with psql on `conn`; `password`, when given, goes in `PGPASSWORD`
+/// (never on the command line).
+pub fn exec_psql(
+    psql: &Path,
+    conn: &str,
+    args: &[String],
+    password: Option<&str>,
+) -> Result<ExitCode> {
+    let mut cmd = Command::new(psql);
+    cmd.arg(conn).args(args);
+    if let Some(pw) = password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    let err = cmd.exec();
     Err(anyhow!(err).context(format!("running {}", psql.display())))
 }

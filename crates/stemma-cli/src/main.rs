@@ -489,6 +489,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ConnectionString { name, database } => {
             let client = daemon_ctl::client(&data_dir)?;
             let cs = client.connection_string(&name, database.as_deref())?;
+            if let (Some(note), false) = (&cs.note, out.is_json()) {
+                eprintln!("note: {note}");
+            }
             out.message(&cs.connection_string, serde_json::to_value(&cs)?);
         }
         Command::Psql {
@@ -497,9 +500,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args,
         } => {
             let client = daemon_ctl::client(&data_dir)?;
-            let cs = client.connection_string(&name, database.as_deref())?;
+            // A branch that follows production logs in with production's credentials: the
+            // stored password goes to psql in its environment (a restricted token cannot ask
+            // for it; psql then prompts).
+            let cs = client
+                .connection_string_with_source_password(&name, database.as_deref())
+                .or_else(|_| client.connection_string(&name, database.as_deref()))?;
+            if let Some(note) = &cs.note {
+                eprintln!("note: {note}");
+            }
             let psql = daemon_ctl::psql_path(&client);
-            return daemon_ctl::exec_psql(&psql, &cs.connection_string, &args);
+            return daemon_ctl::exec_psql(
+                &psql,
+                &cs.connection_string,
+                &args,
+                cs.source_password.as_deref(),
+            );
         }
         Command::Env { name, database } => {
             let client = daemon_ctl::client(&data_dir)?;

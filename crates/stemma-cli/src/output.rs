@@ -61,12 +61,32 @@ impl Output {
         }
     }
 
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     pub fn message(&self, text: &str, json: serde_json::Value) {
         if self.json {
             Self::print_json(&json);
         } else {
             println!("{text}");
         }
+    }
+
+    /// A spinner with the elapsed time and `msg`, on a terminal only (not with JSON): for a
+    /// long call that reports no progress of its own.
+    pub fn spinner(&self, msg: &str) -> Option<ProgressBar> {
+        if self.json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(msg.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
     }
 
     pub fn progress(&self) -> Option<ProgressBar> {
@@ -97,6 +117,9 @@ impl Output {
             BranchState::Running => println!("state:             {}", state(b.state)),
         }
         println!("connection string: {}", b.connection_string);
+        if let Some(note) = &b.note {
+            println!("note:              {note}");
+        }
         println!("created at:        {}", b.created_at.to_rfc3339());
         if let Some(t) = b.last_reset_at {
             println!("last reset at:     {}", t.to_rfc3339());
@@ -185,14 +208,19 @@ impl Output {
 
     /// `KEY='value'` lines for `eval $(stemma env NAME)` or a `.env` file.
     pub fn env(&self, b: &Branch, cs: &stemma_api::ConnectionString) {
+        // `user:password@` or, for a root that follows production, `user@` alone.
         let (user, password) = cs
             .connection_string
             .trim_start_matches("postgresql://")
-            .split('@')
-            .next()
-            .and_then(|creds| creds.split_once(':'))
-            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .split_once('@')
+            .map(|(creds, _)| match creds.split_once(':') {
+                Some((u, p)) => (u.to_string(), p.to_string()),
+                None => (creds.to_string(), String::new()),
+            })
             .unwrap_or_default();
+        if let (Some(note), false) = (&cs.note, self.json) {
+            eprintln!("note: {note}");
+        }
         let vars = [
             ("DATABASE_URL", cs.connection_string.clone()),
             ("PGHOST", "127.0.0.1".to_string()),
@@ -390,6 +418,8 @@ mod tests {
             anonymization: None,
             next_reset_at: None,
             last_scheduled_reset: None,
+            follows_source: None,
+            note: None,
         }
     }
 

@@ -66,7 +66,11 @@ pub fn run(client: &Client, cmd: SourceCommand, out: &Output, json: bool) -> Res
                     }
                 );
             }
-            let s = client.add_source(&AddSourceRequest {
+            let spinner = out.spinner(match mode {
+                Mode::Physical => "copying production (pg_basebackup), then checking the standby",
+                Mode::Snapshot => "copying production (pg_dump | pg_restore)",
+            });
+            let added = client.add_source(&AddSourceRequest {
                 name,
                 url,
                 mode: match mode {
@@ -77,8 +81,11 @@ pub fn run(client: &Client, cmd: SourceCommand, out: &Output, json: bool) -> Res
                 replace,
                 jobs: Some(jobs),
                 max_retained_wal_bytes,
-            })?;
-            print(&[s], json);
+            });
+            if let Some(sp) = spinner {
+                sp.finish_and_clear();
+            }
+            print(&[added?], json);
         }
         SourceCommand::Status { name } => {
             let sources = match name {
@@ -88,8 +95,14 @@ pub fn run(client: &Client, cmd: SourceCommand, out: &Output, json: bool) -> Res
             print(&sources, json);
         }
         SourceCommand::Refresh { name } => {
-            let s = client.refresh_source(&name)?;
-            print(&[s], json);
+            let spinner = out.spinner(&format!(
+                "refreshing {name}: a new snapshot of production (pg_dump | pg_restore)"
+            ));
+            let refreshed = client.refresh_source(&name);
+            if let Some(sp) = spinner {
+                sp.finish_and_clear();
+            }
+            print(&[refreshed?], json);
         }
         SourceCommand::Remove { name } => {
             let v = client.remove_source(&name)?;

@@ -119,6 +119,48 @@ fn physical_source_streams_and_branches_never_touch_production() {
         try_psql(&main_ro, "select pg_is_in_recovery()").as_deref(),
         Some("t")
     );
+    // main's connection string names production's user (never its password) and says why.
+    let out = env.run(&["connection-string", "main"]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        printed.starts_with("postgresql://replicator@127.0.0.1:") && printed.ends_with("/app"),
+        "{printed}"
+    );
+    assert!(
+        note.contains("read-only hot standby of source \"prod\""),
+        "{note}"
+    );
+    assert!(!printed.contains(REPLICATOR_PASSWORD) && !note.contains(REPLICATOR_PASSWORD));
+    let cs = env.json(&["connection-string", "main"]);
+    assert_eq!(cs["follows_source"], "prod", "{cs}");
+    assert!(cs.get("source_password").is_none(), "{cs}");
+    let b = env.json(&["branch", "get", "main"]);
+    assert_eq!(b["follows_source"], "prod", "{b}");
+    assert_eq!(b["connection_string"].as_str(), Some(printed.as_str()));
+    assert!(
+        b["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("production's credentials")),
+        "{b}"
+    );
+    assert!(!b.to_string().contains(REPLICATOR_PASSWORD), "{b}");
+    let human = env.ok(&["branch", "get", "main"]);
+    assert!(human.contains("read-only hot standby"), "{human}");
+    assert!(!human.contains(REPLICATOR_PASSWORD), "{human}");
+    // `stemma psql main` logs in with the source's stored credentials.
+    let out = env.ok(&[
+        "psql",
+        "main",
+        "--",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "select current_user || ' ' || pg_is_in_recovery()",
+    ]);
+    assert_eq!(out.trim(), "replicator true");
     env.ok(&["branch", "create", "dev", "--parent", "main"]);
     let dev = env.connection_string("dev");
     assert_eq!(
@@ -198,6 +240,15 @@ fn physical_source_streams_and_branches_never_touch_production() {
         "0"
     );
     assert_eq!(env.json(&["source", "status"]), serde_json::json!([]));
+    let b = env.json(&["branch", "get", "main"]);
+    assert!(b["follows_source"].is_null() && b["note"].is_null(), "{b}");
+    assert!(
+        !b["connection_string"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("postgresql://replicator"),
+        "{b}"
+    );
     assert_eq!(
         env.sql("main", "select count(*) from t where id in (1, 3)"),
         "2"
@@ -423,7 +474,11 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
     psql(&dev, "insert into t values (2, 'only in dev')");
     assert_eq!(prod.sql("app", "select count(*) from t"), "1");
 
-    // A branch of a past moment of the standby is cut loose as well.
+    // A branch of a past moment of the standby is cut loose as well. The pagestore resolves a
+    // time to a position up to its granularity (1 s) earlier, so the moment is taken that
+    // long after the standby was seen consistent (else it may resolve to the middle of the
+    // base backup, which no start can recover).
+    std::thread::sleep(Duration::from_millis(1100));
     let at = prod.sql(
         "postgres",
         "select to_char(now() at time zone 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
@@ -448,10 +503,35 @@ fn physical_source_on_the_pagestore_survives_a_daemon_restart() {
     let e = env.fail(&["branch", "restore", "main", "--at", &at]);
     assert!(e.contains("follows production"), "{e}");
 
-    // Stemma stops and starts again: the root streams again by itself.
+    // Stemma stops and starts again: the root streams again by itself. A branch whose first
+    // start was cut off (its promotion directory is left, as a crash would leave it) is gone.
     let before = walsender(&prod, &slot).expect("streaming");
+    let past_tl = env.json(&["branch", "get", "past"])["timeline_id"]
+        .as_str()
+        .expect("a timeline")
+        .to_string();
     env.ok(&["down"]);
+    std::fs::create_dir_all(
+        env.data_dir
+            .join("run")
+            .join(format!("promoting-{past_tl}")),
+    )
+    .expect("a promotion directory");
     env.up_with(&["--storage", "pagestore"]);
+    let names: Vec<String> = env
+        .json(&["branch", "list"])
+        .as_array()
+        .expect("branches")
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(String::from))
+        .collect();
+    assert!(!names.contains(&"past".to_string()), "{names:?}");
+    assert!(names.contains(&"dev".to_string()), "{names:?}");
+    assert!(!env
+        .data_dir
+        .join("run")
+        .join(format!("promoting-{past_tl}"))
+        .exists());
     wait_for("streaming to resume after a daemon restart", WAIT, || {
         walsender(&prod, &slot).is_some_and(|p| p != before)
     });

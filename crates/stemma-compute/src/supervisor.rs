@@ -282,6 +282,15 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Records that the running compute of `key` now matches `spec` (a setting that only
+    /// mattered for its first start, and that it no longer uses), so that later starts adopt
+    /// it as it is and a restart uses `spec`.
+    pub fn set_spec(&self, key: &str, spec: ComputeSpec) {
+        if let Some(e) = self.computes().get_mut(key) {
+            e.spec = spec;
+        }
+    }
+
     /// How many computes this supervisor has spawned (restarts included).
     pub fn starts(&self) -> u64 {
         self.inner.starts.load(std::sync::atomic::Ordering::Relaxed)

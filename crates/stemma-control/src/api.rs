@@ -546,23 +546,30 @@ async fn stop_compute(
 }
 
 #[derive(Deserialize)]
-struct DatabaseQuery {
+struct ConnectionStringQuery {
     database: Option<String>,
+    #[serde(default)]
+    source_password: bool,
 }
 
 #[utoipa::path(get, path = "/v1/branches/{name}/connection-string",
-    params(("name" = String, Path), ("database" = Option<String>, Query)),
+    params(("name" = String, Path), ("database" = Option<String>, Query),
+        ("source_password" = Option<bool>, Query, description = "production's password too, while the branch follows a physical source (the daemon's token only)")),
     responses((status = 200, body = ConnectionString)))]
 async fn connection_string(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
-    Query(q): Query<DatabaseQuery>,
+    Query(q): Query<ConnectionStringQuery>,
 ) -> ApiResult<ConnectionString> {
     s.engine.authorize(&caller, &name, Access::Use)?;
+    if q.source_password {
+        s.engine
+            .require_admin(&caller, "reading a source's password")?;
+    }
     Ok(Json(
         s.engine
-            .connection_string_for(&name, q.database.as_deref())
+            .connection_string_for(&name, q.database.as_deref(), q.source_password)
             .await?,
     ))
 }

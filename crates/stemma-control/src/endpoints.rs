@@ -66,6 +66,16 @@ impl Engine {
             Ok(None) => return Err(refuse("3D000", "this branch no longer exists".into())),
             Err(e) => return Err(refuse("XX000", format!("reading metadata: {e:#}"))),
         };
+        // Its first start promotes it, with a transient trust rule: nothing connects then.
+        if self.promotion_pending(&b.timeline_id) {
+            return Err(refuse(
+                "57P03",
+                format!(
+                    "branch \"{}\" is being created; try again in a moment",
+                    b.name
+                ),
+            ));
+        }
         if let Some(info) = self.supervisor.info(key) {
             return Ok(info.socket_path);
         }

@@ -44,11 +44,6 @@ const DEFAULT_SETTINGS: &[(&str, &str)] = &[
     ("jit", "off"),
     ("logging_collector", "off"),
     ("log_line_prefix", "%m [%p] "),
-    // A branch of a running parent starts with crash recovery, which by default first opens
-    // and fsyncs every file of the data directory: 0.4 s of a 0.56 s cold start on the
-    // pagestore (a round trip per file). One syncfs of the filesystem does the same job; on
-    // the pagestore any fsync makes the whole log durable anyway.
-    ("recovery_init_sync_method", "syncfs"),
     // Not `checkpoint_timeout`: checkpoints every 30 s would bound the WAL a new branch of a
     // busy parent replays, but cost the pagestore a third of its TPC-B throughput in one
     // measurement (0.56 of native against 0.70-0.79 with the default 5 minutes).
@@ -196,6 +191,7 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        self.fast_recovery_sync(&mut settings);
         settings.extend(b.settings.clone());
         Ok(ComputeSpec {
             key: Self::compute_key(b),
@@ -218,6 +214,7 @@ impl Engine {
 
     fn to_api(&self, b: &BranchRow, parent: Option<String>, usage: Usage) -> api::Branch {
         let compute = self.supervisor.info(&Self::compute_key(b));
+        let login = self.standby_login(b, &b.database);
         api::Branch {
             name: b.name.clone(),
             parent,
@@ -227,7 +224,10 @@ impl Engine {
             } else {
                 BranchState::Suspended
             },
-            connection_string: Self::connection_string(b, &b.database),
+            connection_string: match &login {
+                Some(l) => l.connection_string.clone(),
+                None => Self::connection_string(b, &b.database),
+            },
             protected: b.protected,
             expires_at: b.expires_at,
             logical_size_bytes: usage.logical_size_bytes,
@@ -279,6 +279,8 @@ impl Engine {
                     }),
                 }
             }),
+            follows_source: login.as_ref().map(|l| l.source.clone()),
+            note: login.map(|l| l.note),
         }
     }
 
@@ -336,17 +338,33 @@ impl Engine {
         self.view(&b).await
     }
 
+    /// A branch's connection string. `with_source_password`: production's password too, when
+    /// the branch follows a physical source (the API asks it of the daemon's token only).
     pub async fn connection_string_for(
         &self,
         name: &str,
         database: Option<&str>,
+        with_source_password: bool,
     ) -> Result<api::ConnectionString> {
         let b = self.row(name)?;
         let database = database.unwrap_or(&b.database).to_string();
-        Ok(api::ConnectionString {
-            branch: b.name.clone(),
-            connection_string: Self::connection_string(&b, &database),
-            database,
+        Ok(match self.standby_login(&b, &database) {
+            Some(login) => api::ConnectionString {
+                branch: b.name.clone(),
+                connection_string: login.connection_string,
+                database,
+                follows_source: Some(login.source),
+                note: Some(login.note),
+                source_password: with_source_password.then_some(login.password),
+            },
+            None => api::ConnectionString {
+                branch: b.name.clone(),
+                connection_string: Self::connection_string(&b, &database),
+                database,
+                follows_source: None,
+                note: None,
+                source_password: None,
+            },
         })
     }
 
@@ -434,6 +452,12 @@ impl Engine {
     }
 
     pub(crate) async fn start_compute_of(&self, b: &BranchRow) -> Result<()> {
+        if self.promotion_pending(&b.timeline_id) {
+            return Err(ControlError::Conflict(format!(
+                "branch {:?} is being created (its copy of the standby is promoted); try again in a moment",
+                b.name
+            )));
+        }
         let spec = self.compute_spec(b)?;
         let was_running = self.supervisor.info(&spec.key).is_some();
         if !was_running {
@@ -617,19 +641,43 @@ impl Engine {
         .await
     }
 
+    /// A copy of a standby is cut loose from production before anything starts it: at once
+    /// (`promote_at_first_start` false: a start of its own), or prepared for a first start
+    /// that promotes it ([`Engine::prepare_promotion`]).
+    async fn cut_loose(
+        &self,
+        parent: &BranchRow,
+        tl: &TimelineId,
+        promote_at_first_start: bool,
+    ) -> Result<()> {
+        if promote_at_first_start {
+            self.prepare_promotion(parent, tl).await.map(|_| ())
+        } else {
+            self.cut_loose_from_production(parent, tl).await
+        }
+    }
+
     /// A new timeline holding `parent`'s current state, recorded as `creating`. On failure
     /// nothing is left behind.
-    async fn fork_timeline(&self, parent: &BranchRow) -> Result<TimelineId> {
+    async fn fork_timeline(
+        &self,
+        parent: &BranchRow,
+        promote_at_first_start: bool,
+    ) -> Result<TimelineId> {
         let tl = new_timeline_id();
         self.meta
             .begin_timeline(tl.as_str(), Some(&parent.timeline_id))?;
-        // A copy of a standby is cut loose from production before anything starts it.
+        let t0 = std::time::Instant::now();
         let cloned = match self.clone_state(parent, &tl).await {
-            Ok(()) => self.cut_loose_from_production(parent, &tl).await,
+            Ok(()) => {
+                tracing::debug!(timeline = %tl, ms = t0.elapsed().as_millis() as u64, "cloned");
+                self.cut_loose(parent, &tl, promote_at_first_start).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = cloned {
             tracing::warn!(error = %e, timeline = %tl, "clone failed; removing the partial timeline");
+            self.end_promotion(tl.as_str());
             if let Err(e2) = self.destroy_timeline(tl.as_str()).await {
                 tracing::error!(error = %e2, "removing a partial timeline failed; the next start removes it");
             }
@@ -698,6 +746,7 @@ impl Engine {
     // ----- mutations ---------------------------------------------------------------------
 
     pub async fn create_branch(&self, req: &api::CreateBranchRequest) -> Result<api::Branch> {
+        let t_begin = std::time::Instant::now();
         let _op = self.op_lock.lock().await;
         self.check_new_name(&req.name)?;
         let default_parent = self.default_parent();
@@ -727,10 +776,12 @@ impl Engine {
         };
         let port = self.allocate_port(&[])?;
 
+        // A copy of a standby (a source's root) is promoted in its first start.
         let tl = match at {
-            Some(at) => self.fork_timeline_at(&parent, at).await?,
-            None => self.fork_timeline(&parent).await?,
+            Some(at) => self.fork_timeline_at(&parent, at, true).await?,
+            None => self.fork_timeline(&parent, true).await?,
         };
+        let promote = self.promotion_pending(tl.as_str());
         let new = NewBranch {
             name: req.name.clone(),
             parent_id: Some(parent.id),
@@ -747,20 +798,37 @@ impl Engine {
         let row = match self.meta.commit_new_branch(&new) {
             Ok(r) => r,
             Err(e) => {
+                self.end_promotion(tl.as_str());
                 let _ = self.destroy_timeline(tl.as_str()).await;
                 return Err(e.into());
             }
         };
+        let t_start = std::time::Instant::now();
+        if promote {
+            // Its own compute, started once: promoted, then given our superuser; only then
+            // is its port served.
+            let login = self.production_login(&row)?;
+            if let Err(e) = self.start_promoting(&row, &login).await {
+                tracing::warn!(branch = %row.name, error = %e, "the copy of the standby was not promoted; rolling back");
+                let _ = self.stop_compute_of(&row).await;
+                self.end_promotion(tl.as_str());
+                self.meta.delete_branch(row.id)?;
+                self.destroy_timeline(tl.as_str()).await?;
+                return Err(e);
+            }
+        }
         if let Err(e) = self.open_endpoint(&row).await {
+            let _ = self.stop_compute_of(&row).await;
             self.meta.delete_branch(row.id)?;
             self.destroy_timeline(tl.as_str()).await?;
             return Err(e);
         }
-        // No compute yet: the first connection starts it through the endpoint (computes run
-        // on demand), so creating a branch costs what the storage driver's fork costs, which
-        // on the pagestore is one record. A compute that cannot start gives that connection
-        // a clear error; the branch stays, like any suspended branch.
-        tracing::info!(branch = %row.name, parent = %parent.name, port, "branch created");
+        // No compute yet (except a copy of a standby, started above to cut it loose): the
+        // first connection starts it through the endpoint (computes run on demand), so
+        // creating a branch costs what the storage driver's fork costs, which on the
+        // pagestore is one record. A compute that cannot start gives that connection a clear
+        // error; the branch stays, like any suspended branch.
+        tracing::info!(branch = %row.name, parent = %parent.name, port, start_ms = t_start.elapsed().as_millis() as u64, total_ms = t_begin.elapsed().as_millis() as u64, "branch created");
         self.view(&row).await
     }
 
@@ -884,7 +952,7 @@ impl Engine {
             .branch_by_id(parent_id)?
             .context("the parent of a branch is missing from the metadata")?;
         // Copy first, so the branch is down only for the swap.
-        let tl = self.fork_timeline(&parent).await?;
+        let tl = self.fork_timeline(&parent, false).await?;
         let why = format!(
             "branch \"{name}\" was reset to the current state of \"{}\"; reconnect with the same connection string",
             parent.name
@@ -973,7 +1041,12 @@ impl Engine {
     }
 
     /// A new `creating` timeline holding the state of `source`'s timeline at `at`.
-    async fn fork_timeline_at(&self, source: &BranchRow, at: DateTime<Utc>) -> Result<TimelineId> {
+    async fn fork_timeline_at(
+        &self,
+        source: &BranchRow,
+        at: DateTime<Utc>,
+        promote_at_first_start: bool,
+    ) -> Result<TimelineId> {
         let tl = new_timeline_id();
         self.meta
             .begin_timeline(tl.as_str(), Some(&source.timeline_id))?;
@@ -991,10 +1064,11 @@ impl Engine {
         .await;
         // A past state of a standby is cut loose from production too.
         let result = match result {
-            Ok(()) => self.cut_loose_from_production(source, &tl).await,
+            Ok(()) => self.cut_loose(source, &tl, promote_at_first_start).await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
+            self.end_promotion(tl.as_str());
             let _ = self.destroy_timeline(tl.as_str()).await;
             return Err(e);
         }
@@ -1019,7 +1093,7 @@ impl Engine {
         if let Some(keep) = req.preserve_under_name.as_deref() {
             self.check_new_name(keep)?;
         }
-        let tl = self.fork_timeline_at(&b, at).await?;
+        let tl = self.fork_timeline_at(&b, at, false).await?;
         let why = format!(
             "branch \"{name}\" was restored to {}; reconnect with the same connection string",
             at.to_rfc3339()
@@ -1132,6 +1206,7 @@ impl Engine {
     /// Runs once at start, before the API serves.
     pub async fn reconcile(&self) -> Result<()> {
         let _op = self.op_lock.lock().await;
+        self.undo_interrupted_promotions().await?;
         let timelines = self.meta.timelines()?;
         for t in &timelines {
             if t.state != TimelineState::Ready {
