@@ -16,6 +16,33 @@ impl Drop for Load {
     }
 }
 
+/// `pgbench -i -s SCALE` on a connection string.
+fn pgbench_init(conn: &str, scale: &str) {
+    let init = Command::new(pg_bin("pgbench"))
+        .args(["-i", "-q", "-s", scale])
+        .arg(conn)
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// pgbench with `args` on a connection string, in the background until dropped.
+fn pgbench_load(conn: &str, args: &[&str]) -> Load {
+    Load(
+        Command::new(pg_bin("pgbench"))
+            .args(args)
+            .arg(conn)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgbench"),
+    )
+}
+
 fn assert_pgbench_consistent(env: &Env, branch: &str) {
     let q = |sql: &str| env.sql(branch, sql);
     let history = q("select count(*) from pgbench_history");
@@ -59,16 +86,7 @@ fn branching_a_parent_under_pgbench_is_consistent() {
     let env = Env::new();
     env.up();
     let main = env.connection_string("main");
-    let init = Command::new(pg_bin("pgbench"))
-        .args(["-i", "-q", "-s", "5"])
-        .arg(&main)
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&main, "5");
 
     let load = Load(
         Command::new(pg_bin("pgbench"))
@@ -96,15 +114,7 @@ fn branching_a_parent_under_pgbench_is_consistent() {
     );
     // A branch of a branch that is itself being written.
     let snap1 = env.connection_string("snap-1");
-    let load2 = Load(
-        Command::new(pg_bin("pgbench"))
-            .args(["-n", "-c", "2", "-T", "60"])
-            .arg(&snap1)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbench on snap-1"),
-    );
+    let load2 = pgbench_load(&snap1, &["-n", "-c", "2", "-T", "60"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     env.ok(&["branch", "create", "snap-1-1", "--parent", "snap-1"]);
     drop(load2);
@@ -128,16 +138,7 @@ fn pagestore_maintenance_under_load_keeps_every_branch_intact() {
     let env = Env::new();
     env.up_with(&["--storage", "pagestore"]);
     let main = env.connection_string("main");
-    let init = Command::new(pg_bin("pgbench"))
-        .args(["-i", "-q", "-s", "3"])
-        .arg(&main)
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&main, "3");
     // A branch that rewrites every account, then goes: garbage for maintenance.
     env.ok(&["branch", "create", "scratch"]);
     env.sql(
@@ -156,24 +157,8 @@ fn pagestore_maintenance_under_load_keeps_every_branch_intact() {
             .count()
     };
     let runs_before = maintenance_runs();
-    let load = Load(
-        Command::new(pg_bin("pgbench"))
-            .args(["-n", "-c", "2", "-T", "40"])
-            .arg(&main)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbench on main"),
-    );
-    let load_dev = Load(
-        Command::new(pg_bin("pgbench"))
-            .args(["-n", "-c", "2", "-T", "40"])
-            .arg(&dev)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbench on dev"),
-    );
+    let load = pgbench_load(&main, &["-n", "-c", "2", "-T", "40"]);
+    let load_dev = pgbench_load(&dev, &["-n", "-c", "2", "-T", "40"]);
     env.ok(&["branch", "delete", "scratch"]);
     wait_for(
         "maintenance after the deletion",
@@ -229,5 +214,5 @@ fn pagestore_maintenance_under_load_keeps_every_branch_intact() {
         );
         assert_pgbench_consistent(&env, b);
     }
-    env.ok(&["down"]);
+    env.down_leaves_nothing();
 }

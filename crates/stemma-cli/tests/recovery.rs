@@ -329,13 +329,7 @@ fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
     );
     assert_eq!(env.sql("after", "select count(*) from t"), "2");
 
-    env.ok(&["down"]);
-    assert!(env.pagestore_server_pids().is_empty());
-    assert_eq!(
-        env.mounts(),
-        Vec::<std::path::PathBuf>::new(),
-        "mounts left"
-    );
+    env.down_leaves_nothing();
 }
 
 /// A pagestore server that runs but answers nothing (stopped with SIGSTOP here; a deadlock
@@ -345,19 +339,8 @@ fn kill_9_of_the_pagestore_server_brings_every_branch_back() {
 #[test]
 fn a_hung_pagestore_server_is_replaced() {
     let env = Env::new();
-    let base = env.port_base.to_string();
     let out = env
-        .cmd(&[
-            "up",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--proxy-listen",
-            "127.0.0.1:0",
-            "--port-base",
-            &base,
-            "--storage",
-            "pagestore",
-        ])
+        .up_command(&["--storage", "pagestore"])
         .env("STEMMA_PAGESTORE_HANG_TIMEOUT", "3")
         .output()
         .expect("run stemma up");
@@ -389,14 +372,7 @@ fn a_hung_pagestore_server_is_replaced() {
         log.contains("hung"),
         "the daemon's log does not say the server hung"
     );
-
-    env.ok(&["down"]);
-    assert!(env.pagestore_server_pids().is_empty());
-    assert_eq!(
-        env.mounts(),
-        Vec::<std::path::PathBuf>::new(),
-        "mounts left"
-    );
+    env.down_leaves_nothing();
 }
 
 /// A daemon that cannot start (its API port is taken) stops the pagestore server it launched
@@ -432,6 +408,6 @@ fn a_failed_start_leaves_no_pagestore_server() {
     // The data directory is still good for a daemon that can start.
     env.up_with(&["--storage", "pagestore"]);
     env.sql("main", "select 1");
-    env.ok(&["down"]);
+    env.down_leaves_nothing();
     drop(taken);
 }

@@ -130,6 +130,19 @@ impl Env {
     }
 
     pub fn up_with(&self, extra: &[&str]) -> String {
+        let out = self.up_command(extra).output().expect("run stemma up");
+        assert!(
+            out.status.success(),
+            "stemma up {extra:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `stemma up` on this environment's free ports (API and shared proxy port chosen by the
+    /// system), not run yet: to add environment variables, or to expect a failure.
+    pub fn up_command(&self, extra: &[&str]) -> Command {
         let base = self.port_base.to_string();
         let mut args = vec![
             "up",
@@ -141,7 +154,17 @@ impl Env {
             &base,
         ];
         args.extend_from_slice(extra);
-        self.ok(&args)
+        self.cmd(&args)
+    }
+
+    /// `stemma down`, then checks that no pagestore server and no mount is left.
+    pub fn down_leaves_nothing(&self) {
+        self.ok(&["down"]);
+        assert!(
+            self.pagestore_server_pids().is_empty(),
+            "a pagestore server outlived `down`"
+        );
+        assert_eq!(self.mounts(), Vec::<PathBuf>::new(), "mounts left");
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
