@@ -22,25 +22,26 @@ fn io_kind(e: StorageError) -> ErrorKind {
     }
 }
 
-#[test]
-fn driver_calls_cross_the_socket_with_their_errors() {
-    common::init_tracing();
-    let dir = tempfile::Builder::new()
-        .prefix("stemma-fuse-server-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let root = dir.path().join("root");
+/// A pagestore server on a thread of this process, over `root`, and a client connected to it
+/// (polling, bounded, until the server answers).
+fn start_on_thread(
+    root: &Path,
+    log: &Path,
+    options: DriverOptions,
+) -> (
+    std::thread::JoinHandle<stemma_storage::Result<()>>,
+    PagestoreClient,
+) {
     let server = {
-        let root = root.clone();
-        std::thread::spawn(move || server::run(&root, None, DriverOptions::default()))
+        let root = root.to_path_buf();
+        std::thread::spawn(move || server::run(&root, None, options))
     };
     let spec = ServerSpec {
         program: "/nonexistent".into(),
         args: vec![],
-        root: root.clone(),
+        root: root.to_path_buf(),
         owner: None,
-        log: dir.path().join("server.log"),
+        log: log.to_path_buf(),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let client = loop {
@@ -53,6 +54,23 @@ fn driver_calls_cross_the_socket_with_their_errors() {
             }
         }
     };
+    (server, client)
+}
+
+#[test]
+fn driver_calls_cross_the_socket_with_their_errors() {
+    common::init_tracing();
+    let dir = tempfile::Builder::new()
+        .prefix("stemma-fuse-server-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let root = dir.path().join("root");
+    let (server, client) = start_on_thread(
+        &root,
+        &dir.path().join("server.log"),
+        DriverOptions::default(),
+    );
     assert_eq!(client.server_pid(), std::process::id());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let (a, b, c) = (tl("aa"), tl("bb"), tl("cc"));
@@ -167,28 +185,7 @@ fn deleting_a_branch_gives_the_store_space_back() {
         },
         ..DriverOptions::default()
     };
-    let server = {
-        let root = root.clone();
-        std::thread::spawn(move || server::run(&root, None, options))
-    };
-    let spec = ServerSpec {
-        program: "/nonexistent".into(),
-        args: vec![],
-        root: root.clone(),
-        owner: None,
-        log: dir.path().join("server.log"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match PagestoreClient::connect(spec.clone()) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(!server.is_finished(), "the server ended: {e}");
-                assert!(Instant::now() < deadline, "the server never answered: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let (server, client) = start_on_thread(&root, &dir.path().join("server.log"), options);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let (a, b) = (tl("aa"), tl("bb"));
         let kept: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
