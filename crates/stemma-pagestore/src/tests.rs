@@ -706,6 +706,52 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// A store in `dir` whose log interleaves small rewrites of main's file `f` with larger
+/// writes to a branch `dev`, so that once `dev` goes, segments hold live pages among dead
+/// ones: `rounds` times, one page of `f` (cycling over `main_pages` pages) and `dev_pages`
+/// new pages of dev's own file (contents from `dev_seed`).
+struct Interleaved {
+    s: PageStore,
+    config: Config,
+    main: TimelineId,
+    f: Ino,
+    dev: TimelineId,
+}
+
+fn interleaved(
+    dir: &Path,
+    segment_size: u64,
+    rounds: u64,
+    main_pages: u64,
+    dev_pages: u64,
+    dev_seed: u64,
+) -> Interleaved {
+    let config = Config {
+        segment_size,
+        ..Config::default()
+    };
+    let s = PageStore::open(dir, config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let f = file(&s, main, "f");
+    let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
+    let g = file(&s, dev, "g");
+    let ps = PAGE_SIZE as u64;
+    for i in 0..rounds {
+        s.write(main, f, (i % main_pages) * ps, &pattern(i, PAGE_SIZE))
+            .unwrap();
+        let len = dev_pages as usize * PAGE_SIZE;
+        s.write(dev, g, i * dev_pages * ps, &pattern(dev_seed + i, len))
+            .unwrap();
+    }
+    Interleaved {
+        s,
+        config,
+        main,
+        f,
+        dev,
+    }
+}
+
 /// Distinct, non-zero contents for a write (so no page is stored as a zero page).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len)
@@ -757,23 +803,14 @@ fn deleting_a_branch_and_maintenance_give_its_space_back() {
 #[test]
 fn compaction_moves_live_pages_and_everything_reads_the_same() {
     let d = tempfile::tempdir().unwrap();
-    let config = Config {
-        segment_size: 256 << 10,
-        ..Config::default()
-    };
-    let s = PageStore::open(d.path(), config.clone()).unwrap();
-    let main = s.create_root(b"main").unwrap();
-    let f = file(&s, main, "f");
-    let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
-    let g = file(&s, dev, "g");
-    let ps = PAGE_SIZE as u64;
     // One page of main for every three of dev, so every segment is mostly dev's.
-    for i in 0..200u64 {
-        s.write(main, f, (i % 50) * ps, &pattern(i, PAGE_SIZE))
-            .unwrap();
-        s.write(dev, g, i * 3 * ps, &pattern(1000 + i, 3 * PAGE_SIZE))
-            .unwrap();
-    }
+    let Interleaved {
+        s,
+        config,
+        main,
+        f,
+        dev,
+    } = interleaved(d.path(), 256 << 10, 200, 50, 3, 1000);
     let mid = s.last_lsn();
     let past = s
         .branch(main, BranchPoint::Lsn(mid - 100), b"past")
@@ -918,22 +955,13 @@ fn a_crash_after_any_maintenance_step_reopens_the_same() {
         MaintenanceStep::Done,
     ] {
         let d = tempfile::tempdir().unwrap();
-        let config = Config {
-            segment_size: 128 << 10,
-            ..Config::default()
-        };
-        let s = PageStore::open(d.path(), config.clone()).unwrap();
-        let main = s.create_root(b"main").unwrap();
-        let f = file(&s, main, "f");
-        let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
-        let g = file(&s, dev, "g");
-        let ps = PAGE_SIZE as u64;
-        for i in 0..60u64 {
-            s.write(main, f, (i % 20) * ps, &pattern(i, PAGE_SIZE))
-                .unwrap();
-            s.write(dev, g, i * 2 * ps, &pattern(500 + i, 2 * PAGE_SIZE))
-                .unwrap();
-        }
+        let Interleaved {
+            s,
+            config,
+            main,
+            f,
+            dev,
+        } = interleaved(d.path(), 128 << 10, 60, 20, 2, 500);
         let past_at = s.last_lsn() - 30;
         s.delete_timeline(dev).unwrap();
         let want = all(&s, main, f);
