@@ -127,7 +127,13 @@ impl Entry {
     }
 }
 
+/// Runs (on a blocking thread) before every postgres process the supervisor spawns, first
+/// starts and restarts alike; an error fails that start. The control plane makes the
+/// storage durable here (see `StorageDriver::sync_timeline`).
+pub type BeforeStart = Arc<dyn Fn(&ComputeSpec) -> std::result::Result<(), String> + Send + Sync>;
+
 struct Inner {
+    before_start: std::sync::OnceLock<BeforeStart>,
     install: PgInstall,
     user: Option<ComputeUser>,
     /// Keyed by [`ComputeSpec::key`]: only computes that should run are here.
@@ -147,12 +153,20 @@ impl Supervisor {
     pub fn new(install: PgInstall, user: Option<ComputeUser>) -> Self {
         Supervisor {
             inner: Arc::new(Inner {
+                before_start: std::sync::OnceLock::new(),
                 install,
                 user,
                 computes: Mutex::new(HashMap::new()),
                 key_locks: Mutex::new(HashMap::new()),
                 starts: std::sync::atomic::AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// Sets the hook run before every spawn (once; a second call is ignored).
+    pub fn set_before_start(&self, hook: BeforeStart) {
+        if self.inner.before_start.set(hook).is_err() {
+            tracing::warn!("the supervisor's before-start hook was already set");
         }
     }
 
@@ -221,6 +235,19 @@ impl Supervisor {
                 }
                 // Settings changed (another port): restart it with the new ones.
                 stop_postmaster(pm.pid, &spec.data_dir, || false).await;
+            }
+        }
+        if let Some(hook) = self.inner.before_start.get().cloned() {
+            let s = spec.clone();
+            let r = tokio::task::spawn_blocking(move || hook(&s))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(reason) = r {
+                return Err(ComputeError::StartFailed {
+                    label: spec.label.clone(),
+                    reason: format!("preparing its storage: {reason}"),
+                });
             }
         }
         let user = spec.user.clone().or_else(|| self.inner.user.clone());

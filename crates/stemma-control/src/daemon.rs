@@ -96,6 +96,18 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .context("restricting the scratch directory")?;
 
     let supervisor = Supervisor::new(install, user);
+    {
+        // Before any compute starts (restarts too): its timeline's writes durable, so that
+        // its crash recovery starts from an image a power cut cannot take back.
+        let storage = storage.clone();
+        supervisor.set_before_start(Arc::new(move |spec| {
+            let ids = storage.list().map_err(|e| e.to_string())?;
+            match ids.iter().find(|id| storage.data_dir(id) == spec.data_dir) {
+                Some(id) => storage.sync_timeline(id).map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        }));
+    }
     let engine = Arc::new(Engine::new(cfg.clone(), meta, storage, supervisor.clone()));
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(stemma_proxy::load_tls(cert, key).map_err(anyhow::Error::msg)?),

@@ -44,6 +44,12 @@ const DEFAULT_SETTINGS: &[(&str, &str)] = &[
     ("jit", "off"),
     ("logging_collector", "off"),
     ("log_line_prefix", "%m [%p] "),
+    // A crashed backend takes the postmaster down and the supervisor starts it again, rather
+    // than the postmaster reinitialising in place: every crash recovery then begins with the
+    // supervisor's before-start hook, which makes the timeline's buffered writes durable
+    // (the pagestore keeps page writes in memory until their file is fsynced, and
+    // PostgreSQL's own `syncfs` at the start of recovery does not reach a FUSE server).
+    ("restart_after_crash", "off"),
     // Not `checkpoint_timeout`: checkpoints every 30 s would bound the WAL a new branch of a
     // busy parent replays, but cost the pagestore a third of its TPC-B throughput in one
     // measurement (0.56 of native against 0.70-0.79 with the default 5 minutes).

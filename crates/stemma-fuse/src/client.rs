@@ -557,6 +557,10 @@ impl StorageDriver for PagestoreClient {
         mount_point(&self.spec.root, id)
     }
 
+    fn sync_timeline(&self, id: &TimelineId) -> Result<()> {
+        self.call_unit(&Request::SyncTimeline { id: id.to_string() })
+    }
+
     fn exists(&self, id: &TimelineId) -> bool {
         match self.call(&Request::Exists { id: id.to_string() }) {
             Ok(Reply::Bool(b)) => b,

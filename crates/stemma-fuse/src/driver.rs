@@ -31,17 +31,31 @@ use stemma_storage::{
     Usage,
 };
 
+use crate::flusher::{default_write_buffer, Flusher};
 use crate::mount::{clear_stale_mounts, kill_stranded_processes, MountedTimeline};
 use crate::FuseOptions;
 
 type EngineTl = stemma_pagestore::TimelineId;
 
 /// Settings of a [`PagestoreDriver`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DriverOptions {
     pub fuse: FuseOptions,
-    /// The engine's settings (retention window, segment size).
+    /// The engine's settings (retention window, segment size, write buffer).
     pub store: stemma_pagestore::Config,
+}
+
+impl Default for DriverOptions {
+    /// The engine's defaults, with a write buffer of [`default_write_buffer`] bytes.
+    fn default() -> Self {
+        DriverOptions {
+            fuse: FuseOptions::default(),
+            store: stemma_pagestore::Config {
+                write_buffer: default_write_buffer(),
+                ..stemma_pagestore::Config::default()
+            },
+        }
+    }
 }
 
 /// The `pagestore` driver. See the module docs for the layout and the mount lifecycle.
@@ -54,6 +68,8 @@ pub struct PagestoreDriver {
     /// Mounted timelines by id. The lock also serializes the driver's changes (create, clone,
     /// delete), so that an id is never mounted twice nor created twice.
     mounts: Mutex<HashMap<TimelineId, MountedTimeline>>,
+    /// Commits old buffered page writes in the background (when the store buffers).
+    flusher: Mutex<Option<Flusher>>,
 }
 
 fn engine_err(context: &'static str, path: &Path, e: stemma_pagestore::Error) -> StorageError {
@@ -126,13 +142,22 @@ impl PagestoreDriver {
             &mnt_dir,
         ))?;
         clear_stale_mounts(&mnt_dir).map_err(io_err("detaching stale mounts", &mnt_dir))?;
+        let store = Arc::new(store);
+        let flusher = match options.store.write_buffer {
+            0 => None,
+            limit => Some(
+                Flusher::start(store.clone(), limit)
+                    .map_err(io_err("starting the write buffer's flusher", root))?,
+            ),
+        };
         let driver = PagestoreDriver {
             root: root.to_path_buf(),
             mnt_dir,
-            store: Arc::new(store),
+            store,
             owner,
             options,
             mounts: Mutex::new(HashMap::new()),
+            flusher: Mutex::new(flusher),
         };
         let ids = driver.list()?;
         {
@@ -171,6 +196,18 @@ impl PagestoreDriver {
             if let Err(e) = m.unmount() {
                 tracing::error!(timeline = %id, error = %e, "unmount failed");
             }
+        }
+        if let Some(mut f) = self.flusher.lock().take() {
+            f.stop();
+        }
+        // What nobody fsynced still goes to disk on a clean stop, as a native filesystem's
+        // page cache does at unmount.
+        if let Err(e) = self
+            .store
+            .flush_buffered(None, None, 0)
+            .and_then(|_| self.store.sync())
+        {
+            tracing::error!(error = %e, "committing buffered page writes at shutdown failed");
         }
     }
 
@@ -514,6 +551,17 @@ impl StorageDriver for PagestoreDriver {
 
     fn data_dir(&self, id: &TimelineId) -> PathBuf {
         mount_point(&self.root, id)
+    }
+
+    /// Commits every buffered page write of timeline `id` and syncs: a compute starting on it
+    /// then runs crash recovery from a durable image (its `syncfs` does not reach FUSE).
+    fn sync_timeline(&self, id: &TimelineId) -> Result<()> {
+        let tl = self
+            .engine_id(id)
+            .ok_or_else(|| StorageError::NotFound(id.clone()))?;
+        self.store
+            .sync_timeline(tl)
+            .map_err(|e| engine_err("syncing a timeline", &self.data_dir(id), e))
     }
 
     fn exists(&self, id: &TimelineId) -> bool {

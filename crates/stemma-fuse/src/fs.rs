@@ -665,16 +665,17 @@ impl Filesystem for TimelineFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        i: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         count(Op::Fsync);
         set_thread_priority(self.options.nice);
-        // The kernel has already sent this file's dirty pages; one group-committed fsync of
-        // the log makes them (and everything before them) durable.
-        match self.store.sync() {
+        // The kernel has already sent this file's dirty pages; the store commits those it
+        // buffered, and one group-committed fsync of the log makes them (and everything
+        // before them) durable.
+        match self.store.sync_file(self.tl, ino(i)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }

@@ -24,6 +24,7 @@
 
 mod client;
 mod driver;
+mod flusher;
 mod fs;
 pub mod maintenance;
 mod mount;

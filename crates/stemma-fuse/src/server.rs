@@ -321,6 +321,10 @@ fn dispatch(shared: &Shared, req: Request) -> Result<Reply> {
             Reply::Unit
         }
         Request::Exists { id: i } => Reply::Bool(d.exists(&id(&i)?)),
+        Request::SyncTimeline { id: i } => {
+            d.sync_timeline(&id(&i)?)?;
+            Reply::Unit
+        }
         Request::Delete { id: i } => {
             d.delete(&id(&i)?)?;
             // Its pages are garbage now: give the space back soon.

@@ -51,6 +51,9 @@ pub(crate) enum Request {
     Exists {
         id: String,
     },
+    SyncTimeline {
+        id: String,
+    },
     Delete {
         id: String,
     },

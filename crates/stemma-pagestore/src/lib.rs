@@ -47,6 +47,7 @@
 //!   branch point can reach (GC), rewrites sparse data files into packs (compaction), and
 //!   writes a checkpoint before it deletes anything.
 
+mod buffer;
 mod checkpoint;
 mod error;
 mod format;

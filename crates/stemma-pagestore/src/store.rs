@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Mutex, RwLock};
 
+use crate::buffer::WriteBuffer;
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -69,6 +70,10 @@ pub struct Config {
     /// [`PageStore::maintain`] writes an index checkpoint when it changed anything, or when
     /// the log grew by this much since the last one (which bounds the replay at open).
     pub checkpoint_every: u64,
+    /// Most bytes of page overwrites kept in memory until their file is synced (the write
+    /// buffer, see `buffer.rs`); 0 commits every write at once. Past this a writer commits the
+    /// oldest files itself; [`PageStore::flush_buffered`] is the background's way.
+    pub write_buffer: usize,
 }
 
 impl Default for Config {
@@ -80,6 +85,7 @@ impl Default for Config {
             clock: Clock::system(),
             compact_below: 0.5,
             checkpoint_every: 64 << 20,
+            write_buffer: 0,
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct PageStore {
     pub(crate) maintenance: Mutex<()>,
     /// `LogWriter::appended` when the last checkpoint was taken.
     pub(crate) checkpointed_at: Mutex<u64>,
+    /// Page overwrites not yet committed (lock order: `state`, then this).
+    buffer: Mutex<WriteBuffer>,
     _lock: Flock<File>,
 }
 
@@ -467,6 +475,7 @@ impl PageStore {
             poisoned: AtomicBool::new(false),
             maintenance: Mutex::new(()),
             checkpointed_at: Mutex::new(0),
+            buffer: Mutex::new(WriteBuffer::default()),
             _lock: lock,
         })
     }
@@ -544,6 +553,12 @@ impl PageStore {
                 self.poison(&e);
                 e
             })?;
+        // A freed inode's buffered pages can never be committed: let their memory go now.
+        for m in muts {
+            if let Mutation::FreeInode { ino } = m {
+                self.buffer.lock().take(tl, *ino);
+            }
+        }
         let active = st.log.active();
         let mut end = self.log_end.lock();
         if end.mark.seg != active.no {
@@ -718,6 +733,7 @@ impl PageStore {
                 });
             }
             self.commit(&mut st, tl, &[Mutation::DeleteTimeline])?;
+            self.buffer.lock().drop_timeline(tl);
         }
         self.sync()?;
         tracing::info!(timeline = %tl, "deleted timeline");
@@ -833,6 +849,7 @@ impl PageStore {
     /// Reads up to `len` bytes at `offset`; fewer at the end of the file. Holes read as zeros.
     pub fn read(&self, tl: TimelineId, ino: Ino, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut plan = Vec::new();
+        let mut buffered = Vec::new();
         let end = {
             let st = self.state.read();
             let v = View::new(&st, timeline(&st, tl)?);
@@ -842,7 +859,17 @@ impl PageStore {
             }
             let end = a.size.min(offset.saturating_add(len as u64));
             let ps = PAGE_SIZE as u64;
+            // Buffered pages are copied under the state lock: a commit moves them to the index
+            // under its write lock, so this sees each page in exactly one of the two.
+            let buf = self.buffer.lock();
+            let has_buffered = buf.has(tl, ino);
             for page in offset / ps..end.div_ceil(ps) {
+                if has_buffered {
+                    if let Some(d) = buf.page(tl, ino, page) {
+                        buffered.push((page, d.to_vec()));
+                        continue;
+                    }
+                }
                 if let Loc::Data { file: id, off } = v.page(ino, page) {
                     plan.push((page, st.data_file(id, off)?, id, off));
                 }
@@ -854,6 +881,12 @@ impl PageStore {
         // we hold meanwhile, which Linux keeps readable until we drop it.
         let ps = PAGE_SIZE as u64;
         let mut out = vec![0u8; (end - offset) as usize];
+        for (page, data) in buffered {
+            let from = (page * ps).max(offset);
+            let to = ((page + 1) * ps).min(end);
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - page * ps) as usize..(to - page * ps) as usize]);
+        }
         for (page, file, seg, off) in plan {
             let from = (page * ps).max(offset);
             let to = ((page + 1) * ps).min(end);
@@ -887,6 +920,15 @@ impl PageStore {
             .ok_or_else(|| {
                 Error::FileTooLarge(format!("write of {} bytes at offset {offset}", data.len()))
             })?;
+        if self.config.write_buffer > 0
+            && !data.is_empty()
+            && self.write_buffered(tl, ino, offset, data)?
+        {
+            if self.buffer.lock().bytes > self.config.write_buffer {
+                self.flush_buffered(None, None, self.config.write_buffer / 4 * 3)?;
+            }
+            return Ok(data.len());
+        }
         let ps = PAGE_SIZE as u64;
         let chunk = (MAX_PAGES_PER_FRAME * PAGE_SIZE) as u64;
         let mut pos = offset;
@@ -895,6 +937,9 @@ impl PageStore {
             let next = ((pos / ps) * ps + chunk).min(end);
             let d = &data[(pos - offset) as usize..(next - offset) as usize];
             let mut st = self.state.write();
+            // The file's buffered pages go first, so its own order holds (and the
+            // read-modify-write below reads what the file holds).
+            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
             self.write_chunk(&mut st, tl, ino, pos, d)?;
             let behind = st.log.write_behind();
             drop(st);
@@ -904,6 +949,144 @@ impl PageStore {
             pos = next;
         }
         Ok(data.len())
+    }
+
+    /// Puts an overwrite inside the file's current size into the write buffer. `false` (and
+    /// nothing done) when the write would change the size: that goes through the log at once.
+    fn write_buffered(&self, tl: TimelineId, ino: Ino, offset: u64, data: &[u8]) -> Result<bool> {
+        let st = self.state.read();
+        let v = View::new(&st, timeline(&st, tl)?);
+        let a = regular_attr(&v, tl, ino)?;
+        let end = offset + data.len() as u64;
+        if end > a.size {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        let ps = PAGE_SIZE as u64;
+        let mut buf = self.buffer.lock();
+        for page in offset / ps..end.div_ceil(ps) {
+            let ps_start = page * ps;
+            let from = ps_start.max(offset);
+            let to = (ps_start + ps).min(end);
+            let whole = to - from == ps;
+            let dst = buf.page_mut(tl, ino, page, |b| {
+                if whole {
+                    Ok(())
+                } else {
+                    self.read_page(&st, v.page(ino, page), b)
+                }
+            })?;
+            dst[(from - ps_start) as usize..(to - ps_start) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+        }
+        Ok(true)
+    }
+
+    /// Commits up to `max_pages` of a file's buffered pages (all of them with `usize::MAX`),
+    /// lowest first, one frame per [`MAX_PAGES_PER_FRAME`]. Returns whether some are left.
+    /// Pages of a file or timeline that has gone are dropped.
+    fn commit_buffered(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        ino: Ino,
+        max_pages: usize,
+    ) -> Result<bool> {
+        let mut buf = self.buffer.lock();
+        if !buf.has(tl, ino) {
+            return Ok(false);
+        }
+        let alive = timeline(st, tl)
+            .ok()
+            .and_then(|t| View::new(st, t).attr(ino))
+            .is_some_and(|a| a.kind == FileKind::Regular);
+        if !alive {
+            buf.take(tl, ino);
+            return Ok(false);
+        }
+        let mut left = max_pages;
+        while left > 0 {
+            let pages = buf.take_some(tl, ino, MAX_PAGES_PER_FRAME.min(left));
+            if pages.is_empty() {
+                return Ok(false);
+            }
+            left = left.saturating_sub(pages.len());
+            let muts: Vec<Mutation<'_>> = pages
+                .iter()
+                .map(|(page, d)| {
+                    if is_zero(d) {
+                        Mutation::ZeroPage { ino, page: *page }
+                    } else {
+                        Mutation::Page {
+                            ino,
+                            page: *page,
+                            data: d,
+                            data_off: 0,
+                        }
+                    }
+                })
+                .collect();
+            self.commit(st, tl, &muts)?;
+        }
+        Ok(buf.has(tl, ino))
+    }
+
+    /// Commits buffered page writes to the log (without syncing): every file of timeline
+    /// `only` if given; else the files buffered before `older_than`, and then the oldest
+    /// others until at most `keep_bytes` stay buffered. Takes the state lock per frame, so
+    /// readers and writers go on in between. Returns the bytes committed.
+    pub fn flush_buffered(
+        &self,
+        only: Option<TimelineId>,
+        older_than: Option<Duration>,
+        keep_bytes: usize,
+    ) -> Result<u64> {
+        let cutoff = older_than.and_then(|d| Instant::now().checked_sub(d));
+        let files = self.buffer.lock().pick(only, cutoff, keep_bytes);
+        let before = self.last_lsn();
+        let mut bytes = 0u64;
+        for (tl, ino) in files {
+            loop {
+                let mut st = self.state.write();
+                let pages = self.buffer.lock().pages_of(tl, ino);
+                let more = self.commit_buffered(&mut st, tl, ino, MAX_PAGES_PER_FRAME)?;
+                bytes += (pages.min(MAX_PAGES_PER_FRAME) * PAGE_SIZE) as u64;
+                let behind = st.log.write_behind();
+                drop(st);
+                if let Some((file, from, len)) = behind {
+                    log::start_writeback(&file, from, len);
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+        if bytes > 0 {
+            tracing::debug!(bytes, from_lsn = %before, "committed buffered page writes");
+        }
+        Ok(bytes)
+    }
+
+    /// Bytes of page writes waiting in the write buffer.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.lock().bytes
+    }
+
+    /// FUSE's fsync of one file: commits its buffered pages, then [`PageStore::sync`].
+    pub fn sync_file(&self, tl: TimelineId, ino: Ino) -> Result<()> {
+        if self.buffer.lock().has(tl, ino) {
+            let mut st = self.state.write();
+            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
+        }
+        self.sync()
+    }
+
+    /// Commits every buffered page of `tl` and syncs: what a `syncfs` of its filesystem
+    /// asks. Called before a compute starts on the timeline, so that crash recovery starts
+    /// from a durable image.
+    pub fn sync_timeline(&self, tl: TimelineId) -> Result<()> {
+        self.flush_buffered(Some(tl), None, 0)?;
+        self.sync()
     }
 
     fn write_chunk(
@@ -967,6 +1150,10 @@ impl PageStore {
     /// chmod, chown, truncate or extend, utimes: the `Some` fields of `set`.
     pub fn setattr(&self, tl: TimelineId, ino: Ino, set: SetAttr) -> Result<Attr> {
         let mut st = self.state.write();
+        if set.size.is_some() {
+            // A truncate must not be followed by older buffered pages of the same file.
+            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
+        }
         let v = View::new(&st, timeline(&st, tl)?);
         let old = attr_of(&v, tl, ino)?;
         let now = self.now();

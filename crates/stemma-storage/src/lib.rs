@@ -210,6 +210,16 @@ pub trait StorageDriver: Send + Sync {
 
     /// Measures a timeline.
     fn usage(&self, id: &TimelineId) -> Result<Usage>;
+
+    /// Makes every write to the timeline durable; called before a compute starts on it, so
+    /// that its crash recovery starts from a durable image. The default does nothing: on a
+    /// kernel filesystem PostgreSQL's own `syncfs` at the start of recovery does this, but a
+    /// driver that keeps writes in memory of its own (the pagestore's write buffer) never
+    /// sees that `syncfs`.
+    fn sync_timeline(&self, id: &TimelineId) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
 }
 
 /// Rejects absolute paths and `..` so that a relative path stays inside a timeline.
