@@ -16,7 +16,9 @@
 #   VARIANTS="pagestore nodirect:STEMMA_FUSE_DIRECT_DIR="
 # (default: "pagestore", the driver's defaults). Ratios are printed for each variant.
 # BIN=PATH among a variant's settings runs that variant with another build of the mount helper
-# (e.g. a copy built from the base commit), to compare engine versions in the same run.
+# (e.g. a copy built from the base commit), to compare engine versions in the same run;
+# BDI_MAX_RATIO=N lets the kernel keep up to N% of its dirty page cache for that mount (FUSE
+# mounts get 1% under a strict limit by default).
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -84,8 +86,12 @@ for v in $VARIANTS; do
   envs=()
   [ "$name" != "$v" ] && IFS=, read -r -a envs <<<"${v#*:}"
   bin=$MOUNT_BIN
+  ratio=
   for i in "${!envs[@]}"; do
-    case ${envs[$i]} in BIN=*) bin=${envs[$i]#BIN=} && unset "envs[$i]" ;; esac
+    case ${envs[$i]} in
+      BIN=*) bin=${envs[$i]#BIN=} && unset "envs[$i]" ;;
+      BDI_MAX_RATIO=*) ratio=${envs[$i]#BDI_MAX_RATIO=} && unset "envs[$i]" ;;
+    esac
   done
   env "${envs[@]}" "$bin" "$WORK/$name" 0a --owner "$PGUID:$PGGID" \
     >"$WORK/$name.out" 2>"$WORK/$name.mount.log" &
@@ -97,6 +103,12 @@ for v in $VARIANTS; do
   done
   PGDATA[$name]=$(head -1 "$WORK/$name.out")
   grep -q " ${PGDATA[$name]} " /proc/mounts || { echo "$name: not mounted" >&2; exit 1; }
+  if [ -n "$ratio" ]; then
+    # The share of the dirty page cache the kernel lets this mount hold (FUSE: 1%, strict).
+    bdi=/sys/class/bdi/$(mountpoint -d "${PGDATA[$name]}")
+    echo "$ratio" >"$bdi/max_ratio"
+    [ -e "$bdi/strict_limit" ] && echo 0 >"$bdi/strict_limit"
+  fi
   echo "$name (${envs[*]:-defaults}): $(sed -n 2p "$WORK/$name.mount.log")" >&2
   TARGETS+=("$name")
 done

@@ -52,6 +52,11 @@ impl Default for DriverOptions {
             fuse: FuseOptions::default(),
             store: stemma_pagestore::Config {
                 write_buffer: default_write_buffer(),
+                log_zero_ahead: std::env::var("STEMMA_PAGESTORE_ZERO_AHEAD_MB")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(4)
+                    << 20,
                 ..stemma_pagestore::Config::default()
             },
         }

@@ -123,6 +123,35 @@ impl WriteBuffer {
         out
     }
 
+    /// Takes the listed pages out (those buffered).
+    pub fn take_pages(&mut self, tl: TimelineId, ino: Ino, pages: &[u64]) -> Vec<(u64, Box<[u8]>)> {
+        let Some(f) = self.files.get_mut(&(tl, ino)) else {
+            return Vec::new();
+        };
+        let out: Vec<_> = pages
+            .iter()
+            .filter_map(|p| f.pages.remove(p).map(|d| (*p, d)))
+            .collect();
+        if f.pages.is_empty() {
+            self.files.remove(&(tl, ino));
+        }
+        self.bytes -= out.len() * PAGE_SIZE;
+        out
+    }
+
+    /// The numbers of a file's buffered pages, lowest first.
+    pub fn page_numbers(&self, tl: TimelineId, ino: Ino) -> Vec<u64> {
+        self.first_pages(tl, ino, usize::MAX)
+    }
+
+    /// The numbers of up to `n` of a file's buffered pages, lowest first.
+    pub fn first_pages(&self, tl: TimelineId, ino: Ino, n: usize) -> Vec<u64> {
+        self.files
+            .get(&(tl, ino))
+            .map(|f| f.pages.keys().take(n).copied().collect())
+            .unwrap_or_default()
+    }
+
     pub fn pages_of(&self, tl: TimelineId, ino: Ino) -> usize {
         self.files.get(&(tl, ino)).map_or(0, |f| f.pages.len())
     }

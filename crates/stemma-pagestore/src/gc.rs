@@ -21,7 +21,7 @@
 //!   it freed), so its pages, entries and symlink go too.
 
 use crate::state::{InodeIndex, IntMap, Loc, State, Versions, View, PACK_BIT};
-use crate::types::{Ino, Lsn, TimelineId};
+use crate::types::{Ino, Lsn, TimelineId, PAGE_SIZE};
 
 /// What one GC pass dropped from the index.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,6 +70,31 @@ fn drop_leading_empty<T>(
     lead as u64
 }
 
+/// What a timeline's versions still hold after GC: each page version with data, plus an
+/// estimate of the frame bytes of each attribute and directory-entry version. Between GCs
+/// `own_bytes` grows by the size of each frame the timeline commits, so it counts versions
+/// GC will drop; here it comes back to what deleting the timeline would give back.
+fn own_bytes(inodes: &IntMap<Ino, InodeIndex>) -> u64 {
+    const ATTR_BYTES: u64 = 64;
+    const ENTRY_BYTES: u64 = 24;
+    let mut n = 0u64;
+    for ii in inodes.values() {
+        n += ii.attrs.len() as u64 * ATTR_BYTES;
+        for v in ii.pages.values() {
+            n += v
+                .iter()
+                .filter(|(_, loc)| matches!(loc, Loc::Data { .. }))
+                .count() as u64
+                * PAGE_SIZE as u64;
+        }
+        for (name, v) in &ii.entries {
+            n += v.len() as u64 * (ENTRY_BYTES + name.len() as u64);
+        }
+        n += ii.symlink.as_ref().map_or(0, |s| s.len() as u64);
+    }
+    n
+}
+
 impl State {
     /// Drops every version no read point can reach (see the module docs). `horizon` is the
     /// oldest position a branch may still start at.
@@ -110,6 +135,7 @@ impl State {
                 });
             }
             if let Some(t) = self.timelines.get_mut(&id) {
+                t.own_bytes = own_bytes(&inodes);
                 t.inodes = inodes;
             }
         }

@@ -7,7 +7,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -74,6 +74,9 @@ pub struct Config {
     /// buffer, see `buffer.rs`); 0 commits every write at once. Past this a writer commits the
     /// oldest files itself; [`PageStore::flush_buffered`] is the background's way.
     pub write_buffer: usize,
+    /// Bytes of zeros kept written ahead of the log's end (0: none), so that fsyncs after
+    /// appends do not also commit the file's growth.
+    pub log_zero_ahead: u64,
 }
 
 impl Default for Config {
@@ -86,6 +89,7 @@ impl Default for Config {
             compact_below: 0.5,
             checkpoint_every: 64 << 20,
             write_buffer: 0,
+            log_zero_ahead: 0,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct PageStore {
     pub(crate) checkpointed_at: Mutex<u64>,
     /// Page overwrites not yet committed (lock order: `state`, then this).
     buffer: Mutex<WriteBuffer>,
+    /// fdatasyncs of the log (the writer's `syncs`: it zeroes ahead only under frequent ones).
+    log_syncs: Arc<AtomicU64>,
     _lock: Flock<File>,
 }
 
@@ -153,6 +159,20 @@ fn check_name(name: &[u8]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Whether bytes `from..to` of `file` are all zeros (the log's zeroed-ahead tail).
+fn zeros_from(file: &File, from: u64, to: u64) -> bool {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(buf.len() as u64) as usize;
+        if file.read_exact_at(&mut buf[..n], pos).is_err() || buf[..n].iter().any(|b| *b != 0) {
+            return false;
+        }
+        pos += n as u64;
+    }
+    true
 }
 
 fn timeline(st: &State, tl: TimelineId) -> Result<&Timeline> {
@@ -286,6 +306,10 @@ impl PageStore {
                 segment_size: config.segment_size.max(1 << 16),
                 total_bytes: 0,
                 appended: 0,
+                zero_ahead: config.log_zero_ahead,
+                zeroed_to: 0,
+                syncs: Arc::new(AtomicU64::new(0)),
+                zero_check: (0, 0),
             },
             time_index: TimeIndex {
                 entries: Vec::new(),
@@ -402,13 +426,21 @@ impl PageStore {
                         reason: format!("{reason} in a segment that was complete"),
                     });
                 }
-                tracing::warn!(
-                    path = %path.display(),
-                    offset = end.valid_len,
-                    discarded_bytes = end.file_len - end.valid_len,
-                    %reason,
-                    "discarding the torn tail of the log (changes after the last fsync)"
-                );
+                if zeros_from(&file, end.valid_len, end.file_len) {
+                    tracing::debug!(
+                        path = %path.display(),
+                        offset = end.valid_len,
+                        "cutting the zeros written ahead of the log"
+                    );
+                } else {
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = end.valid_len,
+                        discarded_bytes = end.file_len - end.valid_len,
+                        %reason,
+                        "discarding the torn tail of the log (changes after the last fsync)"
+                    );
+                }
                 file.set_len(end.valid_len)
                     .map_err(Error::io("cutting the torn tail of the log", &path))?;
             }
@@ -428,6 +460,7 @@ impl PageStore {
         }
         st.log.segments = segments;
         st.log.active_len = active_len;
+        st.log.zeroed_to = active_len;
         st.log.behind = active_len;
         st.log.total_bytes = total;
         st.log.appended = replayed;
@@ -461,6 +494,7 @@ impl PageStore {
         );
         let st_active_file = st.log.active().file.clone();
         let st_active_path = st.log.active().path.clone();
+        let log_syncs = st.log.syncs.clone();
         Ok(PageStore {
             dir: dir.to_path_buf(),
             config,
@@ -476,6 +510,7 @@ impl PageStore {
             maintenance: Mutex::new(()),
             checkpointed_at: Mutex::new(0),
             buffer: Mutex::new(WriteBuffer::default()),
+            log_syncs,
             _lock: lock,
         })
     }
@@ -601,6 +636,7 @@ impl PageStore {
             self.poison(&e);
             return Err(e);
         }
+        self.log_syncs.fetch_add(1, Ordering::Relaxed);
         self.durable.lock().advance(mark);
         Ok(())
     }
@@ -939,7 +975,7 @@ impl PageStore {
             let mut st = self.state.write();
             // The file's buffered pages go first, so its own order holds (and the
             // read-modify-write below reads what the file holds).
-            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
+            self.commit_buffered(&mut st, tl, ino, None)?;
             self.write_chunk(&mut st, tl, ino, pos, d)?;
             let behind = st.log.write_behind();
             drop(st);
@@ -982,19 +1018,20 @@ impl PageStore {
         Ok(true)
     }
 
-    /// Commits up to `max_pages` of a file's buffered pages (all of them with `usize::MAX`),
-    /// lowest first, one frame per [`MAX_PAGES_PER_FRAME`]. Returns whether some are left.
-    /// Pages of a file or timeline that has gone are dropped.
+    /// Commits a file's buffered pages: all of them, or only `these` page numbers (those
+    /// still buffered), lowest first, one frame per [`MAX_PAGES_PER_FRAME`], under the state
+    /// lock the caller holds. Returns how many pages it committed. Pages of a file or
+    /// timeline that has gone are dropped.
     fn commit_buffered(
         &self,
         st: &mut State,
         tl: TimelineId,
         ino: Ino,
-        max_pages: usize,
-    ) -> Result<bool> {
+        these: Option<&[u64]>,
+    ) -> Result<usize> {
         let mut buf = self.buffer.lock();
         if !buf.has(tl, ino) {
-            return Ok(false);
+            return Ok(0);
         }
         let alive = timeline(st, tl)
             .ok()
@@ -1002,15 +1039,26 @@ impl PageStore {
             .is_some_and(|a| a.kind == FileKind::Regular);
         if !alive {
             buf.take(tl, ino);
-            return Ok(false);
+            return Ok(0);
         }
-        let mut left = max_pages;
-        while left > 0 {
-            let pages = buf.take_some(tl, ino, MAX_PAGES_PER_FRAME.min(left));
+        let mut done = 0;
+        let mut rest = these;
+        loop {
+            let pages = match &mut rest {
+                None => buf.take_some(tl, ino, MAX_PAGES_PER_FRAME),
+                Some(list) => {
+                    let (now, later) = list.split_at(list.len().min(MAX_PAGES_PER_FRAME));
+                    *list = later;
+                    buf.take_pages(tl, ino, now)
+                }
+            };
             if pages.is_empty() {
-                return Ok(false);
+                if rest.is_some_and(|l| !l.is_empty()) {
+                    continue;
+                }
+                return Ok(done);
             }
-            left = left.saturating_sub(pages.len());
+            done += pages.len();
             let muts: Vec<Mutation<'_>> = pages
                 .iter()
                 .map(|(page, d)| {
@@ -1028,13 +1076,76 @@ impl PageStore {
                 .collect();
             self.commit(st, tl, &muts)?;
         }
-        Ok(buf.has(tl, ino))
+    }
+
+    /// Commits a file's buffered pages (all, or only `these`) one frame per hold of the state
+    /// lock, so that readers and writers go on in between. When it commits more than one
+    /// frame it paces itself: each frame is written to disk (`sync_file_range`, no journal
+    /// commit) before the next is appended, so that a bulk commit (PostgreSQL's checkpoint
+    /// fsyncing a relation file, the flusher) never leaves a large backlog of dirty log that
+    /// a concurrent commit's fsync would have to wait for. Returns the bytes committed.
+    fn commit_file_paced(&self, tl: TimelineId, ino: Ino, these: Option<Vec<u64>>) -> Result<u64> {
+        let total = match &these {
+            Some(l) => l.len(),
+            None => self.buffer.lock().pages_of(tl, ino),
+        };
+        let pace = total > MAX_PAGES_PER_FRAME;
+        let mut rest: &[u64] = these.as_deref().unwrap_or(&[]);
+        let mut bytes = 0u64;
+        loop {
+            let mut st = self.state.write();
+            let (seg_before, len_before) = (st.log.active().no, st.log.active_len);
+            let n = match these {
+                None => {
+                    // One frame's worth: `take_some` inside stops at MAX_PAGES_PER_FRAME
+                    // only per frame, so bound it here.
+                    let first: Vec<u64> =
+                        self.buffer.lock().first_pages(tl, ino, MAX_PAGES_PER_FRAME);
+                    if first.is_empty() {
+                        return Ok(bytes);
+                    }
+                    self.commit_buffered(&mut st, tl, ino, Some(&first))?
+                }
+                Some(_) => {
+                    if rest.is_empty() {
+                        return Ok(bytes);
+                    }
+                    let (now, later) = rest.split_at(rest.len().min(MAX_PAGES_PER_FRAME));
+                    rest = later;
+                    self.commit_buffered(&mut st, tl, ino, Some(now))?
+                }
+            };
+            bytes += (n * PAGE_SIZE) as u64;
+            if n == 0 {
+                continue;
+            }
+            let active = st.log.active();
+            let file = active.file.clone();
+            let from = if active.no == seg_before {
+                len_before
+            } else {
+                SEGMENT_HEADER_LEN as u64
+            };
+            let to = st.log.active_len;
+            let behind = if pace {
+                st.log.behind = st.log.behind.max(to);
+                None
+            } else {
+                st.log.write_behind()
+            };
+            drop(st);
+            if pace {
+                log::write_and_wait(&file, from, to - from);
+            } else if let Some((file, from, len)) = behind {
+                log::start_writeback(&file, from, len);
+            }
+        }
     }
 
     /// Commits buffered page writes to the log (without syncing): every file of timeline
     /// `only` if given; else the files buffered before `older_than`, and then the oldest
-    /// others until at most `keep_bytes` stay buffered. Takes the state lock per frame, so
-    /// readers and writers go on in between. Returns the bytes committed.
+    /// others until at most `keep_bytes` stay buffered. Paced (see `commit_file_paced`).
+    /// Returns the bytes committed.
     pub fn flush_buffered(
         &self,
         only: Option<TimelineId>,
@@ -1046,20 +1157,7 @@ impl PageStore {
         let before = self.last_lsn();
         let mut bytes = 0u64;
         for (tl, ino) in files {
-            loop {
-                let mut st = self.state.write();
-                let pages = self.buffer.lock().pages_of(tl, ino);
-                let more = self.commit_buffered(&mut st, tl, ino, MAX_PAGES_PER_FRAME)?;
-                bytes += (pages.min(MAX_PAGES_PER_FRAME) * PAGE_SIZE) as u64;
-                let behind = st.log.write_behind();
-                drop(st);
-                if let Some((file, from, len)) = behind {
-                    log::start_writeback(&file, from, len);
-                }
-                if !more {
-                    break;
-                }
-            }
+            bytes += self.commit_file_paced(tl, ino, None)?;
         }
         if bytes > 0 {
             tracing::debug!(bytes, from_lsn = %before, "committed buffered page writes");
@@ -1074,9 +1172,12 @@ impl PageStore {
 
     /// FUSE's fsync of one file: commits its buffered pages, then [`PageStore::sync`].
     pub fn sync_file(&self, tl: TimelineId, ino: Ino) -> Result<()> {
-        if self.buffer.lock().has(tl, ino) {
-            let mut st = self.state.write();
-            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
+        // The pages buffered now are what this fsync covers; pages buffered while it runs
+        // are later writes, which it need not wait for (and under a steady writer might
+        // never catch up with).
+        let pages = self.buffer.lock().page_numbers(tl, ino);
+        if !pages.is_empty() {
+            self.commit_file_paced(tl, ino, Some(pages))?;
         }
         self.sync()
     }
@@ -1152,7 +1253,7 @@ impl PageStore {
         let mut st = self.state.write();
         if set.size.is_some() {
             // A truncate must not be followed by older buffered pages of the same file.
-            self.commit_buffered(&mut st, tl, ino, usize::MAX)?;
+            self.commit_buffered(&mut st, tl, ino, None)?;
         }
         let v = View::new(&st, timeline(&st, tl)?);
         let old = attr_of(&v, tl, ino)?;

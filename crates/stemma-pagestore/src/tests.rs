@@ -880,12 +880,20 @@ fn gc_past_the_retention_window_frees_the_index_and_refuses_old_branches() {
     let want_main = all(&s, main, f);
     let before = s.index_versions();
     assert!(before > 50 * 17, "{before}");
+    let own_before = s.usage(main).unwrap().own_storage_bytes;
+    assert!(own_before > 50 * 16 * PAGE_SIZE as u64, "{own_before}");
     // Inside the window nothing goes.
     let r = s.gc().unwrap();
     assert_eq!(r.versions_dropped, 0, "{r:?}");
     now.fetch_add(2 * 3600, Ordering::SeqCst);
     let r = s.gc().unwrap();
     assert!(r.index_versions < before / 10, "{before} versions -> {r:?}");
+    // Own storage counts what is left: main's last version and the one `early` reads.
+    let own_after = s.usage(main).unwrap().own_storage_bytes;
+    assert!(
+        own_after >= 2 * 16 * PAGE_SIZE as u64 && own_after < 3 * 16 * PAGE_SIZE as u64,
+        "{own_before} -> {own_after}"
+    );
     assert_same(&all(&s, main, f), &want_main);
     assert_same(&all(&s, early, f), &want_early);
     assert!(matches!(

@@ -108,6 +108,7 @@ fn config() -> Config {
     Config {
         segment_size: 1 << 17,
         write_buffer: LIMIT_PAGES * PAGE_SIZE,
+        log_zero_ahead: 1 << 14,
         ..Config::default()
     }
 }

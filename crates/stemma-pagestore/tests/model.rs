@@ -509,6 +509,9 @@ fn config(now: &Arc<AtomicI64>, compact_below: f64) -> Config {
     // The smallest segments, so that rolls happen within a test case; an exact time index.
     Config {
         segment_size: 1 << 16,
+        // Zeros ahead of the log's end: recovery must tell them from frames, and sealing a
+        // segment must cut them off.
+        log_zero_ahead: 1 << 13,
         compact_below,
         retention: Duration::from_secs(RETENTION_SECS as u64),
         time_granularity: Duration::ZERO,

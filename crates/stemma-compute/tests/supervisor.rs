@@ -1,0 +1,128 @@
+//! The supervisor with a real PostgreSQL: the before-start hook runs before every spawn (the
+//! first start and the restart after a crash), and a failing hook fails the start with its
+//! reason and leaves nothing running.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use stemma_compute::{
+    initdb, read_postmaster_pid, ComputeSpec, ComputeUser, InitdbOptions, PgInstall, Supervisor,
+};
+
+/// Stops whatever postmaster runs in `data` when dropped, so that a failed assertion leaks no
+/// process.
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pm) = read_postmaster_pid(&self.0) {
+            // Immediate shutdown: the postmaster takes its children with it.
+            let _ = kill(Pid::from_raw(pm.pid), Signal::SIGQUIT);
+            for _ in 0..100 {
+                if kill(Pid::from_raw(pm.pid), None).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn data_dir(root: &Path, user: &Option<ComputeUser>) -> PathBuf {
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).expect("chmod root");
+    let data = root.join("data");
+    std::fs::create_dir(&data).expect("mkdir data");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod data");
+    if let Some((uid, gid)) = ComputeUser::ids(user) {
+        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data");
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_before_start_hook_runs_before_every_spawn() {
+    let install = PgInstall::discover(None).expect("a PostgreSQL installation");
+    let user = ComputeUser::resolve(None).expect("the compute user");
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = data_dir(root.path(), &user);
+    let _guard = KillOnDrop(data.clone());
+    initdb(
+        &install,
+        &user,
+        &data,
+        &InitdbOptions {
+            superuser: "stemma",
+            password: "secret",
+        },
+    )
+    .expect("initdb");
+
+    let sup = Supervisor::new(install, user);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(false));
+    {
+        let (calls, fail) = (calls.clone(), fail.clone());
+        sup.set_before_start(Arc::new(move |spec: &ComputeSpec| {
+            assert_eq!(spec.key, "hooked");
+            calls.fetch_add(1, Ordering::SeqCst);
+            if fail.load(Ordering::SeqCst) {
+                Err("the storage is unavailable".to_string())
+            } else {
+                Ok(())
+            }
+        }));
+    }
+    let spec = ComputeSpec {
+        key: "hooked".into(),
+        label: "hooked".into(),
+        data_dir: data.clone(),
+        socket_dir: root.path().join("sock"),
+        port: 5432,
+        settings: BTreeMap::from([("restart_after_crash".into(), "off".into())]),
+        log_path: root.path().join("compute.log"),
+        user: None,
+    };
+
+    let first = sup.start(spec.clone()).await.expect("start");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "hook before the first start"
+    );
+
+    // A crash: the monitor restarts the compute, through the hook again.
+    kill(Pid::from_raw(first.pid), Signal::SIGKILL).expect("kill the postmaster");
+    let mut restarted = None;
+    for _ in 0..150 {
+        sup.check_once().await;
+        if let Some(i) = sup.info("hooked").filter(|i| i.restarts >= 1) {
+            restarted = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restarted = restarted.expect("the compute was restarted within 30 s");
+    assert_ne!(restarted.pid, first.pid);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "hook before the restart");
+
+    // A failing hook fails the start with its reason, and nothing is left running.
+    sup.stop("hooked", &data).await.expect("stop");
+    fail.store(true, Ordering::SeqCst);
+    let err = sup.start(spec).await.expect_err("a start whose hook fails");
+    assert!(
+        err.to_string().contains("the storage is unavailable"),
+        "the error says why: {err}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(sup.info("hooked").is_none());
+    assert!(
+        read_postmaster_pid(&data).is_none(),
+        "no postmaster after a refused start"
+    );
+}
