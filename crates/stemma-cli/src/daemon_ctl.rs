@@ -132,19 +132,31 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     if let Some(info) = DaemonInfo::read(data_dir).filter(|i| pid_alive(i.pid)) {
-        if let Ok(client) = client(data_dir) {
-            if let Ok(status) = client.status() {
-                out.up(&status, &client.list_branches()?, true);
-                return Ok(());
+        // A daemon still starting, or still exiting after a signal (SIGKILL waits for the
+        // process to leave a blocking wait in the kernel), may not answer yet: give it a
+        // moment to answer or to be gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = client(data_dir) {
+                if let Ok(status) = client.status() {
+                    out.up(&status, &client.list_branches()?, true);
+                    return Ok(());
+                }
             }
+            if !pid_alive(info.pid) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "a daemon (pid {}) holds {} but does not answer at {}; see {}",
+                    info.pid,
+                    data_dir.display(),
+                    info.api_url,
+                    data_dir.join("logs/daemon.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        bail!(
-            "a daemon (pid {}) holds {} but does not answer at {}; see {}",
-            info.pid,
-            data_dir.display(),
-            info.api_url,
-            data_dir.join("logs/daemon.log").display()
-        );
     }
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).context("creating the logs directory")?;

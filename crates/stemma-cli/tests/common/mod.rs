@@ -369,11 +369,24 @@ pub fn alive(pid: u32) -> bool {
             .unwrap_or(true)
 }
 
+/// `kill -9`, then waits (bounded) until the process is gone: SIGKILL takes effect only when
+/// the process leaves a blocking wait in the kernel (a FUSE request, a disk write), and a test
+/// that goes on at once would race with a process still holding its locks.
 pub fn kill9(pid: u32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
+    wait_for("a killed process to exit", Duration::from_secs(60), || {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Gone, or a zombie (dead, its locks and files released).
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    });
 }
 
 /// Waits (bounded) until `f` holds.
