@@ -7,7 +7,8 @@ Creates BRANCHES branches of a pgbench database (scale 1) in a temporary data di
 the idle ones suspend, runs pgbench on BUSY of them at once through the proxy, and prints:
   - processes of the suspended branches (goal: none);
   - total and per-compute proportional resident memory (PSS) of the busy computes
-    (goal: at most 64 MiB each with the default settings);
+    (goal: at most 64 MiB each with the default settings), and that of the processes all
+    branches share (the daemon; the pagestore server, whose write buffer is part of it);
   - the proxy's overhead as the issue sets it: the total pgbench throughput of the BUSY
     branches at once, through the proxy against their computes' Unix sockets directly, in
     the same run, interleaved (goal: within 5%);
@@ -59,6 +60,30 @@ def pss_kib(pid):
         except OSError:
             pass
     return total
+
+
+def pids_with(*words):
+    """Processes whose command line contains every one of `words`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if all(w in cmd for w in words):
+                found.append(int(entry))
+    return found
+
+
+def own_pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            m = re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M)
+            return int(m.group(1)) if m else 0
+    except OSError:
+        return 0
 
 
 def cpu_s(pid):
@@ -157,6 +182,12 @@ def main():
         status = stemma(env, "status")
         running = {c["branch"]: c["pid"] for c in status["computes"]}
         pss = {b: pss_kib(pid) for b, pid in running.items()}
+        # The processes every branch shares, measured at the same moment: the daemon (API,
+        # proxy) and, on the pagestore, its server (mounts, index, write buffer up to 1 GiB).
+        data_dir = os.path.join(work, "data")
+        shared = [(name, sum(own_pss_kib(p) for p in ps)) for name, ps in
+                  [("daemon", pids_with("stemma", " serve --data-dir", data_dir)),
+                   ("pagestore server", pids_with("pagestore-server", data_dir))] if ps]
         tps = []
         for p in procs:
             out, _ = p.communicate()
@@ -173,6 +204,8 @@ def main():
             vals = sorted(pss.values())
             print(f"busy compute PSS: total {sum(vals) / 1024:.1f} MiB, per compute "
                   f"median {vals[len(vals) // 2] / 1024:.1f} MiB, max {vals[-1] / 1024:.1f} MiB (goal <= 64 MiB)")
+        print("shared processes (while pgbench ran): " + ", ".join(
+            f"{name} PSS {kib / 1024:.1f} MiB" for name, kib in shared))
         print(f"pgbench on {a.busy} branches at once: {sum(tps):.0f} tps total")
 
         # Proxy overhead as the issue sets it: the BUSY branches running pgbench at once,
