@@ -100,10 +100,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
         // Before any compute starts (restarts too): its timeline's writes durable, so that
         // its crash recovery starts from an image a power cut cannot take back.
         let storage = storage.clone();
+        // The data directory is the driver's `data_dir` of the timeline, named by its id:
+        // derive the id (and check it maps back) rather than list every timeline per start.
         supervisor.set_before_start(Arc::new(move |spec| {
-            let ids = storage.list().map_err(|e| e.to_string())?;
-            match ids.iter().find(|id| storage.data_dir(id) == spec.data_dir) {
-                Some(id) => storage.sync_timeline(id).map_err(|e| e.to_string()),
+            let id = spec
+                .data_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| stemma_storage::TimelineId::parse(n).ok())
+                .filter(|id| storage.data_dir(id) == spec.data_dir);
+            match id {
+                Some(id) => storage.sync_timeline(&id).map_err(|e| e.to_string()),
                 None => Ok(()),
             }
         }));
