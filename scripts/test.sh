@@ -21,7 +21,7 @@ if cargo nextest --version >/dev/null 2>&1; then
     if [ -e /dev/fuse ] && [ -z "${STEMMA_STORAGE:-}" ]; then
         echo "==> the daemon's integration tests on the copy driver"
         # (--workspace with a filter, not -p: the same feature set, so nothing is rebuilt.)
-        STEMMA_STORAGE=copy cargo nextest run --workspace -E 'package(stemma-cli)' \
+        STEMMA_STORAGE=copy STEMMA_PROXY_SHORTCUT=0 cargo nextest run --workspace -E 'package(stemma-cli)' \
             --profile "$profile" "$@" || status=$?
     fi
 else

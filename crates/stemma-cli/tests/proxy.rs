@@ -409,3 +409,94 @@ fn tls_with_the_branch_chosen_by_the_server_name() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("branch \"nope\" does not exist"));
 }
+
+/// Whether this run's daemon joins connections in the kernel: on by default where the host
+/// allows it (root, BPF, cgroup v2: this project's test machines), off with
+/// `STEMMA_PROXY_SHORTCUT=0` (the suite's second run, which keeps the userspace relay tested).
+fn shortcut_expected() -> bool {
+    std::env::var("STEMMA_PROXY_SHORTCUT").map_or(true, |v| v != "0")
+}
+
+#[test]
+fn sessions_bulk_transfers_and_unix_only_hba_rules_through_the_proxy() {
+    let env = Env::new();
+    env.up();
+    env.sql("main", "create table t(id int, s text)");
+    let conn = env.connection_string("main");
+    let joined_before = metric(&env, "stemma_proxy_shortcut_connections_total");
+    rt().block_on(async {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        // Short round trips (what the shortcut carries)...
+        for i in 0..500i32 {
+            let row = client.query_one("select $1::int * 2", &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i * 2);
+        }
+        // ...a large result (a bulk send: the connection leaves the shortcut)...
+        let rows = client
+            .query(
+                "select g, repeat(md5(g::text), 8) from generate_series(1, 50000) g",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 50000);
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(r.get::<_, i32>(0), i as i32 + 1);
+            assert_eq!(r.get::<_, &str>(1).len(), 256);
+        }
+        // ...and short ones again, through the proxy's sockets.
+        for i in 0..100i32 {
+            let row = client.query_one("select $1::int + 1", &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i + 1);
+        }
+    });
+    let joined = metric(&env, "stemma_proxy_shortcut_connections_total") - joined_before;
+    if shortcut_expected() {
+        assert_eq!(joined, 1.0, "the session was joined in the kernel");
+    } else {
+        assert_eq!(joined, 0.0);
+    }
+
+    // Bulk from the client: COPY of 8 MB on psql's standard input.
+    let data: String = (0..100_000)
+        .map(|i| format!("{i}\t{}\n", "x".repeat(80)))
+        .collect();
+    let mut child = Command::new(pg_bin("psql"))
+        .args([conn.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", "copy t from stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(data.as_bytes()).unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        psql(&conn, "select count(*), sum(id), sum(length(s)) from t"),
+        "100000|4999950000|8000000"
+    );
+
+    // A data directory whose pg_hba.conf has rules for Unix sockets only: the proxy cannot
+    // use the compute's TCP address and connects to its socket instead.
+    let dir = psql(&conn, "show data_directory");
+    std::fs::write(
+        std::path::Path::new(&dir).join("pg_hba.conf"),
+        "local all all scram-sha-256\n",
+    )
+    .unwrap();
+    assert_eq!(psql(&conn, "select pg_reload_conf()"), "t");
+    let joined_before = metric(&env, "stemma_proxy_shortcut_connections_total");
+    for _ in 0..3 {
+        assert_eq!(psql(&conn, "select 41 + 1"), "42");
+    }
+    assert_eq!(
+        metric(&env, "stemma_proxy_shortcut_connections_total"),
+        joined_before,
+        "relayed by the proxy, not joined"
+    );
+}

@@ -104,6 +104,8 @@ pub struct PostmasterPid {
     pub port: u16,
     /// The first Unix socket directory.
     pub socket_dir: PathBuf,
+    /// The first TCP listen address (empty when it listens on none).
+    pub listen_address: String,
     /// `starting`, `ready`, `standby` or `stopping`.
     pub status: String,
 }
@@ -117,6 +119,10 @@ pub fn read_postmaster_pid(data_dir: &Path) -> Option<PostmasterPid> {
         data_dir: PathBuf::from(lines.get(1)?.trim()),
         port: lines.get(3)?.trim().parse().ok()?,
         socket_dir: PathBuf::from(lines.get(4)?.trim()),
+        listen_address: lines
+            .get(5)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
         status: lines
             .get(7)
             .map(|s| s.trim().to_string())

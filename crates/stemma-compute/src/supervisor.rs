@@ -29,8 +29,12 @@ pub struct ComputeSpec {
     /// The compute listens only on a Unix socket in this directory (created, owned by the
     /// compute's user); clients reach it through the proxy.
     pub socket_dir: PathBuf,
-    /// The port number in the socket's name (`.s.PGSQL.<port>`).
+    /// The port number in the socket's name (`.s.PGSQL.<port>`), and of the TCP address.
     pub port: u16,
+    /// A loopback address of its own where the compute also listens on TCP (`port`), for the
+    /// proxy's kernel shortcut (which works between TCP sockets only). When the address
+    /// cannot be bound, the compute listens on its Unix socket alone.
+    pub listen_ip: Option<std::net::Ipv4Addr>,
     /// `-c name=value` settings.
     pub settings: BTreeMap<String, String>,
     pub log_path: PathBuf,
@@ -93,6 +97,8 @@ pub struct ComputeInfo {
     pub port: u16,
     /// The Unix socket to connect to.
     pub socket_path: PathBuf,
+    /// Its TCP address, when it listens on one.
+    pub tcp_addr: Option<std::net::SocketAddr>,
     pub started_at: SystemTime,
     /// Restarts after unexpected exits since the daemon started.
     pub restarts: u32,
@@ -114,6 +120,8 @@ struct Entry {
     ready: bool,
     backoff: Duration,
     last_error: Option<String>,
+    /// Where it listens on TCP, if anywhere.
+    tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl Entry {
@@ -225,6 +233,12 @@ impl Supervisor {
                     tracing::info!(compute = %spec.label, pid = pm.pid, "adopting running compute");
                     let mut entry = new_entry(spec.clone(), pm.pid, None, restarts);
                     entry.adopted = true;
+                    // What it listens on was decided when it started (perhaps by an older
+                    // daemon): postmaster.pid says.
+                    entry.tcp_addr = spec.listen_ip.and_then(|ip| {
+                        (pm.listen_address == ip.to_string())
+                            .then(|| std::net::SocketAddr::from((ip, spec.port)))
+                    });
                     let out = info(&entry);
                     self.computes().insert(spec.key.clone(), entry);
                     if pm.status != "ready" && pm.status != "standby" {
@@ -253,7 +267,21 @@ impl Supervisor {
         let user = spec.user.clone().or_else(|| self.inner.user.clone());
         self.prepare_socket_dir(&spec.socket_dir, &user)?;
         let mut settings = spec.settings.clone();
-        settings.insert("listen_addresses".into(), String::new());
+        let tcp_addr = spec.listen_ip.and_then(|ip| {
+            let addr = std::net::SocketAddr::from((ip, spec.port));
+            // PostgreSQL refuses to start when it can bind none of its listen_addresses.
+            match std::net::TcpListener::bind(addr) {
+                Ok(_) => Some(addr),
+                Err(e) => {
+                    tracing::warn!(compute = %spec.label, %addr, error = %e, "the compute's TCP address is taken; it listens on its Unix socket only");
+                    None
+                }
+            }
+        });
+        settings.insert(
+            "listen_addresses".into(),
+            tcp_addr.map(|a| a.ip().to_string()).unwrap_or_default(),
+        );
         settings.insert(
             "unix_socket_directories".into(),
             spec.socket_dir.display().to_string(),
@@ -271,7 +299,8 @@ impl Supervisor {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = child.id() as i32;
         tracing::info!(compute = %spec.label, pid, port = spec.port, "starting compute");
-        let entry = new_entry(spec.clone(), pid, Some(child), restarts);
+        let mut entry = new_entry(spec.clone(), pid, Some(child), restarts);
+        entry.tcp_addr = tcp_addr;
         let out = info(&entry);
         self.computes().insert(spec.key.clone(), entry);
         if let Err(e) = self.wait_started(&spec, pid).await {
@@ -521,6 +550,7 @@ fn new_entry(
         ready: false,
         backoff: BACKOFF_MIN,
         last_error: None,
+        tcp_addr: None,
     }
 }
 
@@ -531,6 +561,7 @@ fn info(e: &Entry) -> ComputeInfo {
         pid: e.pid.unwrap_or(0),
         port: e.spec.port,
         socket_path: e.spec.socket_path(),
+        tcp_addr: e.tcp_addr,
         started_at: e.started_at,
         restarts: e.restarts,
         adopted: e.adopted,

@@ -84,6 +84,7 @@ async fn the_before_start_hook_runs_before_every_spawn() {
         data_dir: data.clone(),
         socket_dir: root.path().join("sock"),
         port: 5432,
+        listen_ip: None,
         settings: BTreeMap::from([("restart_after_crash".into(), "off".into())]),
         log_path: root.path().join("compute.log"),
         user: None,

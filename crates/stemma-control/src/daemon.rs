@@ -124,6 +124,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Arc::new(crate::endpoints::ProxyBackend(Arc::downgrade(&engine))),
         engine.metrics.proxy.clone(),
         tls,
+        kernel_shortcut(),
     );
     let _ = engine.proxy.set(proxy.clone());
     // Both listeners, before anything is started on them: a port in use fails the start
@@ -390,4 +391,24 @@ fn check_traversable(data_dir: &Path, user: &ComputeUser) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The proxy's kernel shortcut (crates/stemma-proxy/src/shortcut.rs), unless
+/// `STEMMA_PROXY_SHORTCUT=0` turns it off or the host does not allow it (it needs root, BPF
+/// and cgroup v2): then the proxy relays every byte itself, which costs more CPU per query.
+fn kernel_shortcut() -> Option<Arc<stemma_proxy::shortcut::Shortcut>> {
+    if std::env::var("STEMMA_PROXY_SHORTCUT").is_ok_and(|v| v == "0") {
+        tracing::info!("proxy: the kernel shortcut is off (STEMMA_PROXY_SHORTCUT=0)");
+        return None;
+    }
+    match stemma_proxy::shortcut::Shortcut::install() {
+        Ok(s) => {
+            tracing::info!("proxy: kernel shortcut on (client and compute sockets joined in the kernel once a session starts)");
+            Some(Arc::new(s))
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "proxy: no kernel shortcut; relaying in userspace");
+            None
+        }
+    }
 }

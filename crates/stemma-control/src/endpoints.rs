@@ -1,11 +1,10 @@
 //! Endpoints and scale to zero: the branch ports the proxy serves, waking computes on
 //! connect, and suspending idle ones.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use stemma_proxy::{Backend, BoxFuture, Refusal, Route};
+use stemma_proxy::{Backend, BoxFuture, Refusal, Route, Upstream};
 
 use crate::engine::Engine;
 use crate::metadata::BranchRow;
@@ -55,7 +54,7 @@ impl Engine {
     }
 
     /// Makes sure the compute of branch `key` runs; the proxy calls this for each connection.
-    pub(crate) async fn wake(&self, key: &str) -> std::result::Result<PathBuf, Refusal> {
+    pub(crate) async fn wake(&self, key: &str) -> std::result::Result<Upstream, Refusal> {
         let refuse = |sqlstate, message: String| Refusal { sqlstate, message };
         let id = Self::branch_id_of_key(key)
             .ok_or_else(|| refuse("3D000", format!("unknown endpoint {key}")))?;
@@ -77,12 +76,12 @@ impl Engine {
             ));
         }
         if let Some(info) = self.supervisor.info(key) {
-            return Ok(info.socket_path);
+            return Ok(upstream_of(info));
         }
         // A cold start. One at a time, so the cap on running computes holds.
         let _cold = self.wake_lock.lock().await;
         if let Some(info) = self.supervisor.info(key) {
-            return Ok(info.socket_path);
+            return Ok(upstream_of(info));
         }
         let started = Instant::now();
         if let Err(r) = self.make_room(key).await {
@@ -101,7 +100,7 @@ impl Engine {
                     tracing::warn!(error = %e, "recording the compute's state");
                 }
                 tracing::info!(branch = %b.name, ms = started.elapsed().as_millis() as u64, "woke compute");
-                Ok(info.socket_path)
+                Ok(upstream_of(info))
             }
             Err(e) => {
                 self.metrics.wake_refusals.inc();
@@ -251,7 +250,7 @@ impl Backend for ProxyBackend {
     fn wake<'a>(
         &'a self,
         route: &'a Route,
-    ) -> BoxFuture<'a, std::result::Result<PathBuf, Refusal>> {
+    ) -> BoxFuture<'a, std::result::Result<Upstream, Refusal>> {
         Box::pin(async move {
             match self.0.upgrade() {
                 Some(engine) => engine.wake(&route.key).await,
@@ -261,5 +260,12 @@ impl Backend for ProxyBackend {
                 }),
             }
         })
+    }
+}
+
+fn upstream_of(info: stemma_compute::ComputeInfo) -> Upstream {
+    Upstream {
+        socket: info.socket_path,
+        tcp: info.tcp_addr,
     }
 }

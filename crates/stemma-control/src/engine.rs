@@ -19,6 +19,15 @@ use crate::{Config, ControlError, Result};
 /// The port number in a compute's socket name; every compute has its own socket directory.
 pub(crate) const COMPUTE_SOCKET_PORT: u16 = 5432;
 
+/// The loopback address where the compute of the branch with endpoint `port` listens on TCP
+/// (port [`COMPUTE_SOCKET_PORT`]), for the proxy's kernel shortcut. Derived from the branch's
+/// port, which no other branch on this host holds, so it is unique without being stored;
+/// all of 127.0.0.0/8 is the loopback interface on Linux.
+pub(crate) fn compute_listen_ip(port: u16) -> std::net::Ipv4Addr {
+    let [hi, lo] = port.to_be_bytes();
+    std::net::Ipv4Addr::new(127, 64, hi, lo)
+}
+
 /// The database superuser of every branch (created by `initdb`).
 pub const DB_SUPERUSER: &str = "stemma";
 
@@ -205,6 +214,7 @@ impl Engine {
             data_dir: self.storage.data_dir(&tl),
             socket_dir: self.cfg.data_dir.join("run").join(Self::compute_key(b)),
             port: COMPUTE_SOCKET_PORT,
+            listen_ip: Some(compute_listen_ip(b.port)),
             settings,
             log_path: self.cfg.logs_dir().join(format!("compute-{}.log", b.id)),
             user: self.compute_user_of(b)?,

@@ -80,6 +80,11 @@ impl Metrics {
             "Bytes relayed from computes to clients",
             self.proxy.bytes_compute_to_client.clone(),
         );
+        registry.register(
+            "proxy_shortcut_connections",
+            "Connections whose bytes the kernel passes between client and compute (the proxy's kernel shortcut)",
+            self.proxy.shortcut_connections.clone(),
+        );
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &registry) {
             tracing::error!(error = %e, "encoding metrics");

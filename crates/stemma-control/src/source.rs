@@ -56,7 +56,11 @@ const STANDBY_MINIMUMS: &[&str] = &[
 ];
 /// A branch of a standby, and a standby: local connections need a password (the roles are
 /// production's; `md5` accepts SCRAM secrets too).
-const HBA_PASSWORD: &str = "# Written by stemma.\nlocal all all md5\n";
+/// TCP from 127.0.0.1 is the proxy's connection to the compute's own loopback address (for
+/// its kernel shortcut); clients reach that address only on this host, as they reach the
+/// branch's port.
+const HBA_PASSWORD: &str =
+    "# Written by stemma.\nlocal all all md5\nhost all all 127.0.0.1/32 md5\n";
 /// Only while a new branch of a standby gets its superuser, on a private socket, from a file
 /// outside the data directory (`hba_file`): a crash cannot leave it in force.
 const HBA_TRUST: &str = "# Written by stemma, for a moment.\nlocal all all trust\n";

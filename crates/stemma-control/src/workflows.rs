@@ -204,7 +204,8 @@ impl Engine {
         let socket = self
             .wake(&Self::compute_key(b))
             .await
-            .map_err(|r| ControlError::Conflict(r.message))?;
+            .map_err(|r| ControlError::Conflict(r.message))?
+            .socket;
         let dir = socket
             .parent()
             .ok_or_else(|| anyhow!("socket path without a directory"))?;

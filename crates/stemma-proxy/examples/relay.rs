@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use stemma_proxy::{Backend, BoxFuture, Proxy, ProxyMetrics, Refusal, Route};
+use stemma_proxy::{Backend, BoxFuture, Proxy, ProxyMetrics, Refusal, Route, Upstream};
 
 struct Fixed(PathBuf);
 
@@ -16,8 +16,13 @@ impl Backend for Fixed {
     fn resolve(&self, _name: &str) -> Option<Route> {
         Some(route())
     }
-    fn wake<'a>(&'a self, _route: &'a Route) -> BoxFuture<'a, Result<PathBuf, Refusal>> {
-        Box::pin(async move { Ok(self.0.clone()) })
+    fn wake<'a>(&'a self, _route: &'a Route) -> BoxFuture<'a, Result<Upstream, Refusal>> {
+        Box::pin(async move {
+            Ok(Upstream {
+                socket: self.0.clone(),
+                tcp: None,
+            })
+        })
     }
 }
 
@@ -39,6 +44,7 @@ async fn main() -> std::io::Result<()> {
     let proxy = Proxy::new(
         Arc::new(Fixed(PathBuf::from(socket))),
         ProxyMetrics::default(),
+        None,
         None,
     );
     proxy.listen_branch(port, route()).await?;

@@ -16,8 +16,11 @@
 //!   suspension, is decided from that count by the control plane.
 
 mod protocol;
+pub mod shortcut;
 
-use std::collections::HashMap;
+use shortcut::Shortcut;
+
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,12 +81,22 @@ pub struct Refusal {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Where a running compute accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Its Unix socket.
+    pub socket: PathBuf,
+    /// Its own TCP address, when it listens on one: plain connections use it when the kernel
+    /// shortcut is on (the shortcut joins TCP sockets only).
+    pub tcp: Option<SocketAddr>,
+}
+
 /// What the proxy needs from the control plane.
 pub trait Backend: Send + Sync + 'static {
     /// The branch called `name`, for the shared port.
     fn resolve(&self, name: &str) -> Option<Route>;
-    /// Makes sure the branch's compute runs; returns the path of its Unix socket.
-    fn wake<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<PathBuf, Refusal>>;
+    /// Makes sure the branch's compute runs; returns where it listens.
+    fn wake<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<Upstream, Refusal>>;
 }
 
 /// The proxy's Prometheus metrics; the control plane registers them.
@@ -93,6 +106,8 @@ pub struct ProxyMetrics {
     pub connections_total: Counter,
     pub bytes_client_to_compute: Counter,
     pub bytes_compute_to_client: Counter,
+    /// Connections joined by the kernel shortcut.
+    pub shortcut_connections: Counter,
 }
 
 /// Open connections and the time of the last connect or disconnect of one branch.
@@ -106,12 +121,25 @@ pub struct Activity {
 struct ConnControl {
     /// Set before the sockets are shut down: the reason given to the client.
     message: Mutex<Option<String>>,
-    server: std::os::unix::net::UnixStream,
+    server: ServerStream,
+    /// Set while the kernel shortcut joins the client and the compute.
+    joined: Mutex<Option<shortcut::Joined>>,
 }
 
 impl ConnControl {
+    fn new(server: ServerStream) -> ConnControl {
+        ConnControl {
+            message: Mutex::new(None),
+            server,
+            joined: Mutex::new(None),
+        }
+    }
+
     fn terminate(&self, message: &str) {
         *lock(&self.message) = Some(message.to_string());
+        // The compute's sends come through the proxy's socket again before it is shut down,
+        // so that nothing reaches the client after the ErrorResponse.
+        drop(lock(&self.joined).take());
         // Wakes the relay threads blocked in read(); the downstream one then writes the
         // ErrorResponse and closes the client.
         let _ = self.server.shutdown(std::net::Shutdown::Both);
@@ -122,11 +150,62 @@ fn message_is_set(control: &ConnControl) -> bool {
     lock(&control.message).is_some()
 }
 
+/// The proxy's connection to a compute: its Unix socket, or its TCP address (for the kernel
+/// shortcut).
+enum ServerStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl ServerStream {
+    fn try_clone(&self) -> std::io::Result<ServerStream> {
+        Ok(match self {
+            ServerStream::Unix(s) => ServerStream::Unix(s.try_clone()?),
+            ServerStream::Tcp(s) => ServerStream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        match self {
+            ServerStream::Unix(s) => s.shutdown(how),
+            ServerStream::Tcp(s) => s.shutdown(how),
+        }
+    }
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            ServerStream::Unix(s) => s.set_nonblocking(on),
+            ServerStream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl std::io::Read for ServerStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ServerStream::Unix(s) => s.read(buf),
+            ServerStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for ServerStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ServerStream::Unix(s) => s.write(buf),
+            ServerStream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection routed and started: what the relay needs.
 struct Connected {
     route: Route,
     socket: PathBuf,
-    server: UnixStream,
+    server: ServerStream,
+    /// What the compute sent before the relay started (read while choosing the transport).
+    first: Vec<u8>,
     guard: ConnectionGuard,
     terminated: broadcast::Receiver<String>,
 }
@@ -142,6 +221,8 @@ fn refusal_of(sqlstate: &'static str, message: String) -> Refusal {
 struct Framer {
     /// Bytes of a streamed message still to pass.
     passthrough: usize,
+    /// Whether a ReadyForQuery passed: the startup phase is over and the session is idle.
+    ready_seen: bool,
 }
 
 impl Framer {
@@ -186,6 +267,7 @@ impl Framer {
             }
             if rest.len() >= total {
                 cut += total;
+                self.ready_seen |= rest[0] == b'Z';
             } else if total > capacity {
                 self.passthrough = total - rest.len();
                 return Ok(data.len());
@@ -201,6 +283,69 @@ impl Framer {
     }
 }
 
+/// Connects to a compute's TCP address, sends the startup message and reads the compute's
+/// first message. `None` when that is pg_hba.conf refusing the connection (a data directory
+/// whose rules cover only Unix sockets).
+async fn startup_over_tcp(
+    addr: SocketAddr,
+    startup: &[u8],
+) -> std::io::Result<Option<(TcpStream, Vec<u8>)>> {
+    let mut server = TcpStream::connect(addr).await?;
+    server.set_nodelay(true)?;
+    server.write_all(startup).await?;
+    let mut first = Vec::with_capacity(1024);
+    let read_first = async {
+        // Bounded: each round reads bytes or returns; a message is at most 16 KiB here.
+        loop {
+            if first.len() >= 5 {
+                let len = i32::from_be_bytes([first[1], first[2], first[3], first[4]]);
+                if !(4..=16 * 1024).contains(&len) || first.len() > len as usize {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = server.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            first.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read_first)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the compute did not answer the startup message",
+            )
+        })??;
+    if is_hba_refusal(&first) {
+        return Ok(None);
+    }
+    Ok(Some((server, first)))
+}
+
+/// Whether `message` is an ErrorResponse of pg_hba.conf refusing a connection (SQLSTATE
+/// 28000 and a message naming the file).
+fn is_hba_refusal(message: &[u8]) -> bool {
+    if message.len() < 5 || message[0] != b'E' {
+        return false;
+    }
+    let (mut code, mut text) = ("", "");
+    for field in message[5..].split(|&b| b == 0) {
+        let Some((&kind, value)) = field.split_first() else {
+            break;
+        };
+        let value = std::str::from_utf8(value).unwrap_or("");
+        match kind {
+            b'C' => code = value,
+            b'M' => text = value,
+            _ => {}
+        }
+    }
+    code == "28000" && text.contains("pg_hba.conf")
+}
+
 /// Per relay thread: the stack (the relay loops are shallow) and the buffer.
 const RELAY_STACK: usize = 256 * 1024;
 const RELAY_BUFFER: usize = 64 * 1024;
@@ -208,7 +353,7 @@ const RELAY_BUFFER: usize = 64 * 1024;
 /// Client to compute: raw bytes.
 fn relay_upstream(
     from: &mut std::net::TcpStream,
-    to: &mut std::os::unix::net::UnixStream,
+    to: &mut ServerStream,
     bytes: &Counter,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
@@ -237,6 +382,8 @@ struct BranchState {
     terminate: broadcast::Sender<String>,
     listener: Option<tokio::task::JoinHandle<()>>,
     route: Option<Route>,
+    /// The branch's own port, while listened on.
+    port: Option<u16>,
 }
 
 pub struct Proxy {
@@ -249,6 +396,32 @@ pub struct Proxy {
     /// CancelRequest reaches the right compute.
     cancel_keys: Mutex<HashMap<(i32, i32), PathBuf>>,
     next_id: AtomicU64,
+    /// When on, plain connections go to the compute's TCP address and the kernel passes
+    /// their bytes once the session starts.
+    shortcut: Option<Arc<Shortcut>>,
+    /// Compute addresses whose pg_hba.conf refused the proxy's TCP connection: those
+    /// computes are reached on their Unix socket.
+    tcp_refused: Mutex<HashSet<SocketAddr>>,
+}
+
+/// Adds the bytes the kernel passed for joined connections to the byte metrics, every second,
+/// for as long as the proxy exists.
+fn count_shortcut_bytes(proxy: std::sync::Weak<Proxy>) {
+    let mut seen = (0u64, 0u64);
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let Some(proxy) = proxy.upgrade() else { return };
+        let Some(shortcut) = &proxy.shortcut else {
+            return;
+        };
+        let now = shortcut.bytes();
+        let m = &proxy.metrics;
+        m.bytes_client_to_compute
+            .inc_by(now.0.saturating_sub(seen.0));
+        m.bytes_compute_to_client
+            .inc_by(now.1.saturating_sub(seen.1));
+        seen = now;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -256,19 +429,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Proxy {
+    /// A proxy; with `shortcut`, plain connections are joined in the kernel once their
+    /// session starts (see [`shortcut`]).
     pub fn new(
         backend: Arc<dyn Backend>,
         metrics: ProxyMetrics,
         tls: Option<Arc<rustls::ServerConfig>>,
+        shortcut: Option<Arc<Shortcut>>,
     ) -> Arc<Self> {
-        Arc::new(Proxy {
+        let proxy = Arc::new(Proxy {
             backend,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
             metrics,
             branches: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-        })
+            shortcut,
+            tcp_refused: Mutex::new(HashSet::new()),
+        });
+        if proxy.shortcut.is_some() {
+            let weak = Arc::downgrade(&proxy);
+            let spawned = std::thread::Builder::new()
+                .name("proxy-bytes".into())
+                .stack_size(RELAY_STACK)
+                .spawn(move || count_shortcut_bytes(weak));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no thread to count the shortcut's bytes");
+            }
+        }
+        proxy
     }
 
     fn with_branch<T>(&self, key: &str, f: impl FnOnce(&mut BranchState) -> T) -> T {
@@ -284,6 +473,7 @@ impl Proxy {
                 connections: HashMap::new(),
                 listener: None,
                 route: None,
+                port: None,
             });
         f(state)
     }
@@ -291,6 +481,7 @@ impl Proxy {
     /// Listens on 127.0.0.1:`port` for `route`'s branch. Fails when the port is taken.
     pub async fn listen_branch(self: &Arc<Self>, port: u16, route: Route) -> std::io::Result<()> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        self.watch_port(port);
         let this = self.clone();
         let key = route.key.clone();
         let task = tokio::spawn(this.accept_loop(listener, Some(key.clone())));
@@ -299,8 +490,18 @@ impl Proxy {
                 old.abort();
             }
             s.route = Some(route);
+            s.port = Some(port);
         });
         Ok(())
+    }
+
+    /// Lets the kernel shortcut see clients of `port`.
+    fn watch_port(&self, port: u16) {
+        if let Some(shortcut) = &self.shortcut {
+            if let Err(e) = shortcut.watch_listen_port(port) {
+                tracing::warn!(port, error = %e, "the kernel shortcut cannot watch this port; its connections are relayed");
+            }
+        }
     }
 
     /// Listens on the shared port, where `options=branch=NAME` chooses the branch. Returns
@@ -308,6 +509,7 @@ impl Proxy {
     pub async fn listen_shared(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
+        self.watch_port(bound.port());
         tokio::spawn(self.clone().accept_loop(listener, None));
         Ok(bound)
     }
@@ -327,6 +529,9 @@ impl Proxy {
         if let Some(state) = lock(&self.branches).remove(key) {
             if let Some(l) = state.listener {
                 l.abort();
+            }
+            if let (Some(shortcut), Some(port)) = (&self.shortcut, state.port) {
+                shortcut.unwatch_listen_port(port);
             }
         }
     }
@@ -401,7 +606,9 @@ impl Proxy {
                     let mut tls = acceptor.accept(client).await?;
                     let sni = tls.get_ref().1.server_name().map(String::from);
                     let packet = read_startup(&mut tls).await?;
-                    let Some(conn) = self.route_and_connect(&mut tls, packet, key, sni).await?
+                    let Some(conn) = self
+                        .route_and_connect(&mut tls, packet, key, sni, false)
+                        .await?
                     else {
                         return Ok(());
                     };
@@ -415,7 +622,7 @@ impl Proxy {
             }
         }
         let Some(conn) = self
-            .route_and_connect(&mut client, packet, key, None)
+            .route_and_connect(&mut client, packet, key, None, true)
             .await?
         else {
             return Ok(());
@@ -424,13 +631,15 @@ impl Proxy {
     }
 
     /// Routes a startup packet to a branch, wakes its compute and forwards the startup message.
-    /// `None` when the connection was answered here (a refusal, a cancel).
+    /// `None` when the connection was answered here (a refusal, a cancel). `plain`: the
+    /// client's connection is plain TCP, which the kernel shortcut can join.
     async fn route_and_connect<S: AsyncWrite + Unpin>(
         self: &Arc<Self>,
         client: &mut S,
         packet: StartupPacket,
         key: Option<String>,
         sni: Option<String>,
+        plain: bool,
     ) -> std::io::Result<Option<Connected>> {
         let (version, mut params) = match packet {
             StartupPacket::Cancel { pid, secret } => {
@@ -495,14 +704,15 @@ impl Proxy {
         // From here the connection counts as activity of the branch.
         let guard = self.open_connection(&route.key);
         let terminated = self.with_branch(&route.key, |s| s.terminate.subscribe());
-        let socket = match self.backend.wake(&route).await {
+        let upstream = match self.backend.wake(&route).await {
             Ok(s) => s,
             Err(refusal) => {
                 Self::refuse(client, &refusal).await?;
                 return Ok(None);
             }
         };
-        let mut server = match UnixStream::connect(&socket).await {
+        let startup = encode_startup(version, &params);
+        let (server, first) = match self.connect_upstream(&upstream, plain, &startup).await {
             Ok(s) => s,
             Err(e) => {
                 let msg = format!(
@@ -513,14 +723,57 @@ impl Proxy {
                 return Ok(None);
             }
         };
-        server.write_all(&encode_startup(version, &params)).await?;
         Ok(Some(Connected {
             route,
-            socket,
+            socket: upstream.socket,
             server,
+            first,
             guard,
             terminated,
         }))
+    }
+
+    /// Connects to the compute and sends the startup message: over TCP when the kernel
+    /// shortcut can join the connection, else (or when the compute's pg_hba.conf refuses
+    /// TCP from the proxy) on its Unix socket. Returns what the compute already answered.
+    async fn connect_upstream(
+        &self,
+        upstream: &Upstream,
+        plain: bool,
+        startup: &[u8],
+    ) -> std::io::Result<(ServerStream, Vec<u8>)> {
+        let tcp = match (&self.shortcut, upstream.tcp) {
+            (Some(shortcut), Some(addr)) if plain && !lock(&self.tcp_refused).contains(&addr) => {
+                match addr.ip() {
+                    std::net::IpAddr::V4(ip) => match shortcut.watch_compute(ip) {
+                        Ok(()) => Some(addr),
+                        Err(e) => {
+                            tracing::debug!(%addr, error = %e, "the kernel shortcut cannot watch this compute");
+                            None
+                        }
+                    },
+                    std::net::IpAddr::V6(_) => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(addr) = tcp {
+            match startup_over_tcp(addr, startup).await {
+                Ok(Some((server, first))) => {
+                    return Ok((ServerStream::Tcp(server.into_std()?), first));
+                }
+                Ok(None) => {
+                    tracing::info!(%addr, "the compute's pg_hba.conf refuses TCP connections from 127.0.0.1: the proxy uses its Unix socket");
+                    lock(&self.tcp_refused).insert(addr);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "the compute's TCP address failed: the proxy uses its Unix socket");
+                }
+            }
+        }
+        let mut server = UnixStream::connect(&upstream.socket).await?;
+        server.write_all(startup).await?;
+        Ok((ServerStream::Unix(server.into_std()?), Vec::new()))
     }
 
     /// Registers a relayed connection so that reset and delete can end it.
@@ -557,17 +810,14 @@ impl Proxy {
             route,
             socket,
             server,
+            first,
             guard,
             mut terminated,
         } = conn;
         let client = client.into_std()?;
         client.set_nonblocking(false)?;
-        let server = server.into_std()?;
         server.set_nonblocking(false)?;
-        let control = Arc::new(ConnControl {
-            message: Mutex::new(None),
-            server: server.try_clone()?,
-        });
+        let control = Arc::new(ConnControl::new(server.try_clone()?));
         let conn_id = self.register(&route.key, &control, &mut terminated);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
         let up = {
@@ -584,7 +834,7 @@ impl Proxy {
             .name("proxy-down".into())
             .stack_size(RELAY_STACK)
             .spawn(move || {
-                let r = this.relay_downstream(server, client, &socket, &control);
+                let r = this.relay_downstream(server, client, first, &socket, &control);
                 let _ = up.join();
                 this.with_branch(&key, |s| {
                     s.connections.remove(&conn_id);
@@ -606,14 +856,20 @@ impl Proxy {
             route,
             socket,
             server,
+            first,
             guard,
             mut terminated,
         } = conn;
-        let std_server = server.into_std()?;
-        let control = Arc::new(ConnControl {
-            message: Mutex::new(None),
-            server: std_server.try_clone()?,
-        });
+        // Only plain connections go over TCP (for the kernel shortcut).
+        let ServerStream::Unix(std_server) = server else {
+            return Err(std::io::Error::other(
+                "a TLS connection reached its compute over TCP",
+            ));
+        };
+        std_server.set_nonblocking(true)?;
+        let control = Arc::new(ConnControl::new(ServerStream::Unix(
+            std_server.try_clone()?,
+        )));
         let server = UnixStream::from_std(std_server)?;
         let conn_id = self.register(&route.key, &control, &mut terminated);
         let (mut client_read, mut client_write) = tokio::io::split(client);
@@ -634,8 +890,9 @@ impl Proxy {
         let mut framer = Framer::default();
         let mut cancel_key = None;
         let downstream = async {
-            let mut buf = vec![0u8; RELAY_BUFFER];
-            let (mut start, mut end) = (0usize, 0usize);
+            let mut buf = vec![0u8; RELAY_BUFFER.max(first.len())];
+            buf[..first.len()].copy_from_slice(&first);
+            let (mut start, mut end) = (0usize, first.len());
             loop {
                 let cut = start
                     + framer.complete(&buf[start..end], buf.len(), |k| {
@@ -691,18 +948,30 @@ impl Proxy {
     /// Compute to client, message by message: only whole messages are forwarded, so that a
     /// termination can end the stream with an ErrorResponse at a message boundary, and the
     /// BackendKeyData of the session is seen (for CancelRequests).
+    ///
+    /// With the kernel shortcut, the connection is joined when the first ReadyForQuery
+    /// arrives, before it is forwarded: the client waits for it and the compute for a query,
+    /// so no byte is in flight either way. While joined this thread sleeps in read(). Bytes
+    /// arriving here again mean the kernel unjoined the pair (a bulk send, see
+    /// [`shortcut`]); they start at a message boundary, because every send the kernel passed
+    /// ended at one (PostgreSQL sends its buffer when it is full, 8 KiB, which is a bulk
+    /// send, or at a message's end).
     fn relay_downstream(
         &self,
-        mut server: std::os::unix::net::UnixStream,
+        mut server: ServerStream,
         mut client: std::net::TcpStream,
+        first: Vec<u8>,
         socket: &std::path::Path,
         control: &ConnControl,
     ) -> std::io::Result<()> {
         use std::io::{Read, Write};
-        let mut buf = vec![0u8; RELAY_BUFFER];
-        let (mut start, mut end) = (0usize, 0usize);
+        let mut buf = vec![0u8; RELAY_BUFFER.max(first.len())];
+        buf[..first.len()].copy_from_slice(&first);
+        let (mut start, mut end) = (0usize, first.len());
         let mut framer = Framer::default();
         let mut cancel_key = None;
+        let mut join_tried = false;
+        let mut joined = false;
         let result = loop {
             let complete = framer.complete(&buf[start..end], buf.len(), |k| {
                 lock(&self.cancel_keys).insert(k, socket.to_path_buf());
@@ -713,6 +982,10 @@ impl Proxy {
                 Err(e) => break Err(e),
             };
             if cut > start {
+                if !join_tried && framer.ready_seen && cut == end && !framer.in_message() {
+                    join_tried = true;
+                    joined = self.try_join(&client, &server, control);
+                }
                 if let Err(e) = client.write_all(&buf[start..cut]) {
                     break Err(e);
                 }
@@ -731,11 +1004,18 @@ impl Proxy {
             }
             match server.read(&mut buf[end..]) {
                 Ok(0) => break Ok(()),
-                Ok(n) => end += n,
+                Ok(n) => {
+                    if joined {
+                        joined = false;
+                        drop(lock(&control.joined).take());
+                    }
+                    end += n;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e),
             }
         };
+        drop(lock(&control.joined).take());
         if let Some(k) = cancel_key {
             lock(&self.cancel_keys).remove(&k);
         }
@@ -755,6 +1035,31 @@ impl Proxy {
                 Ok(())
             }
             r => r,
+        }
+    }
+
+    /// Joins the connection in the kernel, when the shortcut is on and the compute is reached
+    /// over TCP. Not after a termination began.
+    fn try_join(
+        &self,
+        client: &std::net::TcpStream,
+        server: &ServerStream,
+        control: &ConnControl,
+    ) -> bool {
+        let (Some(shortcut), ServerStream::Tcp(upstream)) = (&self.shortcut, server) else {
+            return false;
+        };
+        let mut slot = lock(&control.joined);
+        if message_is_set(control) {
+            return false;
+        }
+        match shortcut.join(client, upstream) {
+            Some(joined) => {
+                *slot = Some(joined);
+                self.metrics.shortcut_connections.inc();
+                true
+            }
+            None => false,
         }
     }
 
