@@ -26,8 +26,8 @@ pub struct ComputeSpec {
     /// A human name for logs and errors (the branch name).
     pub label: String,
     pub data_dir: PathBuf,
-    /// The compute listens only on a Unix socket in this directory (created, owned by the
-    /// compute's user); clients reach it through the proxy.
+    /// The compute listens on a Unix socket in this directory (created, owned by the
+    /// compute's user), and on `listen_ip` if set; clients reach it through the proxy.
     pub socket_dir: PathBuf,
     /// The port number in the socket's name (`.s.PGSQL.<port>`), and of the TCP address.
     pub port: u16,

@@ -76,8 +76,10 @@ const MSG_REMOTE_PORT: i16 = 60;
 const MSG_LOCAL_PORT: i16 = 64;
 const MSG_SIZE: i16 = 68;
 
-/// Sockets the `SOCKHASH` can hold: two per shortcut connection.
-const MAX_SOCKETS: u32 = 65_536;
+/// Sockets the `SOCKHASH` can hold: two per joined connection, so 8192 connections at once
+/// (more are relayed). The `pairs` hash is preallocated at this size: about 1 MiB of kernel
+/// memory.
+const MAX_SOCKETS: u32 = 16_384;
 
 /// `union bpf_attr`, large enough for every command used here (the kernel takes a prefix
 /// and checks that the rest is zero).
