@@ -9,7 +9,8 @@
 #
 # Settings (environment): REPS (3), SCALE (20), CLIENTS (4), JOBS (2), DURATION (30 s per
 # pgbench run), PG_BIN, BENCH_DIR (a directory on the host filesystem, default /var/tmp),
-# SKIP_BUILD (use the helper already built).
+# SKIP_BUILD (use the helper already built), WAL_SYNC_METHOD (fdatasync, the computes'
+# default; both sides use it).
 # VARIANTS compares several pagestore configurations in the same run: space-separated
 # NAME[:VAR=VALUE,...] with the STEMMA_FUSE_* variables of
 # crates/stemma-fuse/examples/pagestore-mount.rs, e.g.
@@ -68,7 +69,7 @@ SETTINGS=(-c shared_buffers=32MB -c max_connections=100 -c work_mem=4MB
   -c min_wal_size=32MB -c wal_level=replica -c max_wal_senders=4 -c max_replication_slots=4
   -c max_worker_processes=4 -c max_parallel_workers=2 -c max_parallel_workers_per_gather=1
   -c autovacuum_max_workers=2 -c huge_pages=off -c jit=off -c logging_collector=off
-  -c recovery_init_sync_method=syncfs
+  -c recovery_init_sync_method=syncfs -c wal_sync_method=${WAL_SYNC_METHOD:-fdatasync}
   -c listen_addresses=)
 
 # Native: a directory of the host filesystem.

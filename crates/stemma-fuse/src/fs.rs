@@ -200,6 +200,24 @@ impl TimelineFs {
         }
     }
 
+    /// [`Self::open_flags`] for an open with `flags`: a synchronous open (`O_DSYNC`, which
+    /// `O_SYNC` includes) bypasses the page cache, and its writes are made durable before
+    /// they are answered (see `write`). Why: through the writeback cache a synchronous write
+    /// costs three round trips (the write is cached, then the kernel sends the dirty pages, a
+    /// SETATTR and an FSYNC); direct, it is one. PostgreSQL opens WAL segments this way with
+    /// `wal_sync_method=open_datasync`, so a commit is one round trip. (Measured with
+    /// pgbench, scale 50: TPC-B 0.74 of native with open_datasync on both sides against 0.75
+    /// with fdatasync, and `pgbench -i` twice as slow on both, so the computes keep
+    /// fdatasync.) Other opens of the same file keep the cache: the kernel drops cached pages
+    /// a direct write overlaps.
+    fn open_flags_for(&self, ino: Ino, flags: i32) -> FopenFlags {
+        if is_synchronous(flags) {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            self.open_flags(ino)
+        }
+    }
+
     fn ttl(&self) -> Duration {
         self.options.ttl
     }
@@ -239,6 +257,11 @@ impl TimelineFs {
 
 /// The errno for an engine error; unexpected ones are logged, because the kernel only passes
 /// the number on.
+/// Whether open flags ask for synchronous writes (`O_DSYNC`; `O_SYNC` includes its bit).
+fn is_synchronous(flags: i32) -> bool {
+    flags & libc::O_DSYNC != 0
+}
+
 fn errno(e: stemma_pagestore::Error) -> Errno {
     let n = e.errno();
     if n == libc::EIO {
@@ -576,7 +599,7 @@ impl Filesystem for TimelineFs {
         }
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         count(Op::Open);
         set_thread_priority(self.options.nice);
         // The open flags need no handling: there is no backing file to pass O_APPEND or
@@ -584,7 +607,7 @@ impl Filesystem for TimelineFs {
         // O_TRUNC arrives as a separate setattr.
         match self.store.open_handle(self.tl, ino(i)) {
             // Only this mount changes the timeline, so cached pages stay valid across opens.
-            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags(ino(i))),
+            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags_for(ino(i), flags.0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -615,14 +638,28 @@ impl Filesystem for TimelineFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         count(Op::Write);
         set_thread_priority(self.options.nice);
-        match self.store.write(self.tl, ino(i), offset, data) {
+        // A write of a synchronous open (direct, see `open_flags_for`) is durable when it is
+        // answered; the kernel's writeback of cached pages (FUSE_WRITE_CACHE) carries the
+        // flags of whichever open it borrows, and is not.
+        let durable =
+            is_synchronous(flags.0) && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let result = self
+            .store
+            .write(self.tl, ino(i), offset, data)
+            .and_then(|n| {
+                if durable {
+                    self.store.sync_file(self.tl, ino(i))?;
+                }
+                Ok(n)
+            });
+        match result {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -807,7 +844,7 @@ impl Filesystem for TimelineFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         count(Op::Create);
@@ -835,7 +872,7 @@ impl Filesystem for TimelineFs {
                 &to_fuse(&a),
                 Generation(0),
                 FileHandle(self.fh()),
-                self.open_flags(a.ino),
+                self.open_flags_for(a.ino, flags),
             ),
             Err(e) => reply.error(e),
         }

@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -451,4 +451,54 @@ fn a_mount_left_by_a_dead_process_is_cleared_on_open() {
     fs::write(q.join("f"), b"served").unwrap();
     assert_eq!(read(&q.join("f")), b"served");
     fx.finish();
+}
+
+#[test]
+fn synchronous_writes_are_durable_when_they_return() {
+    // The driver's defaults: the write buffer on, so an overwrite inside a file's size waits
+    // in memory until its file is fsynced, and a branch (like a power cut) does not see it.
+    let fx = Fixture::with_options(None, DriverOptions::default());
+    let d = fx.driver();
+    let main = tl("01");
+    let p = d.create_empty(&main).unwrap();
+    for name in ["wal", "plain"] {
+        fs::write(p.join(name), vec![0u8; 64 << 10]).unwrap();
+        File::open(p.join(name)).unwrap().sync_all().unwrap();
+    }
+    // Read once through the page cache, so that the direct write below must replace cached
+    // pages.
+    assert_eq!(read(&p.join("wal")), vec![0u8; 64 << 10]);
+
+    // What PostgreSQL does with wal_sync_method=open_datasync: no fsync, O_DSYNC instead.
+    let wal = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(p.join("wal"))
+        .unwrap();
+    wal.write_all_at(&[7u8; 8192], 8192).unwrap();
+    let plain = OpenOptions::new()
+        .write(true)
+        .open(p.join("plain"))
+        .unwrap();
+    plain.write_all_at(&[7u8; 8192], 8192).unwrap();
+
+    let child = tl("02");
+    d.clone_timeline(&main, &child, &CloneFilter::default())
+        .unwrap();
+    let c = d.data_dir(&child);
+    let seen = read(&c.join("wal"));
+    assert_eq!(
+        &seen[8192..16384],
+        &[7u8; 8192],
+        "the O_DSYNC write was durable"
+    );
+    assert_eq!(&seen[..8192], &[0u8; 8192]);
+    assert_eq!(
+        &read(&c.join("plain"))[8192..16384],
+        &[0u8; 8192],
+        "a write nobody synced is not (what a power cut may lose)"
+    );
+    // The parent's cached readers see the direct write.
+    assert_eq!(&read(&p.join("wal"))[8192..16384], &[7u8; 8192]);
+    drop((wal, plain));
 }
