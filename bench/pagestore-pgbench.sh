@@ -145,7 +145,10 @@ for rep in $(seq "$REPS"); do
   fi
   for t in "${order[@]}"; do
     start=$(date +%s.%N)
-    pgb "$t" -i -q -s "$SCALE" >/dev/null 2>&1
+    if ! pgb "$t" -i -q -s "$SCALE" >"$WORK/init.log" 2>&1; then
+      { echo "pgbench -i failed on $t:"; cat "$WORK/init.log"; tail -20 "$WORK/logs/$t.log"; } >&2
+      exit 1
+    fi
     end=$(date +%s.%N)
     init=$(echo "$end - $start" | bc)
     pgb "$t" -c 1 -j 1 -t 1 -n >/dev/null 2>&1 # touch
