@@ -325,6 +325,11 @@ async fn startup_over_tcp(
     Ok(Some((server, first)))
 }
 
+/// Whether `data` ends with a whole ReadyForQuery message ('Z', length 5, a status byte).
+fn ends_with_ready_for_query(data: &[u8]) -> bool {
+    data.len() >= 6 && data[data.len() - 6..data.len() - 1] == [b'Z', 0, 0, 0, 5]
+}
+
 /// Whether `message` is an ErrorResponse of pg_hba.conf refusing a connection (SQLSTATE
 /// 28000 and a message naming the file).
 fn is_hba_refusal(message: &[u8]) -> bool {
@@ -982,9 +987,13 @@ impl Proxy {
                 Err(e) => break Err(e),
             };
             if cut > start {
-                if !join_tried && framer.ready_seen && cut == end && !framer.in_message() {
+                if !join_tried && framer.ready_seen {
+                    // Once, at the first ReadyForQuery, and only when it ends everything the
+                    // compute sent: a later moment could have bytes of either side in flight.
                     join_tried = true;
-                    joined = self.try_join(&client, &server, control);
+                    if cut == end && ends_with_ready_for_query(&buf[start..cut]) {
+                        joined = self.try_join(&client, &server, control);
+                    }
                 }
                 if let Err(e) = client.write_all(&buf[start..cut]) {
                     break Err(e);

@@ -14,8 +14,9 @@
 //! connected to one of the proxy's ports) and the compute's socket (PostgreSQL accepted the
 //! proxy's connection on the compute's private TCP port). A `SOCK_OPS` program attached to the
 //! root of the cgroup v2 hierarchy adds exactly those sockets as they are established, keyed
-//! by their 4-tuple as each sees it; the ports it watches are in the `ports` map, so no other
-//! socket on the host is touched. When the proxy has relayed the startup phase (the session
+//! by their 4-tuple as each sees it; the ports and addresses it watches are in the `ports`
+//! map and only sockets of the proxy's own network namespace are taken, so no socket of
+//! another program (or container) that is not a client of ours is touched. When the proxy has relayed the startup phase (the session
 //! is idle, the client waits for ReadyForQuery), it joins the two sockets in the `pairs` map:
 //! from then on the `SK_MSG` program, run on every send of a socket in the `SOCKHASH`, finds
 //! the peer and redirects the bytes into it (`bpf_msg_redirect_hash(.., BPF_F_INGRESS)`).
@@ -54,8 +55,10 @@ const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_MAP_DELETE_ELEM: i32 = 3;
 const BPF_FUNC_SOCK_HASH_UPDATE: i32 = 70;
 const BPF_FUNC_MSG_REDIRECT_HASH: i32 = 71;
+const BPF_FUNC_GET_NETNS_COOKIE: i32 = 122;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: i32 = 1;
 const BPF_F_INGRESS: i32 = 1;
 const SOCK_OPS_ACTIVE_ESTABLISHED: i32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED: i32 = 5;
@@ -252,6 +255,16 @@ impl Asm {
     fn jne(&mut self, dst: u8, imm: i32, label: &'static str) -> &mut Self {
         self.jump(0x55, dst, imm, label)
     }
+    /// if dst != src goto label
+    fn jne_reg(&mut self, dst: u8, src: u8, label: &'static str) -> &mut Self {
+        self.jumps.push((self.code.len(), label));
+        self.raw(0x5d, dst, src, 0, 0)
+    }
+    /// dst = a 64-bit constant (a 16-byte load).
+    fn load_u64(&mut self, dst: u8, value: u64) -> &mut Self {
+        self.raw(0x18, dst, 0, 0, value as u32 as i32)
+            .raw(0, 0, 0, 0, (value >> 32) as u32 as i32)
+    }
     fn jgt(&mut self, dst: u8, imm: i32, label: &'static str) -> &mut Self {
         self.jump(0x25, dst, imm, label)
     }
@@ -297,13 +310,24 @@ fn tuple_to_stack(a: &mut Asm, at: i16, fields: [i16; 4]) {
     }
 }
 
-/// `SOCK_OPS`: adds a newly established IPv4 socket to the `SOCKHASH` when it connected to a
-/// watched port (the client of a proxy port) or was accepted on a watched address (a
-/// compute's own loopback address). The `ports` map holds both kinds of key; they cannot
-/// collide (a port key's low half is zero, a 127.x.y.z address key's low byte is 127).
-fn sock_ops_program(ports: &OwnedFd, sockets: &OwnedFd) -> io::Result<Vec<[u8; 8]>> {
+/// `SOCK_OPS`: adds a newly established IPv4 socket of the proxy's own network namespace to
+/// the `SOCKHASH` when it connected to a watched port (the client of a proxy port) or was
+/// accepted on a watched address (a compute's own loopback address). The `ports` map holds
+/// both kinds of key; they cannot collide (a port key's low half is zero, a 127.x.y.z address
+/// key's low byte is 127). The namespace check matters: the program sees every cgroup on the
+/// host, and a socket of another namespace (a container) may have the same 4-tuple as a
+/// client of ours; in the proxy's namespace an established 4-tuple is unique. An entry is
+/// never replaced (`BPF_NOEXIST`).
+fn sock_ops_program(
+    ports: &OwnedFd,
+    sockets: &OwnedFd,
+    netns_cookie: u64,
+) -> io::Result<Vec<[u8; 8]>> {
     let mut a = Asm::default();
     a.mov(R6, R1)
+        .call(BPF_FUNC_GET_NETNS_COOKIE)
+        .load_u64(R2, netns_cookie)
+        .jne_reg(R0, R2, "out")
         .load32(R2, R6, OPS_FAMILY)
         .jne(R2, AF_INET, "out")
         .load32(R2, R6, OPS_OP)
@@ -333,7 +357,7 @@ fn sock_ops_program(ports: &OwnedFd, sockets: &OwnedFd) -> io::Result<Vec<[u8; 8
         .map(R2, sockets)
         .mov(R3, FP)
         .add_imm(R3, -24)
-        .mov_imm(R4, BPF_ANY as i32)
+        .mov_imm(R4, BPF_NOEXIST)
         .call(BPF_FUNC_SOCK_HASH_UPDATE)
         .label("out")
         .mov_imm(R0, 1)
@@ -443,6 +467,32 @@ fn load_program(kind: u32, program: &[[u8; 8]], name: &str) -> io::Result<OwnedF
     })
 }
 
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14).
+fn own_netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("reading the network namespace's cookie: {e}"),
+        ));
+    }
+    Ok(cookie)
+}
+
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` or, on hybrid hosts,
 /// `/sys/fs/cgroup/unified`).
 fn cgroup2_root() -> io::Result<PathBuf> {
@@ -494,7 +544,7 @@ impl Shortcut {
         let counters = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 2)?;
         let sock_ops = load_program(
             BPF_PROG_TYPE_SOCK_OPS,
-            &sock_ops_program(&ports, &sockets)?,
+            &sock_ops_program(&ports, &sockets, own_netns_cookie()?)?,
             "stemma_sockops",
         )?;
         let sk_msg = load_program(
