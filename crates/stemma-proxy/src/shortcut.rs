@@ -314,10 +314,12 @@ fn tuple_to_stack(a: &mut Asm, at: i16, fields: [i16; 4]) {
 /// the `SOCKHASH` when it connected to a watched port (the client of a proxy port) or was
 /// accepted on a watched address (a compute's own loopback address). The `ports` map holds
 /// both kinds of key; they cannot collide (a port key's low half is zero, a 127.x.y.z address
-/// key's low byte is 127). The namespace check matters: the program sees every cgroup on the
-/// host, and a socket of another namespace (a container) may have the same 4-tuple as a
-/// client of ours; in the proxy's namespace an established 4-tuple is unique. An entry is
-/// never replaced (`BPF_NOEXIST`).
+/// key's low byte is 127). The namespace check is defence in depth: the program sees every
+/// cgroup on the host, and a socket of another namespace (a container) may have the same
+/// 4-tuple as a client of ours, while in the proxy's namespace an established 4-tuple is
+/// unique. (On the kernel this was written on, 6.18, a socket of a namespace made with
+/// `unshare(CLONE_NEWNET)` was not captured even without the check, so no test shows it.)
+/// An entry is never replaced (`BPF_NOEXIST`).
 fn sock_ops_program(
     ports: &OwnedFd,
     sockets: &OwnedFd,
