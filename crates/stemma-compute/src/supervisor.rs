@@ -266,8 +266,7 @@ impl Supervisor {
         }
         let user = spec.user.clone().or_else(|| self.inner.user.clone());
         self.prepare_socket_dir(&spec.socket_dir, &user)?;
-        let mut settings = spec.settings.clone();
-        let tcp_addr = spec.listen_ip.and_then(|ip| {
+        let mut tcp_addr = spec.listen_ip.and_then(|ip| {
             let addr = std::net::SocketAddr::from((ip, spec.port));
             // PostgreSQL refuses to start when it can bind none of its listen_addresses.
             match std::net::TcpListener::bind(addr) {
@@ -278,38 +277,54 @@ impl Supervisor {
                 }
             }
         });
-        settings.insert(
-            "listen_addresses".into(),
-            tcp_addr.map(|a| a.ip().to_string()).unwrap_or_default(),
-        );
-        settings.insert(
-            "unix_socket_directories".into(),
-            spec.socket_dir.display().to_string(),
-        );
-        let child = spawn_postgres(
-            &self.inner.install,
-            &user,
-            &spec.data_dir,
-            spec.port,
-            &settings,
-            &spec.log_path,
-        )?;
-        self.inner
-            .starts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pid = child.id() as i32;
-        tracing::info!(compute = %spec.label, pid, port = spec.port, "starting compute");
-        let mut entry = new_entry(spec.clone(), pid, Some(child), restarts);
-        entry.tcp_addr = tcp_addr;
-        let out = info(&entry);
-        self.computes().insert(spec.key.clone(), entry);
-        if let Err(e) = self.wait_started(&spec, pid).await {
-            // Leave nothing half started.
-            let reap = self.reaper(&spec.key);
-            stop_postmaster(pid, &spec.data_dir, reap).await;
-            self.computes().remove(&spec.key);
-            return Err(e);
-        }
+        // Bounded: a second attempt only without TCP.
+        let out = loop {
+            let mut settings = spec.settings.clone();
+            settings.insert(
+                "listen_addresses".into(),
+                tcp_addr.map(|a| a.ip().to_string()).unwrap_or_default(),
+            );
+            settings.insert(
+                "unix_socket_directories".into(),
+                spec.socket_dir.display().to_string(),
+            );
+            let child = spawn_postgres(
+                &self.inner.install,
+                &user,
+                &spec.data_dir,
+                spec.port,
+                &settings,
+                &spec.log_path,
+            )?;
+            self.inner
+                .starts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let pid = child.id() as i32;
+            tracing::info!(compute = %spec.label, pid, port = spec.port, "starting compute");
+            let mut entry = new_entry(spec.clone(), pid, Some(child), restarts);
+            entry.tcp_addr = tcp_addr;
+            let out = info(&entry);
+            self.computes().insert(spec.key.clone(), entry);
+            match self.wait_started(&spec, pid).await {
+                Ok(()) => break out,
+                Err(e) => {
+                    // Leave nothing half started.
+                    let reap = self.reaper(&spec.key);
+                    stop_postmaster(pid, &spec.data_dir, reap).await;
+                    self.computes().remove(&spec.key);
+                    // The address was free when probed and taken before PostgreSQL bound it
+                    // (another program, or another daemon's compute): start on the Unix
+                    // socket alone.
+                    let log = std::fs::read_to_string(&spec.log_path).unwrap_or_default();
+                    if tcp_addr.is_some() && log.contains("could not create any TCP/IP sockets") {
+                        tracing::warn!(compute = %spec.label, "the compute's TCP address was taken while it started; starting it on its Unix socket only");
+                        tcp_addr = None;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        };
         self.mark_ready(&spec.key);
         Ok(out)
     }

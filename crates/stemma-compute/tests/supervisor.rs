@@ -127,3 +127,54 @@ async fn the_before_start_hook_runs_before_every_spawn() {
         "no postmaster after a refused start"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_listens_on_its_own_address_or_on_its_socket_alone_when_that_is_taken() {
+    let install = PgInstall::discover(None).expect("a PostgreSQL installation");
+    let user = ComputeUser::resolve(None).expect("the compute user");
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = data_dir(root.path(), &user);
+    let _guard = KillOnDrop(data.clone());
+    initdb(
+        &install,
+        &user,
+        &data,
+        &InitdbOptions {
+            superuser: "stemma",
+            password: "secret",
+        },
+    )
+    .expect("initdb");
+    let sup = Supervisor::new(install, user);
+    // An address of its own for this test process, on the port PostgreSQL will use.
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        65,
+        (std::process::id() >> 8) as u8,
+        std::process::id() as u8,
+    );
+    let spec = ComputeSpec {
+        key: "tcp".into(),
+        label: "tcp".into(),
+        data_dir: data.clone(),
+        socket_dir: root.path().join("sock"),
+        port: 5432,
+        listen_ip: Some(ip),
+        settings: BTreeMap::new(),
+        log_path: root.path().join("compute.log"),
+        user: None,
+    };
+    let started = sup.start(spec.clone()).await.expect("start");
+    let addr = std::net::SocketAddr::from((ip, 5432));
+    assert_eq!(started.tcp_addr, Some(addr));
+    std::net::TcpStream::connect(addr).expect("the compute accepts on its address");
+    sup.stop("tcp", &data).await.expect("stop");
+
+    // The address taken by another program: the compute starts on its Unix socket alone.
+    let squatter = std::net::TcpListener::bind(addr).expect("take the address");
+    let started = sup.start(spec).await.expect("start without TCP");
+    assert_eq!(started.tcp_addr, None);
+    assert!(started.socket_path.exists());
+    sup.stop("tcp", &data).await.expect("stop");
+    drop(squatter);
+}

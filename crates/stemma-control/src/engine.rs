@@ -214,7 +214,9 @@ impl Engine {
             data_dir: self.storage.data_dir(&tl),
             socket_dir: self.cfg.data_dir.join("run").join(Self::compute_key(b)),
             port: COMPUTE_SOCKET_PORT,
-            listen_ip: Some(compute_listen_ip(b.port)),
+            // Computes without an endpoint (an operation's private compute) have port 0 and
+            // no proxy in front: no TCP address.
+            listen_ip: (b.port != 0).then(|| compute_listen_ip(b.port)),
             settings,
             log_path: self.cfg.logs_dir().join(format!("compute-{}.log", b.id)),
             user: self.compute_user_of(b)?,
