@@ -45,13 +45,13 @@ fn data_dir(root: &Path, user: &Option<ComputeUser>) -> PathBuf {
     data
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_before_start_hook_runs_before_every_spawn() {
+/// A PostgreSQL installation, the compute user, and a fresh data directory (initdb) in a
+/// temporary root that lives as long as the returned `TempDir`.
+fn initdb_data_dir() -> (PgInstall, Option<ComputeUser>, tempfile::TempDir, PathBuf) {
     let install = PgInstall::discover(None).expect("a PostgreSQL installation");
     let user = ComputeUser::resolve(None).expect("the compute user");
     let root = tempfile::tempdir().expect("tempdir");
     let data = data_dir(root.path(), &user);
-    let _guard = KillOnDrop(data.clone());
     initdb(
         &install,
         &user,
@@ -62,6 +62,13 @@ async fn the_before_start_hook_runs_before_every_spawn() {
         },
     )
     .expect("initdb");
+    (install, user, root, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_before_start_hook_runs_before_every_spawn() {
+    let (install, user, root, data) = initdb_data_dir();
+    let _guard = KillOnDrop(data.clone());
 
     let sup = Supervisor::new(install, user);
     let calls = Arc::new(AtomicUsize::new(0));
@@ -130,21 +137,8 @@ async fn the_before_start_hook_runs_before_every_spawn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compute_listens_on_its_own_address_or_on_its_socket_alone_when_that_is_taken() {
-    let install = PgInstall::discover(None).expect("a PostgreSQL installation");
-    let user = ComputeUser::resolve(None).expect("the compute user");
-    let root = tempfile::tempdir().expect("tempdir");
-    let data = data_dir(root.path(), &user);
+    let (install, user, root, data) = initdb_data_dir();
     let _guard = KillOnDrop(data.clone());
-    initdb(
-        &install,
-        &user,
-        &data,
-        &InitdbOptions {
-            superuser: "stemma",
-            password: "secret",
-        },
-    )
-    .expect("initdb");
     let sup = Supervisor::new(install, user);
     // An address of its own for this test process, on the port PostgreSQL will use.
     let ip = std::net::Ipv4Addr::new(
