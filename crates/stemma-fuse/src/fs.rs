@@ -185,36 +185,29 @@ impl TimelineFs {
         }
     }
 
-    /// How a file is opened: through the page cache, kept across opens (only this mount
-    /// changes the timeline), or bypassing it for the direct-I/O directory's files.
+    /// How a file opened with `flags` is opened: through the page cache, kept across opens
+    /// (only this mount changes the timeline), or bypassing it, for a synchronous open or a
+    /// file of the direct-I/O directory.
     ///
-    /// Why one might bypass it for the WAL: PostgreSQL fdatasyncs it at every commit, which
-    /// through the writeback cache costs three round trips (the dirty pages, a SETATTR the
-    /// kernel sends to hand over the times it kept, then FSYNC) against two with direct I/O.
-    /// Measured, it did not pay (see `FuseOptions::direct_io_dir`), so it is off by default.
-    fn open_flags(&self, ino: Ino) -> FopenFlags {
-        if self.options.direct_io_dir.is_some() && self.direct.lock().contains(&ino) {
-            FopenFlags::FOPEN_DIRECT_IO
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE
-        }
-    }
-
-    /// [`Self::open_flags`] for an open with `flags`: a synchronous open (`O_DSYNC`, which
-    /// `O_SYNC` includes) bypasses the page cache, and its writes are made durable before
-    /// they are answered (see `write`). Why: through the writeback cache a synchronous write
-    /// costs three round trips (the write is cached, then the kernel sends the dirty pages, a
-    /// SETATTR and an FSYNC); direct, it is one. PostgreSQL opens WAL segments this way with
-    /// `wal_sync_method=open_datasync`, so a commit is one round trip. (Measured with
+    /// A synchronous open (`O_DSYNC`, which `O_SYNC` includes) has its writes made durable
+    /// before they are answered (see `write`): through the writeback cache a synchronous
+    /// write costs three round trips (the write is cached, then the kernel sends the dirty
+    /// pages, a SETATTR with the times it kept, and an FSYNC); direct, it is one. PostgreSQL
+    /// opens WAL segments this way with `wal_sync_method=open_datasync`. (Measured with
     /// pgbench, scale 50: TPC-B 0.74 of native with open_datasync on both sides against 0.75
     /// with fdatasync, and `pgbench -i` twice as slow on both, so the computes keep
     /// fdatasync.) Other opens of the same file keep the cache: the kernel drops cached pages
     /// a direct write overlaps.
-    fn open_flags_for(&self, ino: Ino, flags: i32) -> FopenFlags {
-        if is_synchronous(flags) {
+    ///
+    /// The direct-I/O directory (`FuseOptions::direct_io_dir`, e.g. `pg_wal` with fdatasync)
+    /// saves one of those round trips per commit; measured, it did not pay, so it is off by
+    /// default.
+    fn open_flags(&self, ino: Ino, flags: i32) -> FopenFlags {
+        let direct_dir = self.options.direct_io_dir.is_some() && self.direct.lock().contains(&ino);
+        if is_synchronous(flags) || direct_dir {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
-            self.open_flags(ino)
+            FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 
@@ -607,7 +600,7 @@ impl Filesystem for TimelineFs {
         // O_TRUNC arrives as a separate setattr.
         match self.store.open_handle(self.tl, ino(i)) {
             // Only this mount changes the timeline, so cached pages stay valid across opens.
-            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags_for(ino(i), flags.0)),
+            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags(ino(i), flags.0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -645,7 +638,7 @@ impl Filesystem for TimelineFs {
     ) {
         count(Op::Write);
         set_thread_priority(self.options.nice);
-        // A write of a synchronous open (direct, see `open_flags_for`) is durable when it is
+        // A write of a synchronous open (direct, see `open_flags`) is durable when it is
         // answered; the kernel's writeback of cached pages (FUSE_WRITE_CACHE) carries the
         // flags of whichever open it borrows, and is not.
         let durable =
@@ -872,7 +865,7 @@ impl Filesystem for TimelineFs {
                 &to_fuse(&a),
                 Generation(0),
                 FileHandle(self.fh()),
-                self.open_flags_for(a.ino, flags),
+                self.open_flags(a.ino, flags),
             ),
             Err(e) => reply.error(e),
         }
