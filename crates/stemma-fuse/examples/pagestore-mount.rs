@@ -85,7 +85,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::io::stdout().flush()?;
     loop {
         let sig = stop.wait()?;
-        eprintln!("{sig:?}: FUSE requests {:?}", stemma_fuse::request_counts());
+        eprintln!("{sig:?}: FUSE requests (count, handler time):");
+        for r in stemma_fuse::request_counts() {
+            eprintln!(
+                "  {:<10} {:>10} {:>10.3} s {:>8.1} us each",
+                r.op,
+                r.count,
+                r.handler_time.as_secs_f64(),
+                r.handler_time.as_secs_f64() * 1e6 / r.count as f64
+            );
+        }
         if sig != Signal::SIGUSR1 {
             break;
         }

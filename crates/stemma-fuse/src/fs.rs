@@ -98,12 +98,27 @@ const OP_NAMES: [&str; 25] = [
     "fallocate",
 ];
 
-/// Requests served, by operation, by every mount of this process: cheap (one relaxed atomic
-/// add per request) and what tells where a workload's round trips go.
+/// Requests served, by operation, by every mount of this process, and the time their
+/// handlers took (nanoseconds): cheap (two relaxed atomic adds per request) and what tells
+/// where a workload's round trips go and which of them are slow to answer.
 static OP_COUNTS: [AtomicU64; 25] = [const { AtomicU64::new(0) }; 25];
+static OP_NANOS: [AtomicU64; 25] = [const { AtomicU64::new(0) }; 25];
 
-fn count(op: Op) {
+/// Counts one request of `op`; the time until the returned guard drops (the handler's
+/// end) is added to the operation's total.
+#[must_use]
+fn count(op: Op) -> Timed {
     OP_COUNTS[op as usize].fetch_add(1, Ordering::Relaxed);
+    Timed(op, std::time::Instant::now())
+}
+
+struct Timed(Op, std::time::Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let ns = u64::try_from(self.1.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        OP_NANOS[self.0 as usize].fetch_add(ns, Ordering::Relaxed);
+    }
 }
 
 thread_local! {
@@ -130,13 +145,27 @@ fn set_thread_priority(nice: Option<i32>) {
 }
 
 /// FUSE requests served so far by every mount of this process, by operation (nonzero only).
-pub fn request_counts() -> Vec<(&'static str, u64)> {
+pub fn request_counts() -> Vec<RequestCount> {
     OP_NAMES
         .iter()
-        .zip(OP_COUNTS.iter())
-        .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
-        .filter(|(_, c)| *c > 0)
+        .zip(OP_COUNTS.iter().zip(OP_NANOS.iter()))
+        .map(|(n, (c, t))| RequestCount {
+            op: n,
+            count: c.load(Ordering::Relaxed),
+            handler_time: std::time::Duration::from_nanos(t.load(Ordering::Relaxed)),
+        })
+        .filter(|r| r.count > 0)
         .collect()
+}
+
+/// One operation's line of [`request_counts`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestCount {
+    pub op: &'static str,
+    pub count: u64,
+    /// Total time spent in the handlers of these requests (from the request's arrival in
+    /// a worker thread to its answer).
+    pub handler_time: std::time::Duration,
 }
 
 /// One timeline served through FUSE. `Send + Sync`: fuser calls it from several worker threads,
@@ -340,7 +369,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        count(Op::Lookup);
+        let _timed = count(Op::Lookup);
         set_thread_priority(self.options.nice);
         match self.store.lookup(self.tl, ino(parent), name.as_bytes()) {
             Ok(a) => {
@@ -356,7 +385,7 @@ impl Filesystem for TimelineFs {
     fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {}
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        count(Op::Getattr);
+        let _timed = count(Op::Getattr);
         set_thread_priority(self.options.nice);
         match self.store.getattr(self.tl, ino(i)) {
             Ok(a) => reply.attr(&self.ttl(), &to_fuse(&a)),
@@ -382,7 +411,7 @@ impl Filesystem for TimelineFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        count(Op::Setattr);
+        let _timed = count(Op::Setattr);
         set_thread_priority(self.options.nice);
         let set = SetAttr {
             mode,
@@ -399,7 +428,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        count(Op::Readlink);
+        let _timed = count(Op::Readlink);
         set_thread_priority(self.options.nice);
         match self.store.readlink(self.tl, ino(i)) {
             Ok(t) => reply.data(&t),
@@ -417,7 +446,7 @@ impl Filesystem for TimelineFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        count(Op::Mknod);
+        let _timed = count(Op::Mknod);
         set_thread_priority(self.options.nice);
         // A data directory holds regular files only; PostgreSQL's sockets live elsewhere.
         if mode & libc::S_IFMT != libc::S_IFREG {
@@ -451,7 +480,7 @@ impl Filesystem for TimelineFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        count(Op::Mkdir);
+        let _timed = count(Op::Mkdir);
         set_thread_priority(self.options.nice);
         let result = self
             .owner_for(req, ino(parent))
@@ -473,7 +502,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        count(Op::Unlink);
+        let _timed = count(Op::Unlink);
         set_thread_priority(self.options.nice);
         match self.store.unlink(self.tl, ino(parent), name.as_bytes()) {
             Ok(()) => reply.ok(),
@@ -482,7 +511,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        count(Op::Rmdir);
+        let _timed = count(Op::Rmdir);
         set_thread_priority(self.options.nice);
         match self.store.rmdir(self.tl, ino(parent), name.as_bytes()) {
             Ok(()) => reply.ok(),
@@ -498,7 +527,7 @@ impl Filesystem for TimelineFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        count(Op::Symlink);
+        let _timed = count(Op::Symlink);
         set_thread_priority(self.options.nice);
         let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
             self.store
@@ -528,7 +557,7 @@ impl Filesystem for TimelineFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        count(Op::Rename);
+        let _timed = count(Op::Rename);
         set_thread_priority(self.options.nice);
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
             // Not needed by PostgreSQL, and the engine has no atomic exchange.
@@ -581,7 +610,7 @@ impl Filesystem for TimelineFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        count(Op::Link);
+        let _timed = count(Op::Link);
         set_thread_priority(self.options.nice);
         match self
             .store
@@ -593,7 +622,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        count(Op::Open);
+        let _timed = count(Op::Open);
         set_thread_priority(self.options.nice);
         // The open flags need no handling: there is no backing file to pass O_APPEND or
         // O_DIRECT to, the kernel applies O_APPEND itself under the writeback cache, and
@@ -616,7 +645,7 @@ impl Filesystem for TimelineFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        count(Op::Read);
+        let _timed = count(Op::Read);
         set_thread_priority(self.options.nice);
         match self.store.read(self.tl, ino(i), offset, size as usize) {
             Ok(d) => reply.data(&d),
@@ -636,7 +665,7 @@ impl Filesystem for TimelineFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        count(Op::Write);
+        let _timed = count(Op::Write);
         set_thread_priority(self.options.nice);
         // A write of a synchronous open (direct, see `open_flags`) is durable when it is
         // answered; the kernel's writeback of cached pages (FUSE_WRITE_CACHE) carries the
@@ -666,7 +695,7 @@ impl Filesystem for TimelineFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        count(Op::Flush);
+        let _timed = count(Op::Flush);
         set_thread_priority(self.options.nice);
         // close() promises no durability, and we keep no POSIX locks: ENOSYS tells the kernel
         // to stop sending FLUSH at all, one round trip less per close (the kernel still writes
@@ -684,7 +713,7 @@ impl Filesystem for TimelineFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        count(Op::Release);
+        let _timed = count(Op::Release);
         set_thread_priority(self.options.nice);
         match self.store.release_handle(self.tl, ino(i)) {
             Ok(()) => reply.ok(),
@@ -700,7 +729,7 @@ impl Filesystem for TimelineFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        count(Op::Fsync);
+        let _timed = count(Op::Fsync);
         set_thread_priority(self.options.nice);
         // The kernel has already sent this file's dirty pages; the store commits those it
         // buffered, and one group-committed fsync of the log makes them (and everything
@@ -712,7 +741,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        count(Op::Opendir);
+        let _timed = count(Op::Opendir);
         set_thread_priority(self.options.nice);
         match self.store.getattr(self.tl, ino(i)) {
             Ok(a) if a.kind == FileKind::Directory => {
@@ -731,7 +760,7 @@ impl Filesystem for TimelineFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        count(Op::Readdir);
+        let _timed = count(Op::Readdir);
         set_thread_priority(self.options.nice);
         let entries = match self.listing(fh.0, ino(i), offset) {
             Ok(l) => l,
@@ -774,7 +803,7 @@ impl Filesystem for TimelineFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        count(Op::Releasedir);
+        let _timed = count(Op::Releasedir);
         set_thread_priority(self.options.nice);
         self.dirs.lock().remove(&fh.0);
         reply.ok();
@@ -788,7 +817,7 @@ impl Filesystem for TimelineFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        count(Op::Fsyncdir);
+        let _timed = count(Op::Fsyncdir);
         set_thread_priority(self.options.nice);
         // Directory changes are frames of the same log: the same sync covers them.
         match self.store.sync() {
@@ -798,7 +827,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        count(Op::Statfs);
+        let _timed = count(Op::Statfs);
         set_thread_priority(self.options.nice);
         match self.store.statfs() {
             Ok(s) => {
@@ -820,7 +849,7 @@ impl Filesystem for TimelineFs {
     }
 
     fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        count(Op::Access);
+        let _timed = count(Op::Access);
         set_thread_priority(self.options.nice);
         // With default_permissions the kernel checks permissions itself and does not send
         // ACCESS; answer existence for kernels that do.
@@ -840,7 +869,7 @@ impl Filesystem for TimelineFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        count(Op::Create);
+        let _timed = count(Op::Create);
         set_thread_priority(self.options.nice);
         let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
             // The kernel has usually applied the umask already (no FUSE_DONT_MASK); applying
@@ -881,7 +910,7 @@ impl Filesystem for TimelineFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        count(Op::Fallocate);
+        let _timed = count(Op::Fallocate);
         set_thread_priority(self.options.nice);
         // Only plain allocation (mode 0): holes read as zeros, so it is an extension of the
         // size. Punching holes and the like are refused, and glibc's posix_fallocate falls

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 pub use client::{PagestoreClient, ServerSpec};
 pub use driver::{DriverOptions, PagestoreDriver};
-pub use fs::{request_counts, TimelineFs};
+pub use fs::{request_counts, RequestCount, TimelineFs};
 pub use mount::{
     clear_stale_mounts, kill_stranded_processes, mounts_under, MountedTimeline, Unmounted,
 };

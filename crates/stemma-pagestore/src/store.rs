@@ -122,6 +122,11 @@ pub struct PageStore {
     buffer: Mutex<WriteBuffer>,
     /// fdatasyncs of the log (the writer's `syncs`: it zeroes ahead only under frequent ones).
     log_syncs: Arc<AtomicU64>,
+    /// The last frame that changed each file (its pages or attributes), so that an fsync of
+    /// one file waits only until that frame is durable, not for whatever other files appended
+    /// after it (lock order: `state`, then this). A file missing here (none of its changes
+    /// made since the store was opened, or the table was cleared) waits for the whole log.
+    file_commits: Mutex<HashMap<(TimelineId, Ino), Lsn>>,
     _lock: Flock<File>,
 }
 
@@ -511,6 +516,7 @@ impl PageStore {
             checkpointed_at: Mutex::new(0),
             buffer: Mutex::new(WriteBuffer::default()),
             log_syncs,
+            file_commits: Mutex::new(HashMap::new()),
             _lock: lock,
         })
     }
@@ -605,16 +611,45 @@ impl PageStore {
             len: st.log.active_len,
             lsn,
         };
+        drop(end);
+        // After `log_end`: whoever finds a file's last frame here finds it in `log_end` too,
+        // so the fsync it then starts covers that frame.
+        let mut files = self.file_commits.lock();
+        if files.len() >= MAX_FILE_COMMITS {
+            files.clear();
+        }
+        for m in muts {
+            match m {
+                Mutation::SetAttr(a) => {
+                    files.insert((tl, a.ino), lsn);
+                }
+                Mutation::Page { ino, .. }
+                | Mutation::ZeroPage { ino, .. }
+                | Mutation::Truncate { ino, .. } => {
+                    files.insert((tl, *ino), lsn);
+                }
+                Mutation::FreeInode { ino } => {
+                    files.remove(&(tl, *ino));
+                }
+                _ => {}
+            }
+        }
         Ok(lsn)
     }
 
     /// Makes every change committed so far durable (fsync, fdatasync and fsyncdir of any file
     /// of any timeline all map here). Concurrent callers share one fsync.
     pub fn sync(&self) -> Result<()> {
-        self.check_writable()?;
         // Every commit that returned before this call has moved `log_end` (under the state
         // lock, which this does not take).
         let target = self.log_end.lock().mark.lsn;
+        self.sync_to(target)
+    }
+
+    /// Makes every frame up to `target` durable; concurrent callers share one fsync, which
+    /// covers everything appended before it starts.
+    fn sync_to(&self, target: Lsn) -> Result<()> {
+        self.check_writable()?;
         if self.durable.lock().lsn >= target {
             return Ok(());
         }
@@ -624,7 +659,7 @@ impl PageStore {
             let end = self.log_end.lock();
             (end.file.clone(), end.path.clone(), end.mark)
         };
-        if self.durable.lock().lsn >= mark.lsn {
+        if self.durable.lock().lsn >= target {
             return Ok(());
         }
         if let Err(source) = file.sync_data() {
@@ -1170,7 +1205,8 @@ impl PageStore {
         self.buffer.lock().bytes
     }
 
-    /// FUSE's fsync of one file: commits its buffered pages, then [`PageStore::sync`].
+    /// FUSE's fsync of one file: commits its buffered pages, then makes the file's last
+    /// frame durable (with [`PageStore::sync`]'s group commit).
     pub fn sync_file(&self, tl: TimelineId, ino: Ino) -> Result<()> {
         // The pages buffered now are what this fsync covers; pages buffered while it runs
         // are later writes, which it need not wait for (and under a steady writer might
@@ -1179,7 +1215,11 @@ impl PageStore {
         if !pages.is_empty() {
             self.commit_file_paced(tl, ino, Some(pages))?;
         }
-        self.sync()
+        let last = self.file_commits.lock().get(&(tl, ino)).copied();
+        match last {
+            Some(lsn) => self.sync_to(lsn),
+            None => self.sync(),
+        }
     }
 
     /// Commits every buffered page of `tl` and syncs: what a `syncfs` of its filesystem
@@ -1822,3 +1862,7 @@ fn open_packs_and_drop_garbage(st: &mut State, replay_from: usize) -> Result<usi
 fn to_nanos_dur(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
+
+/// Files whose last frame [`PageStore::file_commits`] remembers, at most (then it starts
+/// again: a forgotten file's fsync waits for the whole log, which is only slower).
+const MAX_FILE_COMMITS: usize = 1 << 20;

@@ -1104,3 +1104,54 @@ fn an_inode_unlinked_while_open_before_a_restart_is_freed() {
     assert_eq!(s.getattr(tl, f).unwrap_err().errno(), libc::ENOENT);
     assert!(s.readdir(tl, ROOT_INO).unwrap().is_empty());
 }
+
+fn buffered() -> Config {
+    Config {
+        write_buffer: 1 << 20,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn an_fsync_of_one_file_waits_only_for_that_files_frames() {
+    let d = tempfile::tempdir().unwrap();
+    let s = PageStore::open(d.path(), buffered()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let a = file(&s, tl, "a");
+    let b = file(&s, tl, "b");
+    s.write(tl, a, 0, &[1u8; PAGE_SIZE]).unwrap();
+    s.sync_file(tl, a).unwrap();
+    let after_a = s.durable_mark().lsn;
+    assert_eq!(
+        after_a,
+        s.last_lsn(),
+        "an fsync makes the file's frames durable"
+    );
+    // Another file appends; fsyncing `a` again has nothing to wait for.
+    s.write(tl, b, 0, &[2u8; PAGE_SIZE]).unwrap();
+    s.sync_file(tl, a).unwrap();
+    assert_eq!(
+        s.durable_mark().lsn,
+        after_a,
+        "an fsync of a waited for b's frame"
+    );
+    // A buffered overwrite of `a` is committed by its fsync, and that fsync covers every
+    // frame before it (b's too: one fsync of the log).
+    s.write(tl, a, 0, &[3u8; PAGE_SIZE]).unwrap();
+    assert!(
+        s.buffered_bytes() > 0,
+        "an overwrite inside the file is buffered"
+    );
+    s.sync_file(tl, a).unwrap();
+    assert_eq!(s.durable_mark().lsn, s.last_lsn());
+    assert_eq!(all(&s, tl, a), vec![3u8; PAGE_SIZE]);
+    // Reopened, the store knows no file's last frame: an fsync waits for the whole log.
+    s.write(tl, b, PAGE_SIZE as u64, &[5u8; PAGE_SIZE]).unwrap();
+    assert!(s.durable_mark().lsn < s.last_lsn());
+    drop(s);
+    let s = PageStore::open(d.path(), buffered()).unwrap();
+    s.write(tl, b, 2 * PAGE_SIZE as u64, &[6u8; PAGE_SIZE])
+        .unwrap();
+    s.sync_file(tl, a).unwrap();
+    assert_eq!(s.durable_mark().lsn, s.last_lsn());
+}

@@ -102,6 +102,9 @@ struct Run {
     /// What the log held after every position.
     history: Vec<(u64, Committed)>,
     next_seq: u64,
+    /// The position a power cut may not go below: a file fsynced with `sync_file` must come
+    /// back as it was then (its last change was at or before this position).
+    synced_floor: u64,
 }
 
 fn config() -> Config {
@@ -263,6 +266,8 @@ impl Run {
                     .sync_file(self.tls[t as usize], ino)
                     .expect("sync_file");
                 self.commit_file(t, file);
+                let since = self.unchanged_since(t, file);
+                self.synced_floor = self.synced_floor.max(since);
             }
             Op::Sync => self.st().sync().expect("sync"),
             Op::Flush => {
@@ -345,11 +350,31 @@ impl Run {
                 let st = PageStore::open(dir, config()).expect("reopen after a power cut");
                 let r = st.last_lsn();
                 prop_assert!(r >= mark.lsn, "lost synced changes: {} < {}", r, mark.lsn);
+                prop_assert!(
+                    r >= self.synced_floor,
+                    "lost a file's fsynced changes: recovered to {} < {}",
+                    r,
+                    self.synced_floor
+                );
                 self.store = Some(st);
                 self.recovered(r)?;
             }
         }
         Ok(())
+    }
+
+    /// The first position since which the log has held file `file` of timeline `tl` as it
+    /// holds it now (where its last committed change is).
+    fn unchanged_since(&self, tl: u64, file: usize) -> u64 {
+        let now = &self.model[&tl][file].committed;
+        let mut since = self.history.last().map_or(0, |h| h.0);
+        for (lsn, held) in self.history.iter().rev() {
+            match held.get(&tl) {
+                Some(fs) if &fs[file] == now => since = *lsn,
+                _ => break,
+            }
+        }
+        since
     }
 
     /// A clean reopen: the log is whole, the buffer gone.
@@ -447,6 +472,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         tls: vec![root],
         history: Vec::new(),
         next_seq: 0,
+        synced_floor: 0,
     };
     run.history.push((lsn, committed(&run.model)));
     for op in ops {
