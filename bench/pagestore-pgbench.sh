@@ -144,6 +144,9 @@ for rep in $(seq "$REPS"); do
     for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
   fi
   for t in "${order[@]}"; do
+    # Each measurement starts with nothing of an earlier one still queued for the disk (the
+    # previous target's writeback would otherwise slow whichever target comes next).
+    sync
     start=$(date +%s.%N)
     if ! pgb "$t" -i -q -s "$SCALE" >"$WORK/init.log" 2>&1; then
       { echo "pgbench -i failed on $t:"; cat "$WORK/init.log"; tail -20 "$WORK/logs/$t.log"; } >&2
@@ -153,8 +156,10 @@ for rep in $(seq "$REPS"); do
     init=$(echo "$end - $start" | bc)
     pgb "$t" -c 1 -j 1 -t 1 -n >/dev/null 2>&1 # touch
     runuser -u postgres -- "$PG_BIN/psql" -h "$WORK/sock" -p "$(port_of "$t")" -U postgres -qc checkpoint postgres
+    sync
     tpcb=$(pgb "$t" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -n 2>/dev/null |
       sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    sync
     sel=$(pgb "$t" -S -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -n 2>/dev/null |
       sed -n 's/^tps = \([0-9.]*\).*/\1/p')
     printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$t" "$init" "$tpcb" "$sel" | tee -a "$RESULTS" >&2
