@@ -31,7 +31,7 @@ use stemma_storage::{
     Usage,
 };
 
-use crate::flusher::{default_write_buffer, Flusher};
+use crate::flusher::{default_write_buffer, start_flusher, start_preparer, Periodic};
 use crate::mount::{clear_stale_mounts, kill_stranded_processes, MountedTimeline};
 use crate::FuseOptions;
 
@@ -43,6 +43,9 @@ pub struct DriverOptions {
     pub fuse: FuseOptions,
     /// The engine's settings (retention window, segment size, write buffer).
     pub store: stemma_pagestore::Config,
+    /// Whether a background thread prepares the log's next segment ahead of need (only
+    /// with zeros ahead of the log on). `STEMMA_PAGESTORE_PREPARE_SEGMENTS=0` turns it off.
+    pub prepare_segments: bool,
 }
 
 impl Default for DriverOptions {
@@ -59,6 +62,8 @@ impl Default for DriverOptions {
                     << 20,
                 ..stemma_pagestore::Config::default()
             },
+            prepare_segments: std::env::var("STEMMA_PAGESTORE_PREPARE_SEGMENTS").as_deref()
+                != Ok("0"),
         }
     }
 }
@@ -74,7 +79,8 @@ pub struct PagestoreDriver {
     /// delete), so that an id is never mounted twice nor created twice.
     mounts: Mutex<HashMap<TimelineId, MountedTimeline>>,
     /// Commits old buffered page writes in the background (when the store buffers).
-    flusher: Mutex<Option<Flusher>>,
+    /// The write buffer's flusher and the log preparer (stopped at shutdown).
+    background: Mutex<Vec<Periodic>>,
 }
 
 fn engine_err(context: &'static str, path: &Path, e: stemma_pagestore::Error) -> StorageError {
@@ -148,13 +154,18 @@ impl PagestoreDriver {
         ))?;
         clear_stale_mounts(&mnt_dir).map_err(io_err("detaching stale mounts", &mnt_dir))?;
         let store = Arc::new(store);
-        let flusher = match options.store.write_buffer {
-            0 => None,
-            limit => Some(
-                Flusher::start(store.clone(), limit)
+        let mut background = Vec::new();
+        if options.store.write_buffer > 0 {
+            background.push(
+                start_flusher(store.clone(), options.store.write_buffer)
                     .map_err(io_err("starting the write buffer's flusher", root))?,
-            ),
-        };
+            );
+        }
+        if options.prepare_segments && options.store.log_zero_ahead > 0 {
+            background.push(
+                start_preparer(store.clone()).map_err(io_err("starting the log preparer", root))?,
+            );
+        }
         let driver = PagestoreDriver {
             root: root.to_path_buf(),
             mnt_dir,
@@ -162,7 +173,7 @@ impl PagestoreDriver {
             owner,
             options,
             mounts: Mutex::new(HashMap::new()),
-            flusher: Mutex::new(flusher),
+            background: Mutex::new(background),
         };
         let ids = driver.list()?;
         {
@@ -202,8 +213,8 @@ impl PagestoreDriver {
                 tracing::error!(timeline = %id, error = %e, "unmount failed");
             }
         }
-        if let Some(mut f) = self.flusher.lock().take() {
-            f.stop();
+        for mut t in self.background.lock().drain(..) {
+            t.stop();
         }
         // What nobody fsynced still goes to disk on a clean stop, as a native filesystem's
         // page cache does at unmount.

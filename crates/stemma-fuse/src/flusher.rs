@@ -8,6 +8,9 @@
 //! background ratio); a writer that finds the buffer full commits the oldest files itself.
 //! It does not fsync: the pages are durable at the next fsync of anything, as a native
 //! filesystem's written-back pages are at the next journal commit.
+//!
+//! The log preparer, a second thread, keeps the log's next segment written and fsynced ahead
+//! of need (see `PageStore::prepare_log_segment`).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -42,22 +45,41 @@ pub fn default_write_buffer() -> usize {
 }
 
 /// A handle on the flusher thread; stopping it (or dropping the handle) joins it.
-pub struct Flusher {
+/// A thread that runs a task every `tick` until stopped (stopping joins it): the flusher and
+/// the log preparer.
+pub struct Periodic {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
+    name: &'static str,
 }
 
-impl Flusher {
-    /// Starts the thread (nothing to do when the store has no write buffer).
-    pub fn start(store: Arc<PageStore>, limit: usize) -> std::io::Result<Self> {
+impl Periodic {
+    pub fn start(
+        name: &'static str,
+        tick: Duration,
+        mut task: impl FnMut() + Send + 'static,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("flusher".into())
-            .spawn(move || run(&store, limit, &stop2))?;
-        Ok(Flusher {
+            .name(name.into())
+            .spawn(move || loop {
+                {
+                    let mut stopped = stop2.0.lock();
+                    if *stopped {
+                        return;
+                    }
+                    stop2.1.wait_for(&mut stopped, tick);
+                    if *stopped {
+                        return;
+                    }
+                }
+                task();
+            })?;
+        Ok(Periodic {
             stop,
             thread: Some(thread),
+            name,
         })
     }
 
@@ -66,35 +88,44 @@ impl Flusher {
         self.stop.1.notify_one();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
-                tracing::error!("the write buffer's flusher thread panicked");
+                tracing::error!(
+                    thread = self.name,
+                    "a background thread of the page store panicked"
+                );
             }
         }
     }
 }
 
-impl Drop for Flusher {
+impl Drop for Periodic {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-fn run(store: &PageStore, limit: usize, stop: &(Mutex<bool>, Condvar)) {
-    loop {
-        {
-            let mut stopped = stop.0.lock();
-            if *stopped {
-                return;
-            }
-            stop.1.wait_for(&mut stopped, TICK);
-            if *stopped {
-                return;
-            }
-        }
+/// Starts the write buffer's flusher (see the module's docs).
+pub fn start_flusher(store: Arc<PageStore>, limit: usize) -> std::io::Result<Periodic> {
+    Periodic::start("flusher", TICK, move || {
         if store.buffered_bytes() == 0 {
-            continue;
+            return;
         }
         if let Err(e) = store.flush_buffered(None, Some(FLUSH_AGE), limit / 2) {
             tracing::error!(error = %e, "committing buffered page writes failed");
         }
-    }
+    })
+}
+
+/// How often the log preparer looks whether the next segment is ready. A segment lasts
+/// seconds even under TPC-B (256 MiB at tens of MB/s), and preparing one takes about a
+/// second, so a few looks a second keep one ready.
+const PREPARE_TICK: Duration = Duration::from_millis(250);
+
+/// Starts the log preparer: keeps the log's next segment written with zeros and fsynced
+/// before the log needs it (`PageStore::prepare_log_segment`), off every commit's path.
+pub fn start_preparer(store: Arc<PageStore>) -> std::io::Result<Periodic> {
+    Periodic::start("log-preparer", PREPARE_TICK, move || {
+        if let Err(e) = store.prepare_log_segment() {
+            tracing::warn!(error = %e, "preparing the next log segment failed");
+        }
+    })
 }

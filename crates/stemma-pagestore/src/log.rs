@@ -18,6 +18,91 @@ pub(crate) fn segment_path(dir: &Path, seg_no: u32) -> PathBuf {
     dir.join(format!("{seg_no:010}.seg"))
 }
 
+/// Suffix of a segment file prepared ahead of need (see [`PreparedSegment`]).
+pub(crate) const PREPARED_SUFFIX: &str = ".seg.prepared";
+
+pub(crate) fn prepared_path(dir: &Path, seg_no: u32) -> PathBuf {
+    dir.join(format!("{seg_no:010}{PREPARED_SUFFIX}"))
+}
+
+/// A future segment written whole with zeros and fsynced, away from every commit, so that
+/// when the log rolls into it no append ever has to write zeros ahead (see
+/// [`LogWriter::zero_ahead`]) and no commit's fsync ever has to flush them: the blocks are
+/// allocated and written already, and an fdatasync after an append writes only the frames
+/// (PostgreSQL pre-allocates its WAL segments the same way). Until the roll gives it its
+/// header and its name it is not part of the log: `open` deletes any it finds.
+pub(crate) struct PreparedSegment {
+    pub no: u32,
+    pub path: PathBuf,
+    pub file: File,
+}
+
+/// Writes `size` bytes of zeros into a new file for segment `seg_no` and fsyncs it.
+pub(crate) fn prepare_segment(dir: &Path, seg_no: u32, size: u64) -> Result<PreparedSegment> {
+    let path = prepared_path(dir, seg_no);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(Error::io("creating a prepared log segment", &path))?;
+    // Written to disk a few MiB at a time as it goes, so that the disk never has a whole
+    // segment queued in front of a commit's fsync.
+    const STEP: u64 = 8 << 20;
+    let (mut pos, mut on_disk) = (0u64, 0u64);
+    while pos < size {
+        let n = (size - pos).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], pos)
+            .map_err(Error::io("writing a prepared log segment", &path))?;
+        pos += n as u64;
+        if pos - on_disk >= STEP || pos == size {
+            write_and_wait(&file, on_disk, pos - on_disk);
+            on_disk = pos;
+        }
+    }
+    file.sync_data()
+        .map_err(Error::io("syncing a prepared log segment", &path))?;
+    Ok(PreparedSegment {
+        no: seg_no,
+        path,
+        file,
+    })
+}
+
+impl PreparedSegment {
+    /// Whether the file is as long as it was prepared to be (the segment size is fixed by
+    /// the store's configuration, which a reopen may change).
+    fn file_len_is(&self, size: u64) -> bool {
+        self.file.metadata().is_ok_and(|m| m.len() == size)
+    }
+}
+
+/// Turns a prepared segment into segment `p.no` whose first frame will be `first_lsn`: its
+/// header, durable before the rename gives it its name, so that a segment file under a
+/// segment's name always has a valid header (a crash before the rename leaves a prepared
+/// file, which `open` deletes).
+fn activate_prepared(dir: &Path, p: PreparedSegment, first_lsn: Lsn) -> Result<Segment> {
+    let header = SegmentHeader {
+        seg_no: p.no,
+        first_lsn,
+    }
+    .encode();
+    p.file
+        .write_all_at(&header, 0)
+        .and_then(|()| p.file.sync_data())
+        .map_err(Error::io("writing log segment header", &p.path))?;
+    let path = segment_path(dir, p.no);
+    std::fs::rename(&p.path, &path).map_err(Error::io("naming a prepared log segment", &path))?;
+    sync_dir(dir)?;
+    tracing::debug!(path = %path.display(), first_lsn, "rolled into a prepared log segment");
+    Ok(Segment {
+        no: p.no,
+        path,
+        file: Arc::new(p.file),
+    })
+}
+
 /// Makes a directory's entries (a new or removed segment file) durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -36,6 +121,21 @@ pub(crate) struct Segment {
 /// PostgreSQL writes between commits (evicted buffers, checkpoints) reach the disk only when
 /// the next commit's fsync forces them, on that commit's clock.
 pub(crate) const WRITE_BEHIND: u64 = 512 << 10;
+
+/// Asks the kernel to let go of the cached pages of a range of `file` that is durable (clean
+/// pages; a hint, so errors are ignored). See `PageStore::sync_to` for why.
+pub(crate) fn drop_cached(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor the caller owns.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            from as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
 
 /// Starts writeback of a range of `file` and returns at once: a hint, so errors are ignored
 /// (an fsync reports them).
@@ -88,16 +188,18 @@ pub(crate) struct LogWriter {
     /// not at all), and where those zeros end. See [`LogWriter::zero_ahead`].
     pub zero_ahead: u64,
     pub zeroed_to: u64,
+    /// `Config::log_zero_ahead_bytes_per_sync`.
+    pub zero_bytes_per_sync: u64,
     /// Log fsyncs done so far (the store counts them), and `(appended, fsyncs)` when the
     /// writer last decided whether to zero ahead.
     pub syncs: Arc<std::sync::atomic::AtomicU64>,
     pub zero_check: (u64, u64),
+    /// Whether, at the last check, the log was fsynced often enough to be worth zeros ahead
+    /// (and prepared segments).
+    pub zeroing: bool,
+    /// The next segment, when one has been prepared ([`PreparedSegment`]); `roll` takes it.
+    pub prepared: Arc<parking_lot::Mutex<Option<PreparedSegment>>>,
 }
-
-/// Zeros are written ahead only while the log is fsynced at least once per this many bytes
-/// appended: small commits, where the saved journal commit is most of an fsync's cost. A
-/// bulk load (few fsyncs, many bytes) would only pay twice the writes.
-const ZERO_AHEAD_BYTES_PER_SYNC: u64 = 256 << 10;
 
 /// Zeros to write ahead of the log from.
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
@@ -191,16 +293,17 @@ impl LogWriter {
     /// for the same reason). The zeros are not frames: recovery stops at them and cuts them
     /// off like a torn tail, and a segment is cut to its last frame before it is sealed.
     fn zero_ahead(&mut self) -> Result<()> {
-        if self.zero_ahead == 0
-            || self.active_len + self.zero_ahead / 2 <= self.zeroed_to
-            || self.appended < self.zero_check.0 + self.zero_ahead / 2
-        {
+        if self.zero_ahead == 0 {
             return Ok(());
         }
-        let syncs = self.syncs.load(std::sync::atomic::Ordering::Relaxed);
-        let (bytes, synced) = (self.appended - self.zero_check.0, syncs - self.zero_check.1);
-        self.zero_check = (self.appended, syncs);
-        if synced * ZERO_AHEAD_BYTES_PER_SYNC < bytes {
+        if self.appended >= self.zero_check.0 + self.zero_ahead / 2 {
+            let syncs = self.syncs.load(std::sync::atomic::Ordering::Relaxed);
+            let (bytes, synced) = (self.appended - self.zero_check.0, syncs - self.zero_check.1);
+            self.zero_check = (self.appended, syncs);
+            self.zeroing = self.zero_bytes_per_sync == u64::MAX
+                || synced.saturating_mul(self.zero_bytes_per_sync) >= bytes;
+        }
+        if !self.zeroing || self.active_len + self.zero_ahead / 2 <= self.zeroed_to {
             return Ok(());
         }
         let from = self.zeroed_to.max(self.active_len);
@@ -235,10 +338,27 @@ impl LogWriter {
             .sync_all()
             .map_err(Error::io("syncing full log segment", &old.path))?;
         let next_no = old.no + 1;
-        let seg = create_segment(&self.dir, next_no, next_lsn)?;
+        let prepared = self.prepared.lock().take();
+        let (seg, zeroed_to) = match prepared {
+            Some(p) if p.no == next_no && p.file_len_is(self.segment_size) => (
+                activate_prepared(&self.dir, p, next_lsn)?,
+                self.segment_size,
+            ),
+            other => {
+                if let Some(p) = other {
+                    // Prepared for a number the log has passed (a roll came first): never
+                    // part of the log.
+                    let _ = std::fs::remove_file(&p.path);
+                }
+                (
+                    create_segment(&self.dir, next_no, next_lsn)?,
+                    SEGMENT_HEADER_LEN as u64,
+                )
+            }
+        };
         self.segments.push(seg);
         self.active_len = SEGMENT_HEADER_LEN as u64;
-        self.zeroed_to = SEGMENT_HEADER_LEN as u64;
+        self.zeroed_to = zeroed_to;
         self.behind = SEGMENT_HEADER_LEN as u64;
         self.total_bytes += SEGMENT_HEADER_LEN as u64;
         Ok(DurableMark {

@@ -77,6 +77,12 @@ pub struct Config {
     /// Bytes of zeros kept written ahead of the log's end (0: none), so that fsyncs after
     /// appends do not also commit the file's growth.
     pub log_zero_ahead: u64,
+    /// Zeros are written ahead (and segments prepared, see
+    /// [`PageStore::prepare_log_segment`]) only while the log is fsynced at least once per
+    /// this many bytes appended: small commits, where the saved inode write is much of an
+    /// fsync. A bulk load (few fsyncs, many bytes) would only pay twice the writes.
+    /// `u64::MAX`: whatever the rate.
+    pub log_zero_ahead_bytes_per_sync: u64,
 }
 
 impl Default for Config {
@@ -90,6 +96,7 @@ impl Default for Config {
             checkpoint_every: 64 << 20,
             write_buffer: 0,
             log_zero_ahead: 0,
+            log_zero_ahead_bytes_per_sync: 256 << 10,
         }
     }
 }
@@ -127,6 +134,11 @@ pub struct PageStore {
     /// after it (lock order: `state`, then this). A file missing here (none of its changes
     /// made since the store was opened, or the table was cleared) waits for the whole log.
     file_commits: Mutex<HashMap<(TimelineId, Ino), Lsn>>,
+    /// Held while a segment is prepared ([`PageStore::prepare_log_segment`]): one at a time.
+    preparing: Mutex<()>,
+    /// How far the log's cached pages have been let go ([`log::drop_cached`]): segment and
+    /// offset.
+    uncached: Mutex<(u32, u64)>,
     _lock: Flock<File>,
 }
 
@@ -255,6 +267,11 @@ impl PageStore {
                 .and_then(|n| n.parse::<u32>().ok())
             {
                 nums.push(n);
+            } else if name.ends_with(log::PREPARED_SUFFIX) {
+                // Prepared ahead of need and never rolled into: not part of the log.
+                let path = entry.path();
+                std::fs::remove_file(&path)
+                    .map_err(Error::io("removing a prepared log segment", &path))?;
             }
         }
         nums.sort_unstable();
@@ -312,9 +329,12 @@ impl PageStore {
                 total_bytes: 0,
                 appended: 0,
                 zero_ahead: config.log_zero_ahead,
+                zero_bytes_per_sync: config.log_zero_ahead_bytes_per_sync,
                 zeroed_to: 0,
                 syncs: Arc::new(AtomicU64::new(0)),
                 zero_check: (0, 0),
+                zeroing: false,
+                prepared: Arc::new(Mutex::new(None)),
             },
             time_index: TimeIndex {
                 entries: Vec::new(),
@@ -431,7 +451,10 @@ impl PageStore {
                         reason: format!("{reason} in a segment that was complete"),
                     });
                 }
-                if zeros_from(&file, end.valid_len, end.file_len) {
+                // Zeros ahead of the last frame (a prepared segment is zeros to its end: look
+                // at the first few MiB only, this decides no more than the message).
+                let look = end.file_len.min(end.valid_len + (4 << 20));
+                if zeros_from(&file, end.valid_len, look) {
                     tracing::debug!(
                         path = %path.display(),
                         offset = end.valid_len,
@@ -517,6 +540,8 @@ impl PageStore {
             buffer: Mutex::new(WriteBuffer::default()),
             log_syncs,
             file_commits: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(()),
+            uncached: Mutex::new((0, 0)),
             _lock: lock,
         })
     }
@@ -673,10 +698,31 @@ impl PageStore {
         }
         self.log_syncs.fetch_add(1, Ordering::Relaxed);
         self.durable.lock().advance(mark);
+        self.uncache(&file, mark);
         Ok(())
     }
 
     // ---- timelines ----
+
+    /// Lets the kernel drop the cached pages of the log that a sync just made durable, but the
+    /// last [`UNCACHE_MARGIN`] before the end (the tail page is appended to, and a partial
+    /// page not in the cache would have to be read back first). Why: the log only grows, so
+    /// its page cache would too, a second copy of pages the kernel already caches above the
+    /// mount for the computes that read them; on this VM every page of never-used memory costs
+    /// the hypervisor a fault on first touch (writes into fresh page cache ran at a fifth of
+    /// the speed of writes into recycled pages), which made each `pgbench -i` on one store
+    /// slower than the one before. Dropped pages are freed and reused by the next appends.
+    fn uncache(&self, file: &File, mark: DurableMark) {
+        let mut u = self.uncached.lock();
+        if u.0 != mark.seg {
+            *u = (mark.seg, 0);
+        }
+        let upto = mark.len.saturating_sub(UNCACHE_MARGIN) / UNCACHE_STEP * UNCACHE_STEP;
+        if upto > u.1 {
+            log::drop_cached(file, u.1, upto - u.1);
+            u.1 = upto;
+        }
+    }
 
     /// Creates an empty timeline: a root directory (mode 0700, owned by this process's user)
     /// and nothing else. Durable when it returns.
@@ -1203,6 +1249,49 @@ impl PageStore {
     /// Bytes of page writes waiting in the write buffer.
     pub fn buffered_bytes(&self) -> usize {
         self.buffer.lock().bytes
+    }
+
+    /// Prepares the log's next segment ahead of need (zeros written and fsynced, see
+    /// `log::PreparedSegment`) when the log is being fsynced often (small commits, where the
+    /// zeros ahead of the log pay) and none is ready. Takes the state lock only to look; the
+    /// writing happens outside it, so commits go on meanwhile. Meant for a background thread
+    /// (the server calls it a few times a second); returns whether it wrote a segment.
+    pub fn prepare_log_segment(&self) -> Result<bool> {
+        let _one = self.preparing.lock();
+        let (dir, next_no, size, wanted, slot) = {
+            let st = self.state.read();
+            let l = &st.log;
+            (
+                l.dir.clone(),
+                l.active().no + 1,
+                l.segment_size,
+                l.zero_ahead > 0 && l.zeroing,
+                l.prepared.clone(),
+            )
+        };
+        {
+            let mut p = slot.lock();
+            match p.as_ref() {
+                Some(ready) if ready.no == next_no => return Ok(false),
+                Some(_) => {
+                    // The log rolled past it before it was ready.
+                    if let Some(stale) = p.take() {
+                        let _ = std::fs::remove_file(&stale.path);
+                    }
+                }
+                None => {}
+            }
+        }
+        if !wanted {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        let seg = log::prepare_segment(&dir, next_no, size)?;
+        tracing::debug!(segment = next_no, bytes = size, "prepared a log segment");
+        if let Some(stale) = slot.lock().replace(seg) {
+            let _ = std::fs::remove_file(&stale.path);
+        }
+        Ok(true)
     }
 
     /// FUSE's fsync of one file: commits its buffered pages, then makes the file's last
@@ -1862,6 +1951,11 @@ fn open_packs_and_drop_garbage(st: &mut State, replay_from: usize) -> Result<usi
 fn to_nanos_dur(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
+
+/// The log's cached pages are let go in steps of this many bytes, the last
+/// [`UNCACHE_MARGIN`] before the durable end kept.
+const UNCACHE_STEP: u64 = 1 << 20;
+const UNCACHE_MARGIN: u64 = 1 << 20;
 
 /// Files whose last frame [`PageStore::file_commits`] remembers, at most (then it starts
 /// again: a forgotten file's fsync waits for the whole log, which is only slower).

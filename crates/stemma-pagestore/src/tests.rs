@@ -1155,3 +1155,118 @@ fn an_fsync_of_one_file_waits_only_for_that_files_frames() {
     s.sync_file(tl, a).unwrap();
     assert_eq!(s.durable_mark().lsn, s.last_lsn());
 }
+
+#[test]
+fn the_log_rolls_into_a_prepared_segment_and_open_drops_an_unused_one() {
+    let d = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 1 << 16,
+        log_zero_ahead: 1 << 13,
+        ..Config::default()
+    };
+    let log_dir = d.path().join("log");
+    let names = || {
+        let mut n: Vec<String> = std::fs::read_dir(&log_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let tl = s.create_root(b"main").unwrap();
+    let f = file(&s, tl, "wal");
+    // Small commits, each fsynced: the log is worth zeros ahead, and so a prepared segment.
+    let mut want = Vec::new();
+    fn commit(s: &PageStore, tl: TimelineId, f: Ino, want: &mut Vec<u8>, i: usize) {
+        let page = vec![(i % 250) as u8 + 1; 1000];
+        s.write(tl, f, want.len() as u64, &page).unwrap();
+        s.sync_file(tl, f).unwrap();
+        want.extend_from_slice(&page);
+    }
+    let mut i = 0;
+    while !s.prepare_log_segment().unwrap() {
+        commit(&s, tl, f, &mut want, i);
+        i += 1;
+        assert!(i < 200, "no segment was prepared under frequent fsyncs");
+    }
+    assert_eq!(names(), ["0000000000.seg", "0000000001.seg.prepared"]);
+    assert!(
+        !s.prepare_log_segment().unwrap(),
+        "one is ready: nothing to do"
+    );
+    // Fill the first segment: the log rolls into the prepared one, zeros and all.
+    while names().len() == 2 && names()[1].ends_with(".prepared") {
+        commit(&s, tl, f, &mut want, i);
+        i += 1;
+    }
+    assert_eq!(names(), ["0000000000.seg", "0000000001.seg"]);
+    let len = |n: &str| std::fs::metadata(log_dir.join(n)).unwrap().len();
+    assert_eq!(
+        len("0000000001.seg"),
+        1 << 16,
+        "the prepared segment's zeros"
+    );
+    assert_eq!(all(&s, tl, f), want);
+    // The next one is prepared; a clean stop leaves it, and the next open deletes it and
+    // cuts the zeros ahead of the last frame.
+    assert!(s.prepare_log_segment().unwrap());
+    assert_eq!(names().len(), 3);
+    drop(s);
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    assert_eq!(names(), ["0000000000.seg", "0000000001.seg"]);
+    assert!(len("0000000001.seg") < 1 << 16);
+    assert_eq!(all(&s, tl, f), want);
+    commit(&s, tl, f, &mut want, i);
+    assert_eq!(all(&s, tl, f), want);
+
+    // Power cuts inside a prepared segment: roll into one again, then cut its file anywhere
+    // past what was synced (zeros, maybe followed by garbage): every synced commit comes
+    // back, the rest is cut off.
+    let mut s = s;
+    for (round, cut) in [0u64, 1, 777, 4096, 30_000].into_iter().enumerate() {
+        // A reopened store decides again, after some commits, that zeros are worth it.
+        let mut tries = 0;
+        while !s.prepare_log_segment().unwrap() {
+            i += 1;
+            commit(&s, tl, f, &mut want, i);
+            tries += 1;
+            assert!(tries < 200, "round {round}: no segment prepared");
+        }
+        let seg_before = s.durable_mark().seg;
+        while s.durable_mark().seg == seg_before {
+            i += 1;
+            commit(&s, tl, f, &mut want, i);
+        }
+        for _ in 0..3 {
+            i += 1;
+            commit(&s, tl, f, &mut want, i);
+        }
+        // One more write, not synced: it may be lost.
+        s.write(tl, f, want.len() as u64, &[9u8; 100]).unwrap();
+        let mark = s.durable_mark();
+        drop(s);
+        let seg = log_dir.join(format!("{:010}.seg", mark.seg));
+        let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            1 << 16,
+            "a prepared segment"
+        );
+        file.set_len(mark.len + cut).unwrap();
+        if round % 2 == 1 {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&[0x5a; 64], mark.len + cut).unwrap();
+        }
+        drop(file);
+        s = PageStore::open(d.path(), config.clone()).unwrap();
+        let got = all(&s, tl, f);
+        assert!(
+            got == want || (got.len() == want.len() + 100 && got[..want.len()] == want[..]),
+            "round {round}: after a cut {cut} bytes past the synced end the file is not what was synced"
+        );
+        // What the unsynced write left, if anything, is part of the file from now on.
+        want = got;
+        assert!(names().iter().all(|n| !n.ends_with(".prepared")));
+    }
+}

@@ -87,6 +87,9 @@ enum Op {
         cut: u16,
         junk: bool,
     },
+    /// The server's log preparer runs: the next segment may be prepared, and the log rolls
+    /// into it when the active one is full.
+    Prepare,
     /// The clock moves on.
     Tick {
         secs: u8,
@@ -123,6 +126,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (tl.clone(), proptest::option::of(any::<u32>())).prop_map(|(tl, past)| Op::Branch { tl, past }),
         1 => tl.clone().prop_map(|tl| Op::Delete { tl }),
         2 => Just(Op::Sync),
+        3 => Just(Op::Prepare),
         1 => Just(Op::Reopen),
         2 => (any::<u16>(), any::<bool>()).prop_map(|(cut, junk)| Op::Crash { cut, junk }),
         4 => (0u8..60).prop_map(|secs| Op::Tick { secs }),
@@ -510,8 +514,10 @@ fn config(now: &Arc<AtomicI64>, compact_below: f64) -> Config {
     Config {
         segment_size: 1 << 16,
         // Zeros ahead of the log's end: recovery must tell them from frames, and sealing a
-        // segment must cut them off.
+        // segment must cut them off. On whatever the fsync rate, and with them prepared
+        // segments (`Op::Prepare`): the log rolls into them, and crashes find them.
         log_zero_ahead: 1 << 13,
+        log_zero_ahead_bytes_per_sync: u64::MAX,
         compact_below,
         retention: Duration::from_secs(RETENTION_SECS as u64),
         time_granularity: Duration::ZERO,
@@ -608,9 +614,11 @@ fn check_horizon(
 /// lost, so cut the last segment somewhere in its unsynced tail, maybe leaving torn garbage.
 fn power_cut(dir: &Path, mark: stemma_pagestore::DurableMark, cut: u16, junk: bool) {
     let log = dir.join("log");
+    // Segments only: a prepared segment is not part of the log (open deletes it).
     let mut segs: Vec<_> = std::fs::read_dir(&log)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
         .collect();
     segs.sort();
     let last = segs.last().unwrap();
@@ -684,6 +692,9 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
         };
         match op {
             Op::Sync => st.sync().unwrap(),
+            Op::Prepare => {
+                st.prepare_log_segment().unwrap();
+            }
             Op::Reopen => {
                 drop(s.take());
                 s = Some(PageStore::open(dir.path(), config(&clock, compact_below)).unwrap());
