@@ -1253,7 +1253,8 @@ impl PageStore {
 
     /// Prepares the log's next segment ahead of need (zeros written and fsynced, see
     /// `log::PreparedSegment`) when the log is being fsynced often (small commits, where the
-    /// zeros ahead of the log pay) and none is ready. Takes the state lock only to look; the
+    /// zeros ahead of the log pay), the active segment is a quarter full (so that a young or
+    /// idle store does not hold a segment of zeros for nothing) and none is ready. Takes the state lock only to look; the
     /// writing happens outside it, so commits go on meanwhile. Meant for a background thread
     /// (the server calls it a few times a second); returns whether it wrote a segment.
     pub fn prepare_log_segment(&self) -> Result<bool> {
@@ -1265,7 +1266,7 @@ impl PageStore {
                 l.dir.clone(),
                 l.active().no + 1,
                 l.segment_size,
-                l.zero_ahead > 0 && l.zeroing,
+                l.zero_ahead > 0 && l.zeroing && l.active_len >= l.segment_size / 4,
                 l.prepared.clone(),
             )
         };

@@ -1208,9 +1208,18 @@ fn the_log_rolls_into_a_prepared_segment_and_open_drops_an_unused_one() {
         "the prepared segment's zeros"
     );
     assert_eq!(all(&s, tl, f), want);
-    // The next one is prepared; a clean stop leaves it, and the next open deletes it and
-    // cuts the zeros ahead of the last frame.
-    assert!(s.prepare_log_segment().unwrap());
+    // Nothing is prepared for a segment that has just begun; once it is a quarter full the
+    // next one is. A clean stop leaves it, and the next open deletes it and cuts the zeros
+    // ahead of the last frame.
+    assert!(
+        !s.prepare_log_segment().unwrap(),
+        "the new segment is empty"
+    );
+    while !s.prepare_log_segment().unwrap() {
+        commit(&s, tl, f, &mut want, i);
+        i += 1;
+        assert!(i < 400, "no segment prepared once the active one filled");
+    }
     assert_eq!(names().len(), 3);
     drop(s);
     let s = PageStore::open(d.path(), config.clone()).unwrap();
