@@ -78,8 +78,8 @@ pub struct PagestoreDriver {
     /// Mounted timelines by id. The lock also serializes the driver's changes (create, clone,
     /// delete), so that an id is never mounted twice nor created twice.
     mounts: Mutex<HashMap<TimelineId, MountedTimeline>>,
-    /// Commits old buffered page writes in the background (when the store buffers).
-    /// The write buffer's flusher and the log preparer (stopped at shutdown).
+    /// Background threads: the write buffer's flusher (when the store buffers) and the log
+    /// preparer (when it zeroes ahead). Stopped at shutdown.
     background: Mutex<Vec<Periodic>>,
 }
 

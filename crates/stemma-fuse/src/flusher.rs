@@ -44,9 +44,8 @@ pub fn default_write_buffer() -> usize {
     (total / 16).min(1 << 30) as usize
 }
 
-/// A handle on the flusher thread; stopping it (or dropping the handle) joins it.
-/// A thread that runs a task every `tick` until stopped (stopping joins it): the flusher and
-/// the log preparer.
+/// A thread that runs a task every `tick` until stopped; stopping it (or dropping the handle)
+/// joins it, after the task in progress: the flusher and the log preparer.
 pub struct Periodic {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
