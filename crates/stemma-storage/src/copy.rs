@@ -308,12 +308,7 @@ impl StorageDriver for CopyDriver {
     }
 
     fn delete(&self, id: &TimelineId) -> Result<()> {
-        let dir = self.dir(id);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StorageError::io("deleting a timeline", &dir)(e)),
-        }
+        remove_dir_while_busy(&self.dir(id))
     }
 
     fn list(&self) -> Result<Vec<TimelineId>> {
@@ -492,9 +487,54 @@ fn sync_filesystem(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes a timeline's directory. A process may still be finishing inside it (an operation's
+/// `initdb` that outlived a crashed daemon: its standalone backend writes a negative pid in
+/// `postmaster.pid`, which no stop of a postmaster finds) and create entries while it is
+/// removed, which fails with "directory not empty": try again, for up to 10 s.
+fn remove_dir_while_busy(dir: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(StorageError::io("deleting a timeline", dir)(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeline_is_deleted_while_a_process_still_writes_in_it() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("busy");
+        fs::create_dir_all(dir.join("base")).unwrap();
+        for i in 0..200 {
+            fs::write(dir.join("base").join(i.to_string()), b"x").unwrap();
+        }
+        // A writer that goes on creating entries for a while, as a stray initdb does.
+        let d2 = dir.join("base");
+        let writer = std::thread::spawn(move || {
+            let end = std::time::Instant::now() + std::time::Duration::from_millis(300);
+            let mut i = 1000;
+            while std::time::Instant::now() < end {
+                let _ = fs::create_dir_all(&d2);
+                let _ = fs::write(d2.join(i.to_string()), b"y");
+                i += 1;
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        remove_dir_while_busy(&dir).unwrap();
+        writer.join().unwrap();
+        // The writer may have recreated it after the removal: that is a new directory.
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     fn tid(s: &str) -> TimelineId {
         TimelineId::parse(s).unwrap()
