@@ -22,6 +22,13 @@ pub struct InitdbOptions<'a> {
 
 /// Runs `initdb` on an empty, existing `data_dir` owned by the compute's user. Local and TCP
 /// connections need the password (scram-sha-256).
+///
+/// `initdb` dies with the process that runs it (`PR_SET_PDEATHSIG`; this function waits for
+/// it on the calling thread, which the signal is tied to): one cut off by a crash of the
+/// daemon must not go on writing in a timeline that the restarted daemon deletes as an
+/// interrupted operation's (its standalone backends write a negative pid in
+/// `postmaster.pid`, so stopping a postmaster does not find them). Its backend, which reads
+/// its commands from `initdb` through a pipe, ends at the pipe's end.
 pub fn initdb(
     install: &PgInstall,
     user: &Option<ComputeUser>,
@@ -55,6 +62,13 @@ pub fn initdb(
         .arg("--no-instructions")
         .stdin(Stdio::null());
     as_compute_user(&mut cmd, user);
+    // SAFETY: `prctl` is a system call, async-signal-safe; it runs in the child after the
+    // uid change (which would clear the setting) and before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     let out = cmd.output();
     let _ = fs::remove_file(&pwfile);
     let out = out.map_err(ComputeError::io(format!(

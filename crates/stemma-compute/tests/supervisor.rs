@@ -172,3 +172,100 @@ async fn a_compute_listens_on_its_own_address_or_on_its_socket_alone_when_that_i
     sup.stop("tcp", &data).await.expect("stop");
     drop(squatter);
 }
+
+/// Processes running `initdb` on `data`, or running in it (a backend's working directory is
+/// its data directory), with their command lines.
+fn processes_of(data: &Path) -> Vec<(u32, Vec<String>)> {
+    let dir = data.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let initdb =
+                        args.first().is_some_and(|a| a.ends_with("/initdb")) && args.contains(&dir);
+                    let inside = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                        .is_ok_and(|cwd| cwd.starts_with(data));
+                    (initdb || inside).then_some((pid, args))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits up to `secs` seconds for `cond`.
+fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 200 {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// Not a test: the process `initdb_dies_with_the_process_that_runs_it` runs (this test binary
+/// again) and kills while it runs `initdb`.
+#[test]
+#[ignore = "a helper process of initdb_dies_with_the_process_that_runs_it"]
+fn initdb_helper_process() {
+    let Ok(dir) = std::env::var("STEMMA_TEST_INITDB_DIR") else {
+        return;
+    };
+    let install = PgInstall::discover(None).expect("a PostgreSQL installation");
+    let user = ComputeUser::resolve(None).expect("the compute user");
+    let _ = initdb(
+        &install,
+        &user,
+        Path::new(&dir),
+        &InitdbOptions {
+            superuser: "stemma",
+            password: "secret",
+        },
+    );
+}
+
+/// A daemon killed while it runs `initdb` (for a new branch or an import) takes `initdb` with
+/// it: nothing goes on writing in a timeline the restarted daemon deletes. The process is
+/// killed during initdb's longest step, which it runs silently (an initdb that outlives its
+/// parent dies of `SIGPIPE` only at its next line of output): the single-user backend that
+/// runs the post-bootstrap SQL, whose last command creates the database `postgres` (base/5).
+#[test]
+fn initdb_dies_with_the_process_that_runs_it() {
+    let user = ComputeUser::resolve(None).expect("the compute user");
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = data_dir(root.path(), &user);
+    let mut helper = std::process::Command::new(std::env::current_exe().expect("this test"))
+        .args(["--exact", "initdb_helper_process", "--ignored"])
+        .env("STEMMA_TEST_INITDB_DIR", &data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the helper process");
+    let post_bootstrap = wait_until(60, || {
+        processes_of(&data)
+            .iter()
+            .any(|(_, args)| args.iter().any(|a| a == "--single"))
+    });
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert!(
+        post_bootstrap,
+        "initdb's post-bootstrap step never ran in {}",
+        data.display()
+    );
+    assert!(
+        wait_until(30, || processes_of(&data).is_empty()),
+        "initdb or its backend outlived the process that ran it: {:?}",
+        processes_of(&data)
+    );
+    assert!(
+        !data.join("base/5").exists(),
+        "initdb ran to its end after the process that ran it died"
+    );
+}

@@ -487,8 +487,9 @@ fn sync_filesystem(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes a timeline's directory. A process may still be finishing inside it (an operation's
-/// `initdb` that outlived a crashed daemon: its standalone backend writes a negative pid in
+/// Removes a timeline's directory. A process may still be finishing inside it (the standalone
+/// backend of an operation's `initdb` cut off by a crash of the daemon: `initdb` dies with the
+/// daemon, its backend only at the end of its input, and it writes a negative pid in
 /// `postmaster.pid`, which no stop of a postmaster finds) and create entries while it is
 /// removed, which fails with "directory not empty": try again, for up to 10 s.
 fn remove_dir_while_busy(dir: &Path) -> Result<()> {
