@@ -20,6 +20,10 @@
 # (e.g. a copy built from the base commit), to compare engine versions in the same run;
 # BDI_MAX_RATIO=N lets the kernel keep up to N% of its dirty page cache for that mount (FUSE
 # mounts get 1% under a strict limit by default).
+# HALT_POLL_NS=N sets the guest's idle halt polling (/sys/module/haltpoll/parameters/
+# guest_halt_poll_ns) for the whole run, both sides, and puts the old value back on exit: on a
+# VM whose idle CPUs halt at once, every wake-up costs a VM exit, and a FUSE round trip has
+# two of them (see docs/pagestore.md, "Wake-ups on this VM"). A host setting, not Stemma's.
 set -euo pipefail
 
 REPS=${REPS:-3}
@@ -60,8 +64,17 @@ cleanup() {
   # Whatever is still mounted below the work directory goes (a crashed helper).
   grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   rm -rf "$WORK"
+  [ -n "${OLD_HALT_POLL:-}" ] && echo "$OLD_HALT_POLL" >"$HALT_POLL_PARAM"
 }
 trap cleanup EXIT INT TERM
+
+HALT_POLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+if [ -n "${HALT_POLL_NS:-}" ]; then
+  [ -w "$HALT_POLL_PARAM" ] || { echo "HALT_POLL_NS: no $HALT_POLL_PARAM here" >&2; exit 1; }
+  OLD_HALT_POLL=$(cat "$HALT_POLL_PARAM")
+  echo "$HALT_POLL_NS" >"$HALT_POLL_PARAM"
+  echo "guest halt polling: $HALT_POLL_NS ns for this run (was $OLD_HALT_POLL)" >&2
+fi
 
 # The compute's settings (stemma-control's DEFAULT_SETTINGS) for both sides.
 SETTINGS=(-c shared_buffers=32MB -c max_connections=100 -c work_mem=4MB
