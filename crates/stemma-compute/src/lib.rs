@@ -19,7 +19,7 @@ mod supervisor;
 
 pub use backup::{BackupFiles, OnlineBackup};
 pub use install::{ComputeUser, PgInstall};
-pub use process::{initdb, read_postmaster_pid, InitdbOptions, PostmasterPid};
+pub use process::{initdb, read_postmaster_pid, DiesWithParent, InitdbOptions, PostmasterPid};
 pub use supervisor::{ComputeInfo, ComputeSpec, Supervisor};
 
 /// Errors from compute supervision. Messages say what to do next where there is something to do.

@@ -23,12 +23,10 @@ pub struct InitdbOptions<'a> {
 /// Runs `initdb` on an empty, existing `data_dir` owned by the compute's user. Local and TCP
 /// connections need the password (scram-sha-256).
 ///
-/// `initdb` dies with the process that runs it (`PR_SET_PDEATHSIG`; this function waits for
-/// it on the calling thread, which the signal is tied to): one cut off by a crash of the
-/// daemon must not go on writing in a timeline that the restarted daemon deletes as an
-/// interrupted operation's (its standalone backends write a negative pid in
-/// `postmaster.pid`, so stopping a postmaster does not find them). Its backend, which reads
-/// its commands from `initdb` through a pipe, ends at the pipe's end.
+/// `initdb` dies with the process that runs it ([`DiesWithParent`]; this function waits for
+/// it on the calling thread, which the signal is tied to). Its standalone backends write a
+/// negative pid in `postmaster.pid`, so stopping a postmaster does not find them; the
+/// backend reads its commands from `initdb` through a pipe and ends at the pipe's end.
 pub fn initdb(
     install: &PgInstall,
     user: &Option<ComputeUser>,
@@ -62,13 +60,7 @@ pub fn initdb(
         .arg("--no-instructions")
         .stdin(Stdio::null());
     as_compute_user(&mut cmd, user);
-    // SAFETY: `prctl` is a system call, async-signal-safe; it runs in the child after the
-    // uid change (which would clear the setting) and before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
+    cmd.dies_with_parent();
     let out = cmd.output();
     let _ = fs::remove_file(&pwfile);
     let out = out.map_err(ComputeError::io(format!(
@@ -83,6 +75,38 @@ pub fn initdb(
         )));
     }
     Ok(())
+}
+
+/// Programs an operation runs (`initdb`, `pg_basebackup`, `pg_dump`, `pg_restore`, `psql`)
+/// die when the thread that started them does (`PR_SET_PDEATHSIG` with `SIGKILL`): one cut
+/// off by a `kill -9` of the daemon must not go on writing in a timeline that the restarted
+/// daemon deletes as an interrupted operation's (nor into a branch). Computes are not started
+/// this way: they outlive the daemon.
+///
+/// The signal is tied to the *thread* that forks, so start the program from one that outlives
+/// it: a thread that waits for it, a tokio worker or the runtime's own thread; never from a
+/// `spawn_blocking` thread that returns before the program ends (idle blocking threads exit).
+pub trait DiesWithParent {
+    fn dies_with_parent(&mut self) -> &mut Self;
+}
+
+fn set_pdeathsig() -> std::io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+}
+
+impl DiesWithParent for Command {
+    fn dies_with_parent(&mut self) -> &mut Self {
+        // SAFETY: `prctl` is a system call, async-signal-safe; it runs in the child after any
+        // uid change (which would clear the setting) and before exec.
+        unsafe { self.pre_exec(set_pdeathsig) }
+    }
+}
+
+impl DiesWithParent for tokio::process::Command {
+    fn dies_with_parent(&mut self) -> &mut Self {
+        // SAFETY: as above.
+        unsafe { self.pre_exec(set_pdeathsig) }
+    }
 }
 
 fn tempfile_path(prefix: &str) -> PathBuf {
@@ -288,5 +312,70 @@ mod tests {
             Path::new("/x")
         ));
         assert!(!is_live_postmaster(0, Path::new("/x")));
+    }
+
+    /// Whether process `pid` is gone or a zombie (dead, not yet reaped).
+    fn dead(pid: u32) -> bool {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[test]
+    fn a_program_started_to_die_with_its_parent_dies_when_the_starting_thread_ends() {
+        // std: the thread starts `sleep` and ends without waiting for it.
+        let mut child = std::thread::spawn(|| {
+            Command::new("sleep")
+                .arg("30")
+                .dies_with_parent()
+                .spawn()
+                .expect("start sleep")
+        })
+        .join()
+        .expect("the starting thread");
+        let status = child.wait().expect("wait for sleep");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+
+        // tokio: the same from a thread with its own runtime.
+        let pid = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                let child = tokio::process::Command::new("sleep")
+                    .arg("30")
+                    .dies_with_parent()
+                    .spawn()
+                    .expect("start sleep");
+                child.id().expect("its pid")
+            })
+        })
+        .join()
+        .expect("the starting thread");
+        let gone = (0..1000).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            dead(pid)
+        });
+        assert!(gone, "sleep {pid} outlived the thread that started it");
+
+        // Without it, the program lives on.
+        let mut child = std::thread::spawn(|| {
+            Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("start sleep")
+        })
+        .join()
+        .expect("the starting thread");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!dead(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, Context};
 use chrono::Utc;
 use stemma_api as api;
 use stemma_compute::ComputeSpec;
+use stemma_compute::DiesWithParent;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -163,6 +164,7 @@ impl Import {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .dies_with_parent()
             .spawn()
             .with_context(|| format!("running {}", program.display()))?;
         let stderr = child

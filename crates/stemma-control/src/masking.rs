@@ -42,7 +42,7 @@ use stemma_anonymize::{
     ColumnMask, ColumnRef, Masker, Plan, RowMasker, Rules, SecretKey, UniqueMapper, UniqueMapping,
 };
 use stemma_api as api;
-use stemma_compute::ComputeSpec;
+use stemma_compute::{ComputeSpec, DiesWithParent};
 use stemma_storage::TimelineId;
 use tokio::io::AsyncReadExt;
 
@@ -876,6 +876,7 @@ impl Engine {
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
+            .dies_with_parent()
             .output()
             .await
             .with_context(|| format!("running {tool}"))?;
@@ -901,6 +902,7 @@ impl Engine {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .dies_with_parent()
             .spawn()
             .context("running psql")?;
         let mut stdin = child
@@ -961,6 +963,7 @@ impl Engine {
                 .args(["-j", &jobs.max(1).to_string(), "-d", db, &file_arg])
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
+                .dies_with_parent()
                 .output()
                 .await
                 .context("running pg_restore")?;
@@ -1002,6 +1005,7 @@ impl Engine {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .dies_with_parent()
             .spawn()
             .context("running pg_dump")?;
         let out = dump
@@ -1023,6 +1027,7 @@ impl Engine {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .dies_with_parent()
             .spawn()
             .context("running psql")?;
         let mut psql_err = psql

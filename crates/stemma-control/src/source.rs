@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use chrono::Utc;
 use stemma_api as api;
+use stemma_compute::DiesWithParent;
 use stemma_storage::{StorageDriver, TimelineId};
 use tokio::process::Command;
 
@@ -318,6 +319,7 @@ impl Engine {
         .env("PGCONNECT_TIMEOUT", "15")
         .env("PGAPPNAME", "stemma")
         .env_remove("PGPASSFILE")
+        .dies_with_parent()
         .stdin(Stdio::null())
         .kill_on_drop(true);
         if password.is_empty() {
@@ -741,7 +743,8 @@ impl Engine {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            .dies_with_parent();
         if let Some(u) = self.supervisor.user() {
             cmd.uid(u.uid).gid(u.gid);
         }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use chrono::{DateTime, Utc};
 use stemma_api as api;
+use stemma_compute::DiesWithParent;
 use tokio::process::Command;
 
 use crate::engine::Engine;
@@ -224,6 +225,7 @@ impl Engine {
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
             .args(args)
             .stdin(Stdio::null())
+            .dies_with_parent()
             .output()
             .await
             .map_err(|e| format!("running psql: {e}"))?;
@@ -387,6 +389,7 @@ impl Engine {
         let out = Command::new(self.supervisor.install().bin("pg_dump"))
             .args(["--schema-only", "--no-owner", "--no-privileges", "-d", &uri])
             .stdin(Stdio::null())
+            .dies_with_parent()
             .output()
             .await
             .context("running pg_dump")?;
