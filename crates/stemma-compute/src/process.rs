@@ -173,12 +173,8 @@ pub(crate) fn is_live_postmaster(pid: i32, data_dir: &Path) -> bool {
     if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
         return false;
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state is the first field after the parenthesised command name.
-    if let Some(rest) = stat.rsplit(')').next() {
-        if rest.trim_start().starts_with('Z') {
-            return false;
-        }
+    if is_zombie(pid) {
+        return false;
     }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
@@ -188,6 +184,15 @@ pub(crate) fn is_live_postmaster(pid: i32, data_dir: &Path) -> bool {
         .unwrap_or(false);
     let dir = data_dir.as_os_str().as_encoded_bytes();
     is_postgres && args.contains(&dir)
+}
+
+/// Whether process `pid` has exited and waits to be reaped (state `Z` in `/proc/PID/stat`).
+fn is_zombie(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state is the first field after the parenthesised command name.
+    stat.rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
 }
 
 /// Spawns `postgres` for `data_dir` and returns the child. Does not wait for readiness.
@@ -316,13 +321,7 @@ mod tests {
 
     /// Whether process `pid` is gone or a zombie (dead, not yet reaped).
     fn dead(pid: u32) -> bool {
-        match fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        }
+        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid as i32)
     }
 
     #[test]

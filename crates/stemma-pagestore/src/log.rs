@@ -123,7 +123,7 @@ pub(crate) struct Segment {
 pub(crate) const WRITE_BEHIND: u64 = 512 << 10;
 
 /// Asks the kernel to let go of the cached pages of a range of `file` that is durable (clean
-/// pages; a hint, so errors are ignored). See `PageStore::sync_to` for why.
+/// pages; a hint, so errors are ignored). See `PageStore::uncache` for why.
 pub(crate) fn drop_cached(file: &File, from: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain syscall on a descriptor the caller owns.
