@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::log::sync_dir;
-use crate::state::{State, Timeline};
-use crate::types::{Ino, Lsn};
+use crate::state::{Extent, State, Timeline, Versions};
+use crate::types::{Ino, Lsn, TimelineId};
 
 const MAGIC: &[u8; 8] = b"STMPGCKP";
 const VERSION: u32 = 1;
@@ -54,6 +54,22 @@ pub(crate) struct Snapshot {
     pub log_off: u64,
     pub time_entries: Vec<(i64, Lsn)>,
     pub timelines: Vec<Timeline>,
+    /// Encoded after the rest (a second postcard value), so that checkpoints written before
+    /// external files existed still load: their payload simply ends earlier.
+    #[serde(skip)]
+    pub next_object: u64,
+    #[serde(skip)]
+    pub externals: Externals,
+}
+
+/// Every external file's versions, by timeline and inode (see `external.rs`).
+pub(crate) type Externals = Vec<(TimelineId, Ino, Versions<Extent>)>;
+
+/// The part of a checkpoint after `Snapshot`'s own fields.
+#[derive(Serialize, Deserialize)]
+struct Trailer {
+    next_object: u64,
+    externals: Externals,
 }
 
 /// Copies the index (call under the state lock). A copy rather than an encoding in place:
@@ -70,6 +86,16 @@ pub(crate) fn snapshot(st: &State) -> Snapshot {
         log_seg: st.log.active().no,
         log_off: st.log.active_len,
         time_entries: st.time_index.entries.clone(),
+        next_object: st.next_object,
+        externals: timelines
+            .iter()
+            .flat_map(|t| {
+                t.inodes
+                    .iter()
+                    .filter(|(_, ii)| !ii.external.is_empty())
+                    .map(|(ino, ii)| (t.id, *ino, ii.external.clone()))
+            })
+            .collect(),
         timelines,
     }
 }
@@ -77,7 +103,14 @@ pub(crate) fn snapshot(st: &State) -> Snapshot {
 /// Encodes a snapshot: the checkpoint's last LSN and the file's bytes.
 pub(crate) fn encode(snap: &Snapshot) -> Result<(Lsn, Vec<u8>)> {
     let lsn = snap.next_lsn - 1;
-    let mut out = postcard::to_extend(snap, vec![0u8; HEADER_LEN]).map_err(|e| {
+    let trailer = Trailer {
+        next_object: snap.next_object,
+        externals: snap.externals.clone(),
+    };
+    let out = postcard::to_extend(snap, vec![0u8; HEADER_LEN]).map_err(|e| {
+        Error::InvalidArgument(format!("encoding the index checkpoint at {lsn}: {e}"))
+    })?;
+    let mut out = postcard::to_extend(&trailer, out).map_err(|e| {
         Error::InvalidArgument(format!("encoding the index checkpoint at {lsn}: {e}"))
     })?;
     let payload_len = (out.len() - HEADER_LEN) as u64;
@@ -198,8 +231,14 @@ pub(crate) fn load(path: &Path, lsn: Lsn) -> Result<Snapshot> {
             "checkpoint checksum mismatch".into(),
         ));
     }
-    let snap: Snapshot = postcard::from_bytes(payload)
+    let (mut snap, rest): (Snapshot, &[u8]) = postcard::take_from_bytes(payload)
         .map_err(|e| corrupt(HEADER_LEN as u64, format!("undecodable checkpoint: {e}")))?;
+    if !rest.is_empty() {
+        let t: Trailer = postcard::from_bytes(rest)
+            .map_err(|e| corrupt(HEADER_LEN as u64, format!("undecodable checkpoint: {e}")))?;
+        snap.next_object = t.next_object;
+        snap.externals = t.externals;
+    }
     if snap.next_lsn != lsn + 1 {
         return Err(corrupt(
             HEADER_LEN as u64,

@@ -31,6 +31,7 @@ const TAG_DIR_ENTRY: u8 = 6;
 const TAG_SYMLINK: u8 = 7;
 const TAG_CREATE_TIMELINE: u8 = 8;
 const TAG_DELETE_TIMELINE: u8 = 9;
+const TAG_EXTERNAL: u8 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
@@ -155,6 +156,13 @@ pub(crate) enum Mutation<'a> {
         label: &'a [u8],
     },
     DeleteTimeline,
+    /// The inode's contents are external object `object` (a file of its own, see
+    /// `external.rs`), of which the bytes below `end` are written and durable; zeros after.
+    External {
+        ino: Ino,
+        object: u64,
+        end: u64,
+    },
 }
 
 /// A decoded frame body.
@@ -245,6 +253,12 @@ pub(crate) fn encode_frame(
                 out.extend_from_slice(label);
             }
             Mutation::DeleteTimeline => out.push(TAG_DELETE_TIMELINE),
+            Mutation::External { ino, object, end } => {
+                out.push(TAG_EXTERNAL);
+                out.extend_from_slice(&ino.to_le_bytes());
+                out.extend_from_slice(&object.to_le_bytes());
+                out.extend_from_slice(&end.to_le_bytes());
+            }
         }
     }
     let body_len = (out.len() - FRAME_HEADER_LEN) as u32;
@@ -385,6 +399,11 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<FrameBody<'_>, String> {
                 }
             }
             TAG_DELETE_TIMELINE => Mutation::DeleteTimeline,
+            TAG_EXTERNAL => Mutation::External {
+                ino: c.u64()?,
+                object: c.u64()?,
+                end: c.u64()?,
+            },
             other => return Err(format!("unknown mutation tag {other}")),
         };
         muts.push(m);
@@ -457,6 +476,11 @@ mod tests {
                 label: b"dev",
             },
             Mutation::DeleteTimeline,
+            Mutation::External {
+                ino: 11,
+                object: 5,
+                end: 16384,
+            },
         ];
         let frame = encode_frame(42, 4, -5, &muts);
         let mut h = [0u8; FRAME_HEADER_LEN];

@@ -77,6 +77,7 @@ fn drop_leading_empty<T>(
 fn own_bytes(inodes: &IntMap<Ino, InodeIndex>) -> u64 {
     const ATTR_BYTES: u64 = 64;
     const ENTRY_BYTES: u64 = 24;
+    const EXTERNAL_BYTES: u64 = 40;
     let mut n = 0u64;
     for ii in inodes.values() {
         n += ii.attrs.len() as u64 * ATTR_BYTES;
@@ -91,6 +92,7 @@ fn own_bytes(inodes: &IntMap<Ino, InodeIndex>) -> u64 {
             n += v.len() as u64 * (ENTRY_BYTES + name.len() as u64);
         }
         n += ii.symlink.as_ref().map_or(0, |s| s.len() as u64);
+        n += ii.external.len() as u64 * EXTERNAL_BYTES;
     }
     n
 }
@@ -240,10 +242,13 @@ fn gc_inode(
     if freed_for_all {
         dropped += ii.pages.values().map(|v| v.len() as u64).sum::<u64>();
         dropped += ii.entries.values().map(|v| v.len() as u64).sum::<u64>();
+        dropped += ii.external.len() as u64;
         ii.pages.clear();
         ii.entries.clear();
         ii.symlink = None;
+        ii.external.clear();
     }
+    dropped += prune(&mut ii.external, points, horizon);
     dropped += drop_leading_empty(&mut ii.attrs, Option::is_none, || anc.attr(ino).is_none());
     ii.pages.retain(|page, v| {
         dropped += prune(v, points, horizon);
@@ -259,8 +264,11 @@ fn gc_inode(
         dropped += drop_leading_empty(v, Option::is_none, || anc.entry(ino, name).is_none());
         !v.is_empty()
     });
-    let gone =
-        ii.attrs.is_empty() && ii.pages.is_empty() && ii.entries.is_empty() && ii.symlink.is_none();
+    let gone = ii.attrs.is_empty()
+        && ii.pages.is_empty()
+        && ii.entries.is_empty()
+        && ii.symlink.is_none()
+        && ii.external.is_empty();
     (dropped, gone)
 }
 

@@ -50,6 +50,7 @@
 mod buffer;
 mod checkpoint;
 mod error;
+mod external;
 mod format;
 mod gc;
 mod log;

@@ -191,6 +191,12 @@ impl PageStore {
             (checkpoint::snapshot(&st), st.log.appended)
         };
         let (lsn, bytes) = checkpoint::encode(&snap)?;
+        let objects_known = snap.next_object;
+        let objects_named: std::collections::HashSet<u64> = snap
+            .externals
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().map(|(_, x)| x.object))
+            .collect();
         drop(snap);
         // The checkpoint must never cover frames a power loss could still take away.
         self.sync()?;
@@ -199,6 +205,9 @@ impl PageStore {
         checkpoint::remove_all_but(&dir, lsn)?;
         *self.checkpointed_at.lock() = appended;
         tracing::info!(lsn, bytes = bytes.len(), "wrote an index checkpoint");
+        // Only now may objects GC stopped naming go: a restart replays the log from this
+        // checkpoint, which names none of them.
+        self.sweep_objects(objects_known, &objects_named)?;
         Ok(lsn)
     }
 

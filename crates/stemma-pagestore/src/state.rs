@@ -3,7 +3,7 @@
 //! [`State::apply_frame`], the same function the write path uses, so what a reopened store
 //! shows is by construction what the running one showed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
@@ -109,6 +109,19 @@ pub(crate) struct InodeIndex {
     pub entries: BTreeMap<Box<[u8]>, Versions<Option<Ino>>>,
     /// A symlink's target never changes, so it has no versions.
     pub symlink: Option<Box<[u8]>>,
+    /// For an external file (see `external.rs`), where its contents are. Kept out of the
+    /// serde encoding of the checkpoint's timelines (checkpoints carry it after them, so
+    /// that checkpoints written before external files existed still load).
+    #[serde(skip)]
+    pub external: Versions<Extent>,
+}
+
+/// Where an external file's contents are as of one position: the bytes below `end` of
+/// object `object`, zeros after (up to the file's size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Extent {
+    pub object: u64,
+    pub end: u64,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -287,6 +300,14 @@ pub(crate) struct State {
     pub packs: BTreeMap<u32, Pack>,
     /// The number the next pack file gets.
     pub next_pack: u32,
+    /// External objects by number, with the timeline that owns (and alone writes) each: the
+    /// one whose own versions name it. Rebuilt from the index at open.
+    pub objects: IntMap<u64, TimelineId>,
+    /// The number the next external object gets.
+    pub next_object: u64,
+    /// Objects whose file exists but whose first frame is not committed yet: the sweep of
+    /// unreferenced objects leaves them alone.
+    pub pending_objects: HashSet<u64>,
 }
 
 /// A read-only view of one timeline through its ancestry.
@@ -369,6 +390,11 @@ impl<'a> View<'a> {
         .find(ino, |ii| ii.pages.get(&page))
         .copied()
         .unwrap_or(Loc::Zero)
+    }
+
+    /// Where an external file's contents are, if it is one.
+    pub fn extent(&self, ino: Ino) -> Option<Extent> {
+        self.find(ino, |ii| Some(&ii.external)).copied()
     }
 
     pub fn entry(&self, dir: Ino, name: &[u8]) -> Option<Ino> {
@@ -568,6 +594,20 @@ impl State {
                 }
                 Mutation::Symlink { ino, target } => {
                     self.inode_mut(tl, ino)?.symlink = Some(target.into());
+                }
+                Mutation::External { ino, object, end } => {
+                    let owner = *self.objects.entry(object).or_insert(tl);
+                    if owner != tl {
+                        return Err(format!(
+                            "timeline {tl} names object {object} of timeline {owner}"
+                        ));
+                    }
+                    self.next_object = self.next_object.max(object + 1);
+                    push_version(
+                        &mut self.inode_mut(tl, ino)?.external,
+                        lsn,
+                        Extent { object, end },
+                    );
                 }
             }
         }

@@ -17,6 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::buffer::WriteBuffer;
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::external;
 use crate::format::{
     decode_pack_header, encode_frame, Mutation, SegmentHeader, FRAME_HEADER_LEN,
     MAX_PAGES_PER_FRAME, PACK_HEADER_LEN, SEGMENT_HEADER_LEN,
@@ -139,6 +140,11 @@ pub struct PageStore {
     /// How far the log's cached pages have been let go ([`log::drop_cached`]): segment and
     /// offset.
     uncached: Mutex<(u32, u64)>,
+    /// Open object files of external files, by object number (see `external.rs`).
+    pub(crate) object_files: Mutex<IntMap<u64, Arc<File>>>,
+    /// Held while a branch copies an external file into an object of its own: one at a time,
+    /// so that two writers never both copy.
+    pub(crate) materializing: Mutex<()>,
     _lock: Flock<File>,
 }
 
@@ -192,7 +198,7 @@ fn zeros_from(file: &File, from: u64, to: u64) -> bool {
     true
 }
 
-fn timeline(st: &State, tl: TimelineId) -> Result<&Timeline> {
+pub(crate) fn timeline(st: &State, tl: TimelineId) -> Result<&Timeline> {
     st.timelines.get(&tl).ok_or(Error::TimelineNotFound(tl))
 }
 
@@ -345,6 +351,9 @@ impl PageStore {
             gc_horizon: 0,
             packs: BTreeMap::new(),
             next_pack: 0,
+            objects: IntMap::default(),
+            next_object: 1,
+            pending_objects: HashSet::new(),
         };
         if let Some(snap) = snap {
             st.next_lsn = snap.next_lsn;
@@ -352,9 +361,16 @@ impl PageStore {
             st.last_time_ns = snap.last_time_ns;
             st.gc_horizon = snap.gc_horizon;
             st.time_index.entries = snap.time_entries;
+            st.next_object = snap.next_object;
             for t in snap.timelines {
                 st.timelines.insert(t.id, t);
             }
+            for (tl, ino, versions) in snap.externals {
+                if let Some(t) = st.timelines.get_mut(&tl) {
+                    t.inodes.entry(ino).or_default().external = versions;
+                }
+            }
+            external::rebuild_objects(&mut st);
         }
 
         let mut segments: Vec<Segment> = Vec::new();
@@ -523,7 +539,7 @@ impl PageStore {
         let st_active_file = st.log.active().file.clone();
         let st_active_path = st.log.active().path.clone();
         let log_syncs = st.log.syncs.clone();
-        Ok(PageStore {
+        let store = PageStore {
             dir: dir.to_path_buf(),
             config,
             state: RwLock::new(st),
@@ -542,8 +558,14 @@ impl PageStore {
             file_commits: Mutex::new(HashMap::new()),
             preparing: Mutex::new(()),
             uncached: Mutex::new((0, 0)),
+            object_files: Mutex::new(IntMap::default()),
+            materializing: Mutex::new(()),
             _lock: lock,
-        })
+        };
+        // Objects no version names: created or copied for a frame a crash cut off, or left
+        // by a sweep interrupted before it deleted them.
+        store.sweep_objects(u64::MAX, &HashSet::new())?;
+        Ok(store)
     }
 
     /// The store's directory.
@@ -890,7 +912,7 @@ impl PageStore {
         }
         Ok(Usage {
             logical_size_bytes: logical,
-            own_storage_bytes: t.own_bytes,
+            own_storage_bytes: t.own_bytes + self.owned_object_bytes(&st, tl),
         })
     }
 
@@ -917,7 +939,21 @@ impl PageStore {
 
     pub fn getattr(&self, tl: TimelineId, ino: Ino) -> Result<Attr> {
         let st = self.state.read();
-        attr_of(&View::new(&st, timeline(&st, tl)?), tl, ino)
+        let a = attr_of(&View::new(&st, timeline(&st, tl)?), tl, ino)?;
+        self.with_live_size(&st, tl, a)
+    }
+
+    /// An external file's size is its object's, when the timeline owns it: its writes go to
+    /// the object directly, and the size is recorded only at fsyncs.
+    fn with_live_size(&self, st: &State, tl: TimelineId, mut a: Attr) -> Result<Attr> {
+        if a.kind == FileKind::Regular {
+            if let Some(x) = self.external_view(st, tl, a.ino)? {
+                if x.owned {
+                    a.size = self.live_size(&x)?;
+                }
+            }
+        }
+        Ok(a)
     }
 
     pub fn lookup(&self, tl: TimelineId, parent: Ino, name: &[u8]) -> Result<Attr> {
@@ -930,7 +966,8 @@ impl PageStore {
                 format!("{:?} in directory inode {parent}", name_str(name)),
             )
         })?;
-        attr_of(&v, tl, ino)
+        let a = attr_of(&v, tl, ino)?;
+        self.with_live_size(&st, tl, a)
     }
 
     /// The entries of a directory, sorted by name, without `.` and `..`.
@@ -971,6 +1008,10 @@ impl PageStore {
             let st = self.state.read();
             let v = View::new(&st, timeline(&st, tl)?);
             let a = regular_attr(&v, tl, ino)?;
+            if let Some(x) = self.external_view(&st, tl, ino)? {
+                drop(st);
+                return self.read_external(x, offset, len);
+            }
             if offset >= a.size || len == 0 {
                 return Ok(Vec::new());
             }
@@ -1037,6 +1078,14 @@ impl PageStore {
             .ok_or_else(|| {
                 Error::FileTooLarge(format!("write of {} bytes at offset {offset}", data.len()))
             })?;
+        let external = {
+            let st = self.state.read();
+            regular_attr(&View::new(&st, timeline(&st, tl)?), tl, ino)?;
+            self.external_view(&st, tl, ino)?.is_some()
+        };
+        if external {
+            return self.write_external(tl, ino, offset, data);
+        }
         if self.config.write_buffer > 0
             && !data.is_empty()
             && self.write_buffered(tl, ino, offset, data)?
@@ -1298,6 +1347,16 @@ impl PageStore {
     /// FUSE's fsync of one file: commits its buffered pages, then makes the file's last
     /// frame durable (with [`PageStore::sync`]'s group commit).
     pub fn sync_file(&self, tl: TimelineId, ino: Ino) -> Result<()> {
+        let external = {
+            let st = self.state.read();
+            match st.timelines.get(&tl) {
+                Some(_) => self.external_view(&st, tl, ino)?,
+                None => None,
+            }
+        };
+        if let Some(x) = external {
+            return self.sync_external(tl, ino, x);
+        }
         // The pages buffered now are what this fsync covers; pages buffered while it runs
         // are later writes, which it need not wait for (and under a steady writer might
         // never catch up with).
@@ -1380,6 +1439,17 @@ impl PageStore {
 
     /// chmod, chown, truncate or extend, utimes: the `Some` fields of `set`.
     pub fn setattr(&self, tl: TimelineId, ino: Ino, set: SetAttr) -> Result<Attr> {
+        if let Some(size) = set.size {
+            if size <= MAX_FILE_SIZE && self.is_external(tl, ino)? {
+                // The object changes size first: its writer is the kernel, not the log.
+                self.owned_object(tl, ino)?
+                    .set_len(size)
+                    .map_err(Error::io(
+                        "resizing an external file",
+                        self.dir.join("objects"),
+                    ))?;
+            }
+        }
         let mut st = self.state.write();
         if set.size.is_some() {
             // A truncate must not be followed by older buffered pages of the same file.
@@ -1437,6 +1507,15 @@ impl PageStore {
         if let Some(t) = set.mtime {
             a.mtime = t;
         }
+        if let (Some(size), Some(x)) = (set.size, v.extent(ino)) {
+            if x.end > size {
+                muts.push(Mutation::External {
+                    ino,
+                    object: x.object,
+                    end: size,
+                });
+            }
+        }
         for (page, buf) in &tail {
             muts.push(if is_zero(buf) {
                 Mutation::ZeroPage { ino, page: *page }
@@ -1456,7 +1535,14 @@ impl PageStore {
 
     // ---- changing directories ----
 
-    fn new_inode(&self, st: &State, kind: FileKind, perm: u16, uid: u32, gid: u32) -> Attr {
+    pub(crate) fn new_inode(
+        &self,
+        st: &State,
+        kind: FileKind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Attr {
         let now = self.now();
         Attr {
             ino: st.next_ino,
@@ -1480,13 +1566,14 @@ impl PageStore {
     }
 
     /// Adds a new inode under `parent`.
-    fn add_inode(
+    pub(crate) fn add_inode(
         &self,
         tl: TimelineId,
         parent: Ino,
         name: &[u8],
         mut attr_fn: impl FnMut(&State) -> Attr,
         target: Option<&[u8]>,
+        object: Option<u64>,
     ) -> Result<Attr> {
         check_name(name)?;
         let mut st = self.state.write();
@@ -1511,6 +1598,13 @@ impl PageStore {
         if let Some(target) = target {
             muts.push(Mutation::Symlink { ino: a.ino, target });
         }
+        if let Some(object) = object {
+            muts.push(Mutation::External {
+                ino: a.ino,
+                object,
+                end: 0,
+            });
+        }
         self.commit(&mut st, tl, &muts)?;
         Ok(a)
     }
@@ -1531,6 +1625,7 @@ impl PageStore {
             name,
             |st| self.new_inode(st, FileKind::Regular, (mode & 0o7777) as u16, uid, gid),
             None,
+            None,
         )
     }
 
@@ -1548,6 +1643,7 @@ impl PageStore {
             parent,
             name,
             |st| self.new_inode(st, FileKind::Directory, (mode & 0o7777) as u16, uid, gid),
+            None,
             None,
         )
     }
@@ -1577,6 +1673,7 @@ impl PageStore {
                 a
             },
             Some(target),
+            None,
         )
     }
 

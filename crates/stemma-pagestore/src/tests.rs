@@ -1279,3 +1279,163 @@ fn the_log_rolls_into_a_prepared_segment_and_open_drops_an_unused_one() {
         assert!(names().iter().all(|n| !n.ends_with(".prepared")));
     }
 }
+
+/// The store's object files (external files' contents).
+fn object_files(dir: &Path) -> usize {
+    match std::fs::read_dir(dir.join("objects")) {
+        Ok(e) => e.count(),
+        Err(_) => 0,
+    }
+}
+
+/// A WAL segment's life: created, zero-filled, written a page at a time with an fsync after
+/// each; a branch sees it cut where the last fsync before the branch point found it written.
+#[test]
+fn an_external_file_is_versioned_by_its_fsyncs() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let wal = s
+        .create_external(main, ROOT_INO, b"000000010000000000000001", 0o600, 1, 1)
+        .unwrap()
+        .ino;
+    assert!(s.is_external(main, wal).unwrap());
+    assert_eq!(object_files(d.path()), 1);
+    let seg = 16 * PAGE_SIZE;
+    // Zero-filled and synced, as PostgreSQL does with wal_init_zero.
+    s.write(main, wal, 0, &vec![0u8; seg]).unwrap();
+    s.sync_file(main, wal).unwrap();
+    assert_eq!(s.getattr(main, wal).unwrap().size, seg as u64);
+    let empty = s.branch(main, BranchPoint::Now, b"empty").unwrap();
+    // Three pages, each synced; the parent's live view sees writes before any fsync.
+    let page = |i: usize| vec![i as u8 + 1; PAGE_SIZE];
+    for i in 0..3 {
+        s.write(main, wal, (i * PAGE_SIZE) as u64, &page(i))
+            .unwrap();
+        s.sync_file(main, wal).unwrap();
+    }
+    let three = s.branch(main, BranchPoint::Now, b"three").unwrap();
+    // A fourth page written but not synced before the branch: not part of it.
+    s.write(main, wal, 3 * PAGE_SIZE as u64, &page(3)).unwrap();
+    let unsynced = s.branch(main, BranchPoint::Now, b"unsynced").unwrap();
+    s.sync_file(main, wal).unwrap();
+    let want_main: Vec<u8> = (0..4)
+        .flat_map(page)
+        .chain(std::iter::repeat_n(0, seg - 4 * PAGE_SIZE))
+        .collect();
+    assert_same(&all(&s, main, wal), &want_main);
+    let want_three: Vec<u8> = (0..3)
+        .flat_map(page)
+        .chain(std::iter::repeat_n(0, seg - 3 * PAGE_SIZE))
+        .collect();
+    assert_same(&all(&s, three, wal), &want_three);
+    assert_same(&all(&s, unsynced, wal), &want_three);
+    assert_same(&all(&s, empty, wal), &vec![0u8; seg]);
+    assert_eq!(s.getattr(three, wal).unwrap().size, seg as u64);
+
+    // A branch writes into a copy of its own; parent and sibling do not see it.
+    s.write(three, wal, 3 * PAGE_SIZE as u64, b"branch")
+        .unwrap();
+    s.sync_file(three, wal).unwrap();
+    assert_eq!(object_files(d.path()), 2);
+    let mut want_branch = want_three.clone();
+    want_branch[3 * PAGE_SIZE..3 * PAGE_SIZE + 6].copy_from_slice(b"branch");
+    assert_same(&all(&s, three, wal), &want_branch);
+    assert_same(&all(&s, main, wal), &want_main);
+    assert_same(&all(&s, unsynced, wal), &want_three);
+    // The file a front end hands the kernel: the parent's object for a whole file opened
+    // to read, else the branch's own.
+    let f = s.external_file(three, wal, true).unwrap();
+    let mut b = [0u8; 6];
+    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut b, 3 * PAGE_SIZE as u64).unwrap();
+    assert_eq!(&b, b"branch");
+
+    // Everything comes back after a reopen, from the log and from a checkpoint.
+    drop(s);
+    let s = open(d.path());
+    assert_same(&all(&s, main, wal), &want_main);
+    assert_same(&all(&s, three, wal), &want_branch);
+    assert_same(&all(&s, unsynced, wal), &want_three);
+    s.checkpoint().unwrap();
+    drop(s);
+    let s = open(d.path());
+    assert_same(&all(&s, main, wal), &want_main);
+    assert_same(&all(&s, three, wal), &want_branch);
+    assert_same(&all(&s, unsynced, wal), &want_three);
+    assert_same(&all(&s, empty, wal), &vec![0u8; seg]);
+    assert_eq!(object_files(d.path()), 2);
+    // A later write by the parent continues where it was, and a truncate cuts the record.
+    s.write(main, wal, 4 * PAGE_SIZE as u64, &page(4)).unwrap();
+    s.sync_file(main, wal).unwrap();
+    s.setattr(
+        main,
+        wal,
+        SetAttr {
+            size: Some(2 * PAGE_SIZE as u64),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let cut = s.branch(main, BranchPoint::Now, b"cut").unwrap();
+    let want_cut: Vec<u8> = (0..2).flat_map(page).collect();
+    assert_same(&all(&s, main, wal), &want_cut);
+    assert_same(&all(&s, cut, wal), &want_cut);
+    assert_same(&all(&s, three, wal), &want_branch);
+}
+
+/// An external file's object goes once GC no longer needs any version naming it and a
+/// checkpoint says so; an object no frame names (a crash between its creation and its first
+/// frame) goes at open.
+#[test]
+fn objects_no_version_names_are_deleted() {
+    let d = tempfile::tempdir().unwrap();
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        retention: Duration::from_secs(3600),
+        time_granularity: Duration::ZERO,
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config.clone()).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let keep = s
+        .create_external(main, ROOT_INO, b"keep", 0o600, 1, 1)
+        .unwrap()
+        .ino;
+    let gone = s
+        .create_external(main, ROOT_INO, b"gone", 0o600, 1, 1)
+        .unwrap()
+        .ino;
+    for ino in [keep, gone] {
+        s.write(main, ino, 0, &pattern(ino, 2 * PAGE_SIZE)).unwrap();
+        s.sync_file(main, ino).unwrap();
+    }
+    assert_eq!(object_files(d.path()), 2);
+    // A branch that has not copied `gone` keeps its object alive after the parent unlinks it.
+    let child = s.branch(main, BranchPoint::Now, b"child").unwrap();
+    s.unlink(main, ROOT_INO, b"gone").unwrap();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    s.write(main, keep, 0, b"x").unwrap();
+    s.maintain().unwrap();
+    assert_eq!(object_files(d.path()), 2);
+    assert_same(&all(&s, child, gone), &pattern(gone, 2 * PAGE_SIZE));
+    // With the branch gone, nothing names it.
+    s.delete_timeline(child).unwrap();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    s.write(main, keep, 0, b"y").unwrap();
+    s.maintain().unwrap();
+    assert_eq!(object_files(d.path()), 1);
+    let mut want = pattern(keep, 2 * PAGE_SIZE);
+    want[0] = b'y';
+    assert_same(&all(&s, main, keep), &want);
+    // An object file no frame names.
+    drop(s);
+    std::fs::write(
+        d.path().join("objects").join("00000000000000ff.obj"),
+        b"junk",
+    )
+    .unwrap();
+    let s = PageStore::open(d.path(), config).unwrap();
+    assert_eq!(object_files(d.path()), 1);
+    assert_same(&all(&s, main, keep), &want);
+}

@@ -1,0 +1,501 @@
+//! External files: a file whose contents live in a file of their own, an *object* under
+//! `<store>/objects/`, instead of pages in the log. Made for PostgreSQL's WAL segments, whose
+//! every commit is an fdatasync: a front end can hand the object to the kernel (FUSE
+//! passthrough), so that writes cost no round trip to the store and an fsync costs one
+//! fdatasync of the object. See `docs/pagestore.md`, "External files".
+//!
+//! **Versions without seeing the writes.** The store does not see an external file's writes,
+//! only its fsyncs. What makes branches and points in time work is a discipline its writers
+//! keep (PostgreSQL's WAL with `wal_recycle = off` and `wal_init_zero = on` does): a file's
+//! written part is a run of pages none of which is all zeros, followed by zeros, and no byte
+//! below a recorded end is ever changed. Then the file as of any earlier position is its
+//! object now, cut at the end recorded then. At each fsync the store finds the written end
+//! (the first all-zero page at or after the last recorded end), fdatasyncs the object and
+//! commits an `External { ino, object, end }` frame with the file's size: no fsync of the log
+//! of its own (the object's fdatasync is the durability; the frame goes before, in the log's
+//! order, every change made after the fsync returns, which is what a branch needs by
+//! PostgreSQL's WAL-before-data rule).
+//!
+//! **Ownership.** An object is written only by the timeline that created it (its *owner*, the
+//! one whose own versions name it). Another timeline that sees the file (a branch) reads the
+//! object cut at the end recorded at its branch point; to write it, it first copies that part
+//! into an object of its own (*materializes* it, at most a WAL segment, once per branch).
+//!
+//! **Space.** An object is deleted once no version in the index names it: after GC dropped
+//! the last one and a checkpoint says so (so that a restart, which replays the log after the
+//! checkpoint, cannot bring a reference back), or at open for objects a crash left unnamed.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::Mutation;
+use crate::log::sync_dir;
+use crate::state::{Extent, State, View};
+use crate::store::{timeline, PageStore};
+use crate::types::{Attr, Ino, TimelineId, PAGE_SIZE};
+
+/// The directory of a store's objects.
+pub(crate) fn objects_dir(store_dir: &Path) -> PathBuf {
+    store_dir.join("objects")
+}
+
+fn object_path(store_dir: &Path, id: u64) -> PathBuf {
+    objects_dir(store_dir).join(format!("{id:016x}.obj"))
+}
+
+/// What a timeline sees of one external file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExternalView {
+    pub extent: Extent,
+    /// Whether the timeline owns the object: then it is read and written as it is now.
+    pub owned: bool,
+    pub attr: Attr,
+}
+
+/// Every object some version of the index names.
+pub(crate) fn referenced_objects(st: &State) -> HashSet<u64> {
+    let mut s = HashSet::new();
+    for t in st.timelines.values() {
+        for ii in t.inodes.values() {
+            s.extend(ii.external.iter().map(|(_, x)| x.object));
+        }
+    }
+    s
+}
+
+/// Sets the owner of every object named in the index (the timeline whose own versions name
+/// it), and the next object number past them.
+pub(crate) fn rebuild_objects(st: &mut State) {
+    let mut objects = crate::state::IntMap::default();
+    for t in st.timelines.values() {
+        for ii in t.inodes.values() {
+            for (_, x) in &ii.external {
+                objects.insert(x.object, t.id);
+                st.next_object = st.next_object.max(x.object + 1);
+            }
+        }
+    }
+    st.objects = objects;
+}
+
+/// The first page at or after `from` (rounded down to a page) that is all zeros, or the file's
+/// length: where the written part of an external file ends.
+fn written_end(file: &File, from: u64, len: u64, path: &Path) -> Result<u64> {
+    let ps = PAGE_SIZE as u64;
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut at = from / ps * ps;
+    while at < len {
+        let n = ps.min(len - at) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(Error::io("reading an external file's end", path))?;
+        if buf[..n].iter().all(|b| *b == 0) {
+            return Ok(at);
+        }
+        at += n as u64;
+    }
+    Ok(len)
+}
+
+impl PageStore {
+    /// What `tl` sees of `ino` if it is an external file (`None` for other files).
+    pub(crate) fn external_view(
+        &self,
+        st: &State,
+        tl: TimelineId,
+        ino: Ino,
+    ) -> Result<Option<ExternalView>> {
+        let v = View::new(st, timeline(st, tl)?);
+        let Some(extent) = v.extent(ino) else {
+            return Ok(None);
+        };
+        let Some(attr) = v.attr(ino) else {
+            return Ok(None);
+        };
+        Ok(Some(ExternalView {
+            extent,
+            owned: st.objects.get(&extent.object) == Some(&tl),
+            attr,
+        }))
+    }
+
+    /// The open file of object `id` (opened once, kept: objects are few and large).
+    pub(crate) fn object_file(&self, id: u64) -> Result<Arc<File>> {
+        let mut files = self.object_files.lock();
+        if let Some(f) = files.get(&id) {
+            return Ok(f.clone());
+        }
+        let path = object_path(&self.dir, id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io("opening an external file's object", &path))?;
+        let f = Arc::new(f);
+        files.insert(id, f.clone());
+        Ok(f)
+    }
+
+    /// A new, empty object file, durable in its directory; its number stays pending (safe
+    /// from the sweep) until the caller commits a frame naming it or gives it up.
+    fn new_object(&self) -> Result<(u64, Arc<File>)> {
+        let id = {
+            let mut st = self.state.write();
+            let id = st.next_object;
+            st.next_object += 1;
+            st.pending_objects.insert(id);
+            id
+        };
+        let dir = objects_dir(&self.dir);
+        let path = object_path(&self.dir, id);
+        let made = std::fs::create_dir_all(&dir)
+            .map_err(Error::io("creating the objects directory", &dir))
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(Error::io("creating an external file's object", &path))
+            })
+            .and_then(|f| sync_dir(&dir).map(|()| f));
+        match made {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.object_files.lock().insert(id, f.clone());
+                Ok((id, f))
+            }
+            Err(e) => {
+                self.give_up_object(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets a pending object that no frame will name, and deletes its file.
+    fn give_up_object(&self, id: u64) {
+        self.state.write().pending_objects.remove(&id);
+        self.object_files.lock().remove(&id);
+        let path = object_path(&self.dir, id);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unused object");
+            }
+        }
+    }
+
+    /// Creates an empty external file under `parent` (see the module docs); fails if the name
+    /// exists.
+    pub fn create_external(
+        &self,
+        tl: TimelineId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        let (id, _) = self.new_object()?;
+        let made = self.add_inode(
+            tl,
+            parent,
+            name,
+            |st| {
+                self.new_inode(
+                    st,
+                    crate::FileKind::Regular,
+                    (mode & 0o7777) as u16,
+                    uid,
+                    gid,
+                )
+            },
+            None,
+            Some(id),
+        );
+        match made {
+            Ok(a) => {
+                self.state.write().pending_objects.remove(&id);
+                Ok(a)
+            }
+            Err(e) => {
+                self.give_up_object(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The object `tl` writes `ino` into, copying the part it sees into one of its own first
+    /// if another timeline owns the one it sees.
+    pub(crate) fn owned_object(&self, tl: TimelineId, ino: Ino) -> Result<Arc<File>> {
+        let _one = self.materializing.lock();
+        let x = {
+            let st = self.state.read();
+            self.external_view(&st, tl, ino)?
+                .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))?
+        };
+        if x.owned {
+            return self.object_file(x.extent.object);
+        }
+        let src = self.object_file(x.extent.object)?;
+        let (id, dst) = self.new_object()?;
+        let copied = copy_prefix(&src, &dst, x.extent.end, x.attr.size).map_err(Error::io(
+            "copying an external file for a branch",
+            object_path(&self.dir, id),
+        ));
+        let committed = copied.and_then(|()| {
+            let mut st = self.state.write();
+            self.commit(
+                &mut st,
+                tl,
+                &[Mutation::External {
+                    ino,
+                    object: id,
+                    end: x.extent.end,
+                }],
+            )
+        });
+        match committed {
+            Ok(_) => {
+                self.state.write().pending_objects.remove(&id);
+                tracing::debug!(timeline = %tl, ino, object = id, bytes = x.extent.end, "materialized an external file");
+                Ok(dst)
+            }
+            Err(e) => {
+                self.give_up_object(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The file a front end hands the kernel for `ino` opened by `tl` (FUSE passthrough):
+    /// its own object; for reading only, the object of the timeline it branched from when the
+    /// file is whole at the branch point (nothing past the cut to hide); else a copy of its own.
+    pub fn external_file(&self, tl: TimelineId, ino: Ino, write: bool) -> Result<Arc<File>> {
+        let x = {
+            let st = self.state.read();
+            self.external_view(&st, tl, ino)?
+                .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))?
+        };
+        if x.owned {
+            return self.object_file(x.extent.object);
+        }
+        if !write && x.extent.end >= x.attr.size {
+            return self.object_file(x.extent.object);
+        }
+        self.owned_object(tl, ino)
+    }
+
+    /// Whether `ino` is an external file in `tl`.
+    pub fn is_external(&self, tl: TimelineId, ino: Ino) -> Result<bool> {
+        let st = self.state.read();
+        Ok(self.external_view(&st, tl, ino)?.is_some())
+    }
+
+    /// Reads an external file: the object as it is when `tl` owns it, else cut at the end
+    /// recorded at the branch point. Zeros past the object's end up to the file's size.
+    pub(crate) fn read_external(
+        &self,
+        x: ExternalView,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let file = self.object_file(x.extent.object)?;
+        let path = object_path(&self.dir, x.extent.object);
+        let (size, valid) = if x.owned {
+            let n = file
+                .metadata()
+                .map_err(Error::io("reading an object's size", &path))?
+                .len();
+            (n.max(x.attr.size), n)
+        } else {
+            (x.attr.size, x.extent.end.min(x.attr.size))
+        };
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let mut out = vec![0u8; (end - offset) as usize];
+        if offset < valid {
+            let upto = end.min(valid);
+            let dst = &mut out[..(upto - offset) as usize];
+            let mut done = 0;
+            while done < dst.len() {
+                let n = file
+                    .read_at(&mut dst[done..], offset + done as u64)
+                    .map_err(Error::io("reading an external file", &path))?;
+                if n == 0 {
+                    break; // the rest reads as zeros
+                }
+                done += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes an external file (when no front end passes writes to the kernel directly).
+    pub(crate) fn write_external(
+        &self,
+        tl: TimelineId,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
+        let file = self.owned_object(tl, ino)?;
+        file.write_all_at(data, offset).map_err(Error::io(
+            "writing an external file",
+            PathBuf::from(format!("inode {ino}")),
+        ))?;
+        Ok(data.len())
+    }
+
+    /// The size `tl` sees of an external file it owns: its object's.
+    pub(crate) fn live_size(&self, x: &ExternalView) -> Result<u64> {
+        let file = self.object_file(x.extent.object)?;
+        Ok(file
+            .metadata()
+            .map_err(Error::io(
+                "reading an object's size",
+                object_path(&self.dir, x.extent.object),
+            ))?
+            .len())
+    }
+
+    /// The fsync of an external file: finds its written end, makes the object durable, and
+    /// records end and size when they changed (a frame, without a log fsync: see the module
+    /// docs). A file `tl` does not own has nothing of `tl`'s to sync.
+    pub(crate) fn sync_external(&self, tl: TimelineId, ino: Ino, x: ExternalView) -> Result<()> {
+        if !x.owned {
+            return Ok(());
+        }
+        let file = self.object_file(x.extent.object)?;
+        let path = object_path(&self.dir, x.extent.object);
+        let len = file
+            .metadata()
+            .map_err(Error::io("reading an object's size", &path))?
+            .len();
+        // Found before the fdatasync: everything below it was written before, so the
+        // fdatasync covers it and the recorded end is never past what is durable.
+        let end = written_end(&file, x.extent.end, len, &path)?;
+        file.sync_data()
+            .map_err(Error::io("fsync of an external file", &path))?;
+        if end == x.extent.end && len == x.attr.size {
+            return Ok(());
+        }
+        let mut st = self.state.write();
+        // Again under the lock: a concurrent fsync may have recorded a later end.
+        let Some(now) = self.external_view(&st, tl, ino)? else {
+            return Ok(());
+        };
+        if !now.owned || now.extent.object != x.extent.object {
+            return Ok(());
+        }
+        let end = end.max(now.extent.end);
+        let mut a = now.attr;
+        a.size = len;
+        self.commit(
+            &mut st,
+            tl,
+            &[
+                Mutation::SetAttr(a),
+                Mutation::External {
+                    ino,
+                    object: x.extent.object,
+                    end,
+                },
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the object files no version names: those of `candidates` (objects the index
+    /// named when a checkpoint was copied, or every file at open) that are not named now and
+    /// not pending.
+    pub(crate) fn sweep_objects(
+        &self,
+        known_before: u64,
+        named_then: &HashSet<u64>,
+    ) -> Result<u64> {
+        let dir = objects_dir(&self.dir);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("listing objects", &dir)(e)),
+        };
+        let mut candidates = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(Error::io("listing objects", &dir))?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".obj"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            if id < known_before && !named_then.contains(&id) {
+                candidates.push(id);
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<u64> = {
+            let mut st = self.state.write();
+            let named_now = referenced_objects(&st);
+            let doomed: Vec<u64> = candidates
+                .into_iter()
+                .filter(|id| !named_now.contains(id) && !st.pending_objects.contains(id))
+                .collect();
+            for id in &doomed {
+                st.objects.remove(id);
+            }
+            doomed
+        };
+        let mut files = self.object_files.lock();
+        for id in &doomed {
+            files.remove(id);
+            let path = object_path(&self.dir, *id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("removing an unused object", &path)(e)),
+            }
+        }
+        drop(files);
+        if !doomed.is_empty() {
+            sync_dir(&dir)?;
+            tracing::debug!(objects = doomed.len(), "removed unused external objects");
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    /// Bytes of the objects `tl` owns.
+    pub(crate) fn owned_object_bytes(&self, st: &State, tl: TimelineId) -> u64 {
+        st.objects
+            .iter()
+            .filter(|(_, owner)| **owner == tl)
+            .map(|(id, _)| std::fs::metadata(object_path(&self.dir, *id)).map_or(0, |m| m.len()))
+            .sum()
+    }
+}
+
+/// Copies the first `end` bytes of `src` into `dst`, sizes `dst` to `size` (zeros after) and
+/// makes it durable.
+fn copy_prefix(src: &File, dst: &File, end: u64, size: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < end {
+        let n = buf.len().min((end - at) as usize);
+        let got = src.read_at(&mut buf[..n], at)?;
+        if got == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..got], at)?;
+        at += got as u64;
+    }
+    dst.set_len(size.max(at))?;
+    dst.sync_all()
+}
