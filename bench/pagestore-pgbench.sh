@@ -83,6 +83,7 @@ SETTINGS=(-c shared_buffers=32MB -c max_connections=100 -c work_mem=4MB
   -c max_worker_processes=4 -c max_parallel_workers=2 -c max_parallel_workers_per_gather=1
   -c autovacuum_max_workers=2 -c huge_pages=off -c jit=off -c logging_collector=off
   -c recovery_init_sync_method=syncfs -c wal_sync_method=${WAL_SYNC_METHOD:-fdatasync}
+  -c wal_recycle=off -c wal_init_zero=on
   -c listen_addresses=)
 
 # Native: a directory of the host filesystem.
@@ -137,6 +138,13 @@ port_of() {
 for t in "${TARGETS[@]}"; do
   runuser -u postgres -- "$PG_BIN/initdb" -D "${PGDATA[$t]}" -U postgres --auth=trust \
     --no-instructions >/dev/null
+  if [ "$t" != native ]; then
+    # What the daemon does before it starts a compute (mounts pg_wal on its own connection).
+    for i in "${!TARGETS[@]}"; do [ "${TARGETS[$i]}" = "$t" ] && kill -USR2 "${MOUNT_PIDS[$((i - 1))]}"; done
+    for _ in $(seq 100); do grep -q "ready for a compute\|readying the timeline failed" "$WORK/$t.mount.log" && break; sleep 0.1; done
+    grep -q "ready for a compute" "$WORK/$t.mount.log" || { echo "$t: not ready for a compute" >&2; cat "$WORK/$t.mount.log" >&2; exit 1; }
+    grep -q " ${PGDATA[$t]}/pg_wal " /proc/mounts && echo "$t: pg_wal on its own mount (passthrough)" >&2
+  fi
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PGDATA[$t]}" -w -t 120 \
     -l "$WORK/logs/$t.log" -o "-p $(port_of "$t") -k $WORK/sock ${SETTINGS[*]}" start >/dev/null
 done

@@ -208,6 +208,9 @@ impl Engine {
             .collect();
         self.fast_recovery_sync(&mut settings);
         settings.extend(b.settings.clone());
+        for (k, v) in self.storage.capabilities().compute_settings {
+            settings.insert(k.to_string(), v.to_string());
+        }
         Ok(ComputeSpec {
             key: Self::compute_key(b),
             label: b.name.clone(),

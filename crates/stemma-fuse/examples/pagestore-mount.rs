@@ -8,7 +8,11 @@
 //! Creates the timeline when it does not exist, prints its data directory on stdout, then
 //! waits. Tuning for experiments, from the environment: `STEMMA_FUSE_THREADS`,
 //! `STEMMA_FUSE_WRITEBACK` (0/1), `STEMMA_FUSE_CLONE_FD` (0/1), `STEMMA_FUSE_MAX_BACKGROUND`,
-//! `STEMMA_FUSE_DIRECT_DIR` (empty: none), `STEMMA_FUSE_NICE` (a number; empty: inherit).
+//! `STEMMA_FUSE_DIRECT_DIR` (empty: none), `STEMMA_FUSE_NICE` (a number; empty: inherit),
+//! `STEMMA_FUSE_EXTERNAL_DIR` (empty: none).
+//!
+//! `SIGUSR2` readies the timeline for a compute, as the daemon does before starting one
+//! (`sync_timeline`: after `initdb`, this mounts `pg_wal` on its own connection).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,6 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(d) = std::env::var("STEMMA_FUSE_DIRECT_DIR") {
         options.fuse.direct_io_dir = Some(d).filter(|d| !d.is_empty());
     }
+    if let Ok(d) = std::env::var("STEMMA_FUSE_EXTERNAL_DIR") {
+        options.fuse.external_dir = Some(d).filter(|d| !d.is_empty());
+    }
 
     // Block the stop signals before any thread starts, so that they all inherit the mask and
     // only the sigwait below receives them.
@@ -72,6 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     stop.add(Signal::SIGTERM);
     // SIGUSR1 prints the FUSE request counters (to see where a workload's round trips go).
     stop.add(Signal::SIGUSR1);
+    stop.add(Signal::SIGUSR2);
     stop.thread_block()?;
 
     let driver = PagestoreDriver::open(&root, owner, options)?;
@@ -85,6 +93,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::io::stdout().flush()?;
     loop {
         let sig = stop.wait()?;
+        if sig == Signal::SIGUSR2 {
+            match driver.sync_timeline(&id) {
+                Ok(()) => eprintln!("ready for a compute"),
+                Err(e) => eprintln!("readying the timeline failed: {e}"),
+            }
+            continue;
+        }
         eprintln!("{sig:?}: FUSE requests (count, handler time):");
         for r in stemma_fuse::request_counts() {
             eprintln!(

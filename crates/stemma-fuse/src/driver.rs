@@ -117,6 +117,11 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     clone_consistency: CloneConsistency::CrashConsistent,
     point_in_time: true,
     children_depend_on_parent: true,
+    // What makes `pg_wal`'s external files safe to version by their fsyncs alone (see
+    // `stemma_pagestore`'s `external.rs`): a finished segment is unlinked, never renamed and
+    // overwritten, and a new one is zeros until written. Set on the command line, so that
+    // neither a branch's settings nor `ALTER SYSTEM` can change them.
+    compute_settings: &[("wal_recycle", "off"), ("wal_init_zero", "on")],
 };
 
 /// The mount point (the compute's data directory) of timeline `id` under a driver's root.
@@ -571,13 +576,23 @@ impl StorageDriver for PagestoreDriver {
 
     /// Commits every buffered page write of timeline `id` and syncs: a compute starting on it
     /// then runs crash recovery from a durable image (its `syncfs` does not reach FUSE).
+    /// Also mounts `pg_wal` on its own connection if it is not yet (a timeline made by
+    /// `initdb` through the mount gets its `pg_wal` only then): no compute runs on the
+    /// timeline at this point, so nothing holds a file of it open through the outer mount.
     fn sync_timeline(&self, id: &TimelineId) -> Result<()> {
         let tl = self
             .engine_id(id)
             .ok_or_else(|| StorageError::NotFound(id.clone()))?;
         self.store
             .sync_timeline(tl)
-            .map_err(|e| engine_err("syncing a timeline", &self.data_dir(id), e))
+            .map_err(|e| engine_err("syncing a timeline", &self.data_dir(id), e))?;
+        let mut mounts = self.mounts.lock();
+        if let Some(m) = mounts.get_mut(id) {
+            let path = m.path().to_path_buf();
+            m.mount_external_dir(&self.store, &self.options.fuse)
+                .map_err(io_err("mounting the WAL directory", &path))?;
+        }
+        Ok(())
     }
 
     fn exists(&self, id: &TimelineId) -> bool {

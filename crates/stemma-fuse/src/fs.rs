@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use stemma_pagestore::{
@@ -168,6 +168,9 @@ pub struct RequestCount {
     pub handler_time: std::time::Duration,
 }
 
+/// A passthrough file's object and its backing id (alive while some handle holds it).
+type Backing = (Arc<std::fs::File>, std::sync::Weak<BackingId>);
+
 /// One timeline served through FUSE. `Send + Sync`: fuser calls it from several worker threads,
 /// and the engine locks internally.
 pub struct TimelineFs {
@@ -183,6 +186,19 @@ pub struct TimelineFs {
     direct_dir: AtomicU64,
     /// Regular files seen in that directory: opened with FOPEN_DIRECT_IO (see `open`).
     direct: Mutex<HashSet<Ino>>,
+    /// The engine inode FUSE's root (1) stands for: the timeline's root directory, or the
+    /// external directory for its own mount (see [`TimelineFs::external_dir`]).
+    root: Ino,
+    /// Whether this is an external directory's mount: new regular files are external files
+    /// of the engine, opened with FUSE passthrough when the kernel offers it.
+    external: bool,
+    /// The kernel accepted FUSE passthrough (set at `init`).
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Passthrough files by inode: the object and its backing id, shared by the inode's opens
+    /// (the kernel wants one backing file per inode at a time).
+    backing: Mutex<HashMap<Ino, Backing>>,
+    /// The backing id each passthrough handle holds; the last handle's release closes it.
+    handles: Mutex<HashMap<u64, Arc<BackingId>>>,
 }
 
 impl TimelineFs {
@@ -195,7 +211,126 @@ impl TimelineFs {
             next_fh: AtomicU64::new(1),
             direct_dir: AtomicU64::new(0),
             direct: Mutex::new(HashSet::new()),
+            root: ROOT_INO,
+            external: false,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            backing: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The filesystem of directory `dir` (an inode of timeline `tl`) on a mount of its own,
+    /// where new regular files are the engine's external files and are opened with FUSE
+    /// passthrough: reads and writes go to their object inside the kernel, only an fsync
+    /// comes here. For `pg_wal`, where every commit is an fdatasync: one round trip instead
+    /// of two. Its own mount because the kernel does not combine passthrough with the
+    /// writeback cache on one connection, and the rest of the data directory needs that.
+    pub fn external_dir(
+        store: Arc<PageStore>,
+        tl: TimelineId,
+        dir: Ino,
+        mut options: FuseOptions,
+    ) -> Self {
+        options.writeback_cache = false;
+        options.direct_io_dir = None;
+        let mut fs = TimelineFs::new(store, tl, options);
+        fs.root = dir;
+        fs.external = true;
+        fs
+    }
+
+    /// Creates a regular file: an external one on an external directory's mount.
+    fn create_file(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, Errno> {
+        let create = if self.external {
+            PageStore::create_external
+        } else {
+            PageStore::create
+        };
+        create(
+            &self.store,
+            self.tl,
+            parent,
+            name.as_bytes(),
+            mode,
+            uid,
+            gid,
+        )
+        .map_err(errno)
+    }
+
+    pub(crate) fn options(&self) -> &FuseOptions {
+        &self.options
+    }
+
+    /// The engine inode of a FUSE inode number.
+    fn ino(&self, i: INodeNo) -> Ino {
+        if i.0 == 1 {
+            self.root
+        } else {
+            i.0
+        }
+    }
+
+    /// The FUSE inode number of an engine inode.
+    fn fuse_ino(&self, i: Ino) -> u64 {
+        if i == self.root {
+            1
+        } else {
+            i
+        }
+    }
+
+    fn to_fuse(&self, a: &Attr) -> FileAttr {
+        let mut f = to_fuse(a);
+        f.ino = INodeNo(self.fuse_ino(a.ino));
+        f
+    }
+
+    /// Opens `ino` with passthrough if it is an external file and the kernel can: the
+    /// backing id to answer with, registered through `register`. `None`: an ordinary open.
+    fn passthrough_open(
+        &self,
+        ino: Ino,
+        fh: u64,
+        flags: i32,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Result<Option<Arc<BackingId>>, Errno> {
+        if !self.passthrough.load(Ordering::Relaxed)
+            || !self.store.is_external(self.tl, ino).map_err(errno)?
+        {
+            return Ok(None);
+        }
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let file = self
+            .store
+            .external_file(self.tl, ino, write)
+            .map_err(errno)?;
+        let mut backing = self.backing.lock();
+        let id = match backing.get(&ino) {
+            Some((f, id)) if Arc::ptr_eq(f, &file) => id.upgrade(),
+            _ => None,
+        };
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let id = Arc::new(register(&file).map_err(|e| {
+                    tracing::error!(timeline = %self.tl, ino, error = %e, "FUSE passthrough: registering a backing file failed");
+                    Errno::EIO
+                })?);
+                backing.insert(ino, (file, Arc::downgrade(&id)));
+                id
+            }
+        };
+        drop(backing);
+        self.handles.lock().insert(fh, id.clone());
+        Ok(Some(id))
     }
 
     /// Notes that `parent/name` is `a`: remembers the direct-I/O directory and its files.
@@ -329,12 +464,6 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
-fn ino(i: INodeNo) -> Ino {
-    // FUSE's root is 1, and so is the engine's: numbers pass through unchanged.
-    debug_assert_eq!(ROOT_INO, 1);
-    i.0
-}
-
 impl Filesystem for TimelineFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
@@ -349,6 +478,18 @@ impl Filesystem for TimelineFs {
             // opens no backing file, so the kernel's reads of write-only files and its own
             // handling of O_APPEND need nothing from us.
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        if self.external && caps.contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Backing files are plain files of the store's filesystem: depth 1.
+            match config.set_max_stack_depth(1) {
+                Ok(_) => {
+                    wanted |= InitFlags::FUSE_PASSTHROUGH;
+                    self.passthrough.store(true, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = ?e, "FUSE passthrough: stack depth refused"),
+            }
+        } else if self.external {
+            tracing::warn!(timeline = %self.tl, "the kernel has no FUSE passthrough (Linux 6.9+): external files go through the server");
         }
         if let Err(missing) = config.add_capabilities(wanted & caps) {
             tracing::warn!(?missing, "kernel refused FUSE capabilities");
@@ -371,10 +512,13 @@ impl Filesystem for TimelineFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _timed = count(Op::Lookup);
         set_thread_priority(self.options.nice);
-        match self.store.lookup(self.tl, ino(parent), name.as_bytes()) {
+        match self
+            .store
+            .lookup(self.tl, self.ino(parent), name.as_bytes())
+        {
             Ok(a) => {
-                self.saw(ino(parent), name.as_bytes(), &a);
-                reply.entry(&self.ttl(), &to_fuse(&a), Generation(0))
+                self.saw(self.ino(parent), name.as_bytes(), &a);
+                reply.entry(&self.ttl(), &self.to_fuse(&a), Generation(0))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -387,8 +531,8 @@ impl Filesystem for TimelineFs {
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _timed = count(Op::Getattr);
         set_thread_priority(self.options.nice);
-        match self.store.getattr(self.tl, ino(i)) {
-            Ok(a) => reply.attr(&self.ttl(), &to_fuse(&a)),
+        match self.store.getattr(self.tl, self.ino(i)) {
+            Ok(a) => reply.attr(&self.ttl(), &self.to_fuse(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -421,8 +565,8 @@ impl Filesystem for TimelineFs {
             atime: atime.map(time),
             mtime: mtime.map(time),
         };
-        match self.store.setattr(self.tl, ino(i), set) {
-            Ok(a) => reply.attr(&self.ttl(), &to_fuse(&a)),
+        match self.store.setattr(self.tl, self.ino(i), set) {
+            Ok(a) => reply.attr(&self.ttl(), &self.to_fuse(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -430,7 +574,7 @@ impl Filesystem for TimelineFs {
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
         let _timed = count(Op::Readlink);
         set_thread_priority(self.options.nice);
-        match self.store.readlink(self.tl, ino(i)) {
+        match self.store.readlink(self.tl, self.ino(i)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
         }
@@ -453,20 +597,13 @@ impl Filesystem for TimelineFs {
             reply.error(Errno::EPERM);
             return;
         }
-        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
-            self.store
-                .create(
-                    self.tl,
-                    ino(parent),
-                    name.as_bytes(),
-                    mode & !umask & 0o7777,
-                    uid,
-                    gid,
-                )
-                .map_err(errno)
-        });
+        let result = self
+            .owner_for(req, self.ino(parent))
+            .and_then(|(uid, gid, _)| {
+                self.create_file(self.ino(parent), name, mode & !umask & 0o7777, uid, gid)
+            });
         match result {
-            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl(), &self.to_fuse(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -483,7 +620,7 @@ impl Filesystem for TimelineFs {
         let _timed = count(Op::Mkdir);
         set_thread_priority(self.options.nice);
         let result = self
-            .owner_for(req, ino(parent))
+            .owner_for(req, self.ino(parent))
             .and_then(|(uid, gid, setgid)| {
                 let mut perm = mode & !umask & 0o7777;
                 if setgid {
@@ -491,12 +628,12 @@ impl Filesystem for TimelineFs {
                     perm |= libc::S_ISGID;
                 }
                 self.store
-                    .mkdir(self.tl, ino(parent), name.as_bytes(), perm, uid, gid)
+                    .mkdir(self.tl, self.ino(parent), name.as_bytes(), perm, uid, gid)
                     .map_err(errno)
             })
-            .inspect(|a| self.saw(ino(parent), name.as_bytes(), a));
+            .inspect(|a| self.saw(self.ino(parent), name.as_bytes(), a));
         match result {
-            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl(), &self.to_fuse(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -504,7 +641,10 @@ impl Filesystem for TimelineFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timed = count(Op::Unlink);
         set_thread_priority(self.options.nice);
-        match self.store.unlink(self.tl, ino(parent), name.as_bytes()) {
+        match self
+            .store
+            .unlink(self.tl, self.ino(parent), name.as_bytes())
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -513,7 +653,7 @@ impl Filesystem for TimelineFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timed = count(Op::Rmdir);
         set_thread_priority(self.options.nice);
-        match self.store.rmdir(self.tl, ino(parent), name.as_bytes()) {
+        match self.store.rmdir(self.tl, self.ino(parent), name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -529,20 +669,22 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Symlink);
         set_thread_priority(self.options.nice);
-        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
-            self.store
-                .symlink(
-                    self.tl,
-                    ino(parent),
-                    link_name.as_bytes(),
-                    target.as_os_str().as_bytes(),
-                    uid,
-                    gid,
-                )
-                .map_err(errno)
-        });
+        let result = self
+            .owner_for(req, self.ino(parent))
+            .and_then(|(uid, gid, _)| {
+                self.store
+                    .symlink(
+                        self.tl,
+                        self.ino(parent),
+                        link_name.as_bytes(),
+                        target.as_os_str().as_bytes(),
+                        uid,
+                        gid,
+                    )
+                    .map_err(errno)
+            });
         match result {
-            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl(), &self.to_fuse(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -569,7 +711,7 @@ impl Filesystem for TimelineFs {
             // writer of the timeline, so the check cannot race with a create of the name.
             match self
                 .store
-                .lookup(self.tl, ino(newparent), newname.as_bytes())
+                .lookup(self.tl, self.ino(newparent), newname.as_bytes())
             {
                 Ok(_) => {
                     reply.error(Errno::EEXIST);
@@ -584,17 +726,17 @@ impl Filesystem for TimelineFs {
         }
         match self.store.rename(
             self.tl,
-            ino(parent),
+            self.ino(parent),
             name.as_bytes(),
-            ino(newparent),
+            self.ino(newparent),
             newname.as_bytes(),
         ) {
             Ok(()) => {
                 if let Ok(a) = self
                     .store
-                    .lookup(self.tl, ino(newparent), newname.as_bytes())
+                    .lookup(self.tl, self.ino(newparent), newname.as_bytes())
                 {
-                    self.saw(ino(newparent), newname.as_bytes(), &a);
+                    self.saw(self.ino(newparent), newname.as_bytes(), &a);
                 }
                 reply.ok()
             }
@@ -612,11 +754,13 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Link);
         set_thread_priority(self.options.nice);
-        match self
-            .store
-            .link(self.tl, ino(i), ino(newparent), newname.as_bytes())
-        {
-            Ok(a) => reply.entry(&self.ttl(), &to_fuse(&a), Generation(0)),
+        match self.store.link(
+            self.tl,
+            self.ino(i),
+            self.ino(newparent),
+            newname.as_bytes(),
+        ) {
+            Ok(a) => reply.entry(&self.ttl(), &self.to_fuse(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -627,10 +771,19 @@ impl Filesystem for TimelineFs {
         // The open flags need no handling: there is no backing file to pass O_APPEND or
         // O_DIRECT to, the kernel applies O_APPEND itself under the writeback cache, and
         // O_TRUNC arrives as a separate setattr.
-        match self.store.open_handle(self.tl, ino(i)) {
+        if let Err(e) = self.store.open_handle(self.tl, self.ino(i)) {
+            reply.error(errno(e));
+            return;
+        }
+        let fh = self.fh();
+        match self.passthrough_open(self.ino(i), fh, flags.0, |f| reply.open_backing(f)) {
+            Ok(Some(id)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
             // Only this mount changes the timeline, so cached pages stay valid across opens.
-            Ok(_) => reply.opened(FileHandle(self.fh()), self.open_flags(ino(i), flags.0)),
-            Err(e) => reply.error(errno(e)),
+            Ok(None) => reply.opened(FileHandle(fh), self.open_flags(self.ino(i), flags.0)),
+            Err(e) => {
+                let _ = self.store.release_handle(self.tl, self.ino(i));
+                reply.error(e)
+            }
         }
     }
 
@@ -647,7 +800,7 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Read);
         set_thread_priority(self.options.nice);
-        match self.store.read(self.tl, ino(i), offset, size as usize) {
+        match self.store.read(self.tl, self.ino(i), offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
         }
@@ -674,10 +827,10 @@ impl Filesystem for TimelineFs {
             is_synchronous(flags.0) && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let result = self
             .store
-            .write(self.tl, ino(i), offset, data)
+            .write(self.tl, self.ino(i), offset, data)
             .and_then(|n| {
                 if durable {
-                    self.store.sync_file(self.tl, ino(i))?;
+                    self.store.sync_file(self.tl, self.ino(i))?;
                 }
                 Ok(n)
             });
@@ -707,7 +860,7 @@ impl Filesystem for TimelineFs {
         &self,
         _req: &Request,
         i: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -715,7 +868,10 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Release);
         set_thread_priority(self.options.nice);
-        match self.store.release_handle(self.tl, ino(i)) {
+        // The last handle of a backing id closes it (its drop), after which the inode's next
+        // open registers its object again.
+        self.handles.lock().remove(&fh.0);
+        match self.store.release_handle(self.tl, self.ino(i)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -734,7 +890,7 @@ impl Filesystem for TimelineFs {
         // The kernel has already sent this file's dirty pages; the store commits those it
         // buffered, and one group-committed fsync of the log makes them (and everything
         // before them) durable.
-        match self.store.sync_file(self.tl, ino(i)) {
+        match self.store.sync_file(self.tl, self.ino(i)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -743,7 +899,7 @@ impl Filesystem for TimelineFs {
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _timed = count(Op::Opendir);
         set_thread_priority(self.options.nice);
-        match self.store.getattr(self.tl, ino(i)) {
+        match self.store.getattr(self.tl, self.ino(i)) {
             Ok(a) if a.kind == FileKind::Directory => {
                 reply.opened(FileHandle(self.fh()), FopenFlags::FOPEN_KEEP_CACHE)
             }
@@ -762,7 +918,7 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Readdir);
         set_thread_priority(self.options.nice);
-        let entries = match self.listing(fh.0, ino(i), offset) {
+        let entries = match self.listing(fh.0, self.ino(i), offset) {
             Ok(l) => l,
             Err(e) => {
                 reply.error(e);
@@ -779,7 +935,7 @@ impl Filesystem for TimelineFs {
                 1 => reply.add(i, 2, FileType::Directory, ".."),
                 n => match entries.get((n - 2) as usize) {
                     Some(e) => reply.add(
-                        INodeNo(e.ino),
+                        INodeNo(self.fuse_ino(e.ino)),
                         n + 1,
                         file_type(e.kind),
                         OsStr::from_bytes(&e.name),
@@ -853,7 +1009,7 @@ impl Filesystem for TimelineFs {
         set_thread_priority(self.options.nice);
         // With default_permissions the kernel checks permissions itself and does not send
         // ACCESS; answer existence for kernels that do.
-        match self.store.getattr(self.tl, ino(i)) {
+        match self.store.getattr(self.tl, self.ino(i)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -871,32 +1027,44 @@ impl Filesystem for TimelineFs {
     ) {
         let _timed = count(Op::Create);
         set_thread_priority(self.options.nice);
-        let result = self.owner_for(req, ino(parent)).and_then(|(uid, gid, _)| {
-            // The kernel has usually applied the umask already (no FUSE_DONT_MASK); applying
-            // it again is harmless and keeps the promise on kernels that did not.
-            let a = self
-                .store
-                .create(
-                    self.tl,
-                    ino(parent),
-                    name.as_bytes(),
-                    mode & !umask & 0o7777,
-                    uid,
-                    gid,
-                )
-                .map_err(errno)?;
-            self.saw(ino(parent), name.as_bytes(), &a);
-            self.store.open_handle(self.tl, a.ino).map_err(errno)
-        });
-        match result {
-            Ok(a) => reply.created(
+        let result = self
+            .owner_for(req, self.ino(parent))
+            .and_then(|(uid, gid, _)| {
+                // The kernel has usually applied the umask already (no FUSE_DONT_MASK); applying
+                // it again is harmless and keeps the promise on kernels that did not.
+                let a =
+                    self.create_file(self.ino(parent), name, mode & !umask & 0o7777, uid, gid)?;
+                self.saw(self.ino(parent), name.as_bytes(), &a);
+                self.store.open_handle(self.tl, a.ino).map_err(errno)
+            });
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        let fh = self.fh();
+        match self.passthrough_open(a.ino, fh, flags, |f| reply.open_backing(f)) {
+            Ok(Some(id)) => reply.created_passthrough(
                 &self.ttl(),
-                &to_fuse(&a),
+                &self.to_fuse(&a),
                 Generation(0),
-                FileHandle(self.fh()),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            ),
+            Ok(None) => reply.created(
+                &self.ttl(),
+                &self.to_fuse(&a),
+                Generation(0),
+                FileHandle(fh),
                 self.open_flags(a.ino, flags),
             ),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                let _ = self.store.release_handle(self.tl, a.ino);
+                reply.error(e)
+            }
         }
     }
 
@@ -923,11 +1091,11 @@ impl Filesystem for TimelineFs {
             reply.error(Errno::EFBIG);
             return;
         };
-        let result = self.store.getattr(self.tl, ino(i)).and_then(|a| {
+        let result = self.store.getattr(self.tl, self.ino(i)).and_then(|a| {
             if end > a.size {
                 self.store.setattr(
                     self.tl,
-                    ino(i),
+                    self.ino(i),
                     SetAttr {
                         size: Some(end),
                         ..SetAttr::default()

@@ -71,6 +71,12 @@ pub struct FuseOptions {
     /// keeps commit latency from queueing behind CPU-bound work. Needs root to go below 0;
     /// without the privilege it is left as it is.
     pub nice: Option<i32>,
+    /// A top-level directory mounted on a FUSE connection of its own, whose new files are
+    /// the engine's external files opened with FUSE passthrough (see
+    /// [`TimelineFs::external_dir`]): `pg_wal`, so that a commit's WAL fdatasync costs one
+    /// round trip instead of two. Measured (pgbench scale 50, TPC-B): 0.97 of native against
+    /// 0.70-0.85 with the WAL through the server. `None`: every file through the server.
+    pub external_dir: Option<String>,
 }
 
 impl Default for FuseOptions {
@@ -84,6 +90,7 @@ impl Default for FuseOptions {
             max_background: 64,
             direct_io_dir: None,
             nice: Some(-5),
+            external_dir: Some("pg_wal".into()),
         }
     }
 }

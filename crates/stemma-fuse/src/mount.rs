@@ -29,6 +29,9 @@ pub struct MountedTimeline {
     /// unmount cannot end the session.
     conn: Option<u64>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// The external directory's own mount on top of this one (see
+    /// [`MountedTimeline::mount_external_dir`]); unmounted first.
+    external: Option<Box<MountedTimeline>>,
 }
 
 /// How an unmount went.
@@ -49,10 +52,59 @@ impl MountedTimeline {
         path: &Path,
         options: &FuseOptions,
     ) -> io::Result<Self> {
-        let fs = TimelineFs::new(store, tl, options.clone());
+        let fs = TimelineFs::new(store.clone(), tl, options.clone());
+        let mut m = Self::mount_fs(
+            fs,
+            tl,
+            path,
+            options.threads,
+            format!("stemma-pagestore-{tl}"),
+        )?;
+        m.mount_external_dir(&store, options)?;
+        Ok(m)
+    }
+
+    /// Mounts the timeline's external directory (`FuseOptions::external_dir`, `pg_wal`) on a
+    /// FUSE connection of its own, with passthrough (see [`TimelineFs::external_dir`]), if it
+    /// exists and is not mounted yet. Only while nothing uses the directory through the
+    /// timeline's mount (before a compute starts): files opened there before would be served
+    /// by two connections at once. Returns whether it mounted it.
+    pub fn mount_external_dir(
+        &mut self,
+        store: &Arc<PageStore>,
+        options: &FuseOptions,
+    ) -> io::Result<bool> {
+        let Some(name) = options.external_dir.as_deref() else {
+            return Ok(false);
+        };
+        if self.external.is_some() {
+            return Ok(false);
+        }
+        let dir = match store.lookup(self.timeline, stemma_pagestore::ROOT_INO, name.as_bytes()) {
+            Ok(a) if a.kind == stemma_pagestore::FileKind::Directory => a.ino,
+            Ok(_) => return Ok(false),
+            Err(e) if e.errno() == libc::ENOENT => return Ok(false),
+            Err(e) => return Err(io::Error::other(format!("looking up {name}: {e}"))),
+        };
+        let fs = TimelineFs::external_dir(store.clone(), self.timeline, dir, options.clone());
+        let path = self.path.join(name);
+        let tl = self.timeline;
+        let m = Self::mount_fs(fs, tl, &path, 2, format!("stemma-pagestore-{tl}-{name}"))?;
+        self.external = Some(Box::new(m));
+        Ok(true)
+    }
+
+    fn mount_fs(
+        fs: TimelineFs,
+        tl: TimelineId,
+        path: &Path,
+        threads: usize,
+        fs_name: String,
+    ) -> io::Result<Self> {
+        let options = fs.options().clone();
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::FSName(format!("stemma-pagestore-{tl}")),
+            MountOption::FSName(fs_name),
             MountOption::Subtype("stemma".into()),
             // The kernel checks permissions against the modes and owners we report, as a
             // local filesystem would; the compute runs as an unprivileged user.
@@ -63,7 +115,7 @@ impl MountedTimeline {
         ];
         // allow_other: the mount belongs to root, the compute is another user.
         config.acl = SessionACL::All;
-        config.n_threads = Some(options.threads.max(1));
+        config.n_threads = Some(threads.max(1));
         config.clone_fd = options.clone_fd;
         let session = Session::new(fs, path, &config)?;
         // From here on `session` unmounts when dropped, so a failure below leaks nothing.
@@ -80,6 +132,7 @@ impl MountedTimeline {
             timeline: tl,
             conn,
             thread: Some(thread),
+            external: None,
         })
     }
 
@@ -98,6 +151,14 @@ impl MountedTimeline {
     }
 
     fn unmount_inner(&mut self) -> io::Result<Unmounted> {
+        if let Some(mut inner) = self.external.take() {
+            // Busy (a compute still holds WAL files open): detached, as the outer one will be.
+            if let Err(e) = inner.unmount_inner() {
+                tracing::error!(path = %inner.path.display(), error = %e, "unmount failed");
+                self.external = Some(inner);
+                return Err(e);
+            }
+        }
         let Some(thread) = self.thread.take() else {
             return Ok(Unmounted::Clean);
         };

@@ -46,11 +46,24 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     let main = tl("0c");
     let data = d.create_empty(&main).unwrap();
     initdb(&data);
+    // What the daemon does before a compute starts: pg_wal gets a mount of its own, whose
+    // new files are external (passthrough) files.
+    d.sync_timeline(&main).unwrap();
+    let wal_mounted = |dir: &std::path::Path| {
+        mounts_under(dir)
+            .unwrap()
+            .iter()
+            .any(|m| m == &dir.join("pg_wal"))
+    };
+    assert!(wal_mounted(&data), "pg_wal has its own mount");
 
     let sock_parent = fx.dir.path().join("sock-parent");
     let sock_child = fx.dir.path().join("sock-child");
     // Declared after the fixture: dropped (stopped) before the driver unmounts.
     let parent = Pg::start(&data, &sock_parent, &[]);
+    // Into segments created through the WAL mount (initdb's first one went through the
+    // timeline's own mount).
+    parent.psql("select pg_switch_wal()");
     parent.psql(
         "create table t (id int primary key, v text);
          insert into t select g, md5(g::text) from generate_series(1, 20000) g;
@@ -89,6 +102,17 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
 
     let cdata = d.data_dir(&child);
     assert!(!cdata.join("postmaster.pid").exists());
+    assert!(wal_mounted(&cdata), "the branch's pg_wal has its own mount");
+    let objects = || {
+        std::fs::read_dir(fx.root().join("store").join("objects"))
+            .map(|e| e.count())
+            .unwrap_or(0)
+    };
+    let parent_objects = objects();
+    assert!(
+        parent_objects > 0,
+        "the parent's WAL segments are external files"
+    );
     let own = d.usage(&child).unwrap().own_storage_bytes;
     assert!(own < 1 << 20, "unchanged branch costs {own} bytes");
 
@@ -140,6 +164,12 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     assert_eq!(parent.psql("select count(*) from t where id = -1"), "0");
     assert_eq!(childpg.psql("select count(*) from t where id = -2"), "0");
     assert_eq!(childpg.psql("select v from t where id = -1"), "child only");
+    // The branch writes WAL into copies of its own of the segments it shares.
+    childpg.psql("checkpoint");
+    assert!(
+        objects() > parent_objects,
+        "the branch copied the segment it writes ({parent_objects} objects before)"
+    );
     assert_eq!(parent.psql("select v from t where id = -2"), "parent only");
 
     drop(childpg);

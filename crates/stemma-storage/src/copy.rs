@@ -216,6 +216,7 @@ impl StorageDriver for CopyDriver {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
+            compute_settings: &[],
             clone_consistency: CloneConsistency::NeedsOnlineBackup,
             point_in_time: false,
             children_depend_on_parent: false,

@@ -80,6 +80,9 @@ pub struct Capabilities {
     pub point_in_time: bool,
     /// Whether a clone keeps reading from its parent (so a parent must outlive its children).
     pub children_depend_on_parent: bool,
+    /// PostgreSQL settings every compute on this storage runs with, over a branch's own
+    /// (the pagestore's WAL files rely on how PostgreSQL writes them).
+    pub compute_settings: &'static [(&'static str, &'static str)],
 }
 
 /// Which entries of the parent a clone takes. Paths are relative to the timeline root.
@@ -211,8 +214,9 @@ pub trait StorageDriver: Send + Sync {
     /// Measures a timeline.
     fn usage(&self, id: &TimelineId) -> Result<Usage>;
 
-    /// Makes every write to the timeline durable; called before a compute starts on it, so
-    /// that its crash recovery starts from a durable image. The default does nothing: on a
+    /// Makes every write to the timeline durable, and readies it for a compute (the
+    /// pagestore mounts `pg_wal` on a connection of its own here); called before a compute
+    /// starts on it, so that its crash recovery starts from a durable image. The default does nothing: on a
     /// kernel filesystem PostgreSQL's own `syncfs` at the start of recovery does this, but a
     /// driver that keeps writes in memory of its own (the pagestore's write buffer) never
     /// sees that `syncfs`.

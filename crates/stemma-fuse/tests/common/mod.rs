@@ -151,7 +151,9 @@ impl Pg {
             .args(["-c", "listen_addresses="])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", sock.display()))
-            .args(["-c", "shared_buffers=32MB", "-c", "max_connections=20"]);
+            .args(["-c", "shared_buffers=32MB", "-c", "max_connections=20"])
+            // As the daemon runs computes on the pagestore (its `compute_settings`).
+            .args(["-c", "wal_recycle=off", "-c", "wal_init_zero=on"]);
         for e in extra {
             cmd.args(["-c", e]);
         }
