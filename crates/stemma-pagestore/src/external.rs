@@ -410,14 +410,13 @@ impl PageStore {
         Ok(())
     }
 
-    /// Deletes the object files no version names: those of `candidates` (objects the index
-    /// named when a checkpoint was copied, or every file at open) that are not named now and
-    /// not pending.
-    pub(crate) fn sweep_objects(
-        &self,
-        known_before: u64,
-        named_then: &HashSet<u64>,
-    ) -> Result<u64> {
+    /// Deletes the object files no version names and no creation holds (pending), among those
+    /// numbered below `known_before`. Runs at open, and right after `maintain` wrote a
+    /// checkpoint, under the maintenance lock: no GC runs in between, so the objects named now
+    /// include every object the checkpoint names, and a restart (which replays the log from
+    /// that checkpoint, or a durable prefix of it) can name no deleted object again. Objects
+    /// numbered from the checkpoint's counter on are left alone whatever the index says.
+    pub(crate) fn sweep_objects(&self, known_before: u64) -> Result<u64> {
         let dir = objects_dir(&self.dir);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -435,7 +434,7 @@ impl PageStore {
             else {
                 continue;
             };
-            if id < known_before && !named_then.contains(&id) {
+            if id < known_before {
                 candidates.push(id);
             }
         }

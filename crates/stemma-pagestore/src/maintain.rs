@@ -192,11 +192,6 @@ impl PageStore {
         };
         let (lsn, bytes) = checkpoint::encode(&snap)?;
         let objects_known = snap.next_object;
-        let objects_named: std::collections::HashSet<u64> = snap
-            .externals
-            .iter()
-            .flat_map(|(_, _, v)| v.iter().map(|(_, x)| x.object))
-            .collect();
         drop(snap);
         // The checkpoint must never cover frames a power loss could still take away.
         self.sync()?;
@@ -207,7 +202,7 @@ impl PageStore {
         tracing::info!(lsn, bytes = bytes.len(), "wrote an index checkpoint");
         // Only now may objects GC stopped naming go: a restart replays the log from this
         // checkpoint, which names none of them.
-        self.sweep_objects(objects_known, &objects_named)?;
+        self.sweep_objects(objects_known)?;
         Ok(lsn)
     }
 

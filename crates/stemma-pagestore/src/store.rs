@@ -564,7 +564,7 @@ impl PageStore {
         };
         // Objects no version names: created or copied for a frame a crash cut off, or left
         // by a sweep interrupted before it deleted them.
-        store.sweep_objects(u64::MAX, &HashSet::new())?;
+        store.sweep_objects(u64::MAX)?;
         Ok(store)
     }
 

@@ -10,6 +10,13 @@
 //! Branches at past positions must work inside the window and be refused before it, and
 //! after each GC the oldest position of the window (the horizon) is branched and checked.
 //!
+//! External files (`create_external`, the kind the WAL is) get operations of their own,
+//! written only as PostgreSQL writes WAL segments: grown with zeros, then appended a page at
+//! a time past their written part, each change fsynced (the file and then the log, so that a
+//! crash never rolls them back: their bytes live outside the log). Branches at any position
+//! must see them cut where they were, branches that append must write into a copy of their
+//! own, and no object may be deleted while a reachable version names it.
+//!
 //! `PROPTEST_CASES=1000 cargo nextest run -p stemma-pagestore --test model` runs it longer.
 //! A failure prints the minimal sequence of operations; proptest also records its seed in
 //! `proptest-regressions/model.txt`, and reruns that case first on the next run.
@@ -29,6 +36,10 @@ use stemma_pagestore::{
 const RETENTION_SECS: i64 = 60;
 
 const PATHS: &[&str] = &["a", "b", "d", "d/a", "d/b", "d/e", "d/e/a"];
+/// External files live at the root under names of their own, which the other operations
+/// never touch (their writes and truncates would break the writing discipline).
+const EXT_PATHS: &[&str] = &["w0", "w1"];
+const PAGE: usize = stemma_pagestore::PAGE_SIZE;
 const MAX_TIMELINES: usize = 8;
 
 #[derive(Debug, Clone)]
@@ -87,6 +98,28 @@ enum Op {
         cut: u16,
         junk: bool,
     },
+    /// Creates an external file.
+    ExtCreate {
+        tl: usize,
+        path: usize,
+    },
+    /// Sizes an external file to at least `pages` pages of zeros (`wal_init_zero`), fsynced.
+    ExtGrow {
+        tl: usize,
+        path: usize,
+        pages: u8,
+    },
+    /// Writes `pages` non-zero pages at the external file's written end, fsynced.
+    ExtAppend {
+        tl: usize,
+        path: usize,
+        pages: u8,
+        fill: u8,
+    },
+    ExtUnlink {
+        tl: usize,
+        path: usize,
+    },
     /// The server's log preparer runs: the next segment may be prepared, and the log rolls
     /// into it when the active one is full.
     Prepare,
@@ -128,6 +161,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => Just(Op::Sync),
         3 => Just(Op::Prepare),
         1 => Just(Op::Reopen),
+        2 => (tl.clone(), 0..EXT_PATHS.len()).prop_map(|(tl, path)| Op::ExtCreate { tl, path }),
+        1 => (tl.clone(), 0..EXT_PATHS.len(), 1u8..6).prop_map(|(tl, path, pages)| Op::ExtGrow { tl, path, pages }),
+        4 => (tl.clone(), 0..EXT_PATHS.len(), 1u8..3, 1u8..=255)
+            .prop_map(|(tl, path, pages, fill)| Op::ExtAppend { tl, path, pages, fill }),
+        1 => (tl.clone(), 0..EXT_PATHS.len()).prop_map(|(tl, path)| Op::ExtUnlink { tl, path }),
         2 => (any::<u16>(), any::<bool>()).prop_map(|(cut, junk)| Op::Crash { cut, junk }),
         4 => (0u8..60).prop_map(|secs| Op::Tick { secs }),
         2 => tl.clone().prop_map(|tl| Op::Gc { tl }),
@@ -434,6 +472,95 @@ fn engine_apply(s: &PageStore, tl: TimelineId, op: &Op, before: &Fs) -> Result<(
     Ok(())
 }
 
+/// Where an external file's written part ends in the model: its first all-zero page.
+fn written_end(data: &[u8]) -> usize {
+    data.chunks(PAGE)
+        .position(|p| p.iter().all(|b| *b == 0))
+        .map_or(data.len(), |i| i * PAGE)
+}
+
+/// An operation on an external file, in the model and in the engine; each ends with the
+/// file's fsync and the log's, so that no crash rolls it back.
+fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<(), TestCaseError> {
+    let err = |e: stemma_pagestore::Error| e.errno();
+    let path = match *op {
+        Op::ExtCreate { path, .. }
+        | Op::ExtGrow { path, .. }
+        | Op::ExtAppend { path, .. }
+        | Op::ExtUnlink { path, .. } => EXT_PATHS[path],
+        _ => unreachable!(),
+    };
+    let exists = fs.contains_key(path);
+    let got: Result<(), i32> = match *op {
+        Op::ExtCreate { .. } => s
+            .create_external(tl, ROOT_INO, path.as_bytes(), 0o600, 1, 1)
+            .map(|_| ())
+            .map_err(err),
+        Op::ExtUnlink { .. } => s.unlink(tl, ROOT_INO, path.as_bytes()).map_err(err),
+        Op::ExtGrow { pages, .. } => (|| {
+            let ino = e_resolve(s, tl, path)?;
+            let size = (usize::from(pages) * PAGE) as u64;
+            if s.getattr(tl, ino).map_err(err)?.size < size {
+                let set = SetAttr {
+                    size: Some(size),
+                    ..SetAttr::default()
+                };
+                s.setattr(tl, ino, set).map_err(err)?;
+            }
+            s.sync_file(tl, ino).map_err(err)
+        })(),
+        Op::ExtAppend { pages, fill, .. } => (|| {
+            let ino = e_resolve(s, tl, path)?;
+            let Some(Node::File(data)) = fs.get(path) else {
+                return Err(ENOENT);
+            };
+            let at = written_end(data) as u64;
+            s.write(tl, ino, at, &pattern(fill, usize::from(pages) * PAGE))
+                .map_err(err)?;
+            s.sync_file(tl, ino).map_err(err)
+        })(),
+        _ => unreachable!(),
+    };
+    let want = match (op, exists) {
+        (Op::ExtCreate { .. }, true) => Err(EEXIST),
+        (Op::ExtCreate { .. }, false) => {
+            fs.insert(path.to_string(), Node::File(Vec::new()));
+            Ok(())
+        }
+        (_, false) => Err(ENOENT),
+        (Op::ExtUnlink { .. }, true) => {
+            fs.remove(path);
+            Ok(())
+        }
+        (Op::ExtGrow { pages, .. }, true) => {
+            let Some(Node::File(data)) = fs.get_mut(path) else {
+                unreachable!()
+            };
+            let size = usize::from(*pages) * PAGE;
+            if data.len() < size {
+                data.resize(size, 0);
+            }
+            Ok(())
+        }
+        (Op::ExtAppend { pages, fill, .. }, true) => {
+            let Some(Node::File(data)) = fs.get_mut(path) else {
+                unreachable!()
+            };
+            let at = written_end(data);
+            let new = pattern(*fill, usize::from(*pages) * PAGE);
+            if data.len() < at + new.len() {
+                data.resize(at + new.len(), 0);
+            }
+            data[at..at + new.len()].copy_from_slice(&new);
+            Ok(())
+        }
+        _ => unreachable!(),
+    };
+    prop_assert_eq!(got, want, "{:?} on timeline {}", op, tl);
+    s.sync().unwrap();
+    Ok(())
+}
+
 /// Reads a whole timeline back from the engine as a model filesystem.
 fn engine_fs(s: &PageStore, tl: TimelineId) -> Fs {
     let mut fs = Fs::new();
@@ -658,6 +785,7 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
     for op in &ops {
         let st = s.as_ref().unwrap();
         let before = st.last_lsn();
+        let mut ext_before = None;
         let ids: Vec<u64> = m.timelines.keys().copied().collect();
         let pick = |i: usize| ids[i % ids.len()];
         // A power loss now: the store must come back as of a prefix at least as long as the
@@ -772,6 +900,14 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            Op::ExtCreate { tl, .. }
+            | Op::ExtGrow { tl, .. }
+            | Op::ExtAppend { tl, .. }
+            | Op::ExtUnlink { tl, .. } => {
+                let id = pick(*tl);
+                ext_before = Some(m.clone());
+                ext_apply(st, TimelineId(id), m.timelines.get_mut(&id).unwrap(), op)?;
+            }
             fs_op => {
                 let (Op::Write { tl, .. }
                 | Op::Truncate { tl, .. }
@@ -799,7 +935,13 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
         let st = s.as_ref().unwrap();
         let after = st.last_lsn();
         for l in history.states.last().map_or(0, |(l, _)| *l) + 1..=after {
-            history.states.push((l, m.clone()));
+            // An operation on an external file in a branch may first copy it (a frame that
+            // changes nothing a reader sees); its last frame is the change.
+            let state = match &ext_before {
+                Some(pre) if l < after => pre.clone(),
+                _ => m.clone(),
+            };
+            history.states.push((l, state));
             history.times.insert(l, now());
         }
         check_all(st, &m)?;
