@@ -145,6 +145,9 @@ pub struct PageStore {
     /// Held while a branch copies an external file into an object of its own: one at a time,
     /// so that two writers never both copy.
     pub(crate) materializing: Mutex<()>,
+    /// Ends and sizes of external files found by fsyncs and not committed yet (lock order:
+    /// `state`, then this); the next commit of any frame commits them first.
+    pub(crate) pending_extents: Mutex<HashMap<(TimelineId, Ino), external::PendingExtent>>,
     _lock: Flock<File>,
 }
 
@@ -560,11 +563,14 @@ impl PageStore {
             uncached: Mutex::new((0, 0)),
             object_files: Mutex::new(IntMap::default()),
             materializing: Mutex::new(()),
+            pending_extents: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         // Objects no version names: created or copied for a frame a crash cut off, or left
         // by a sweep interrupted before it deleted them.
         store.sweep_objects(u64::MAX)?;
+        // Ends found by fsyncs whose frames a crash took (they are committed lazily).
+        store.record_external_ends()?;
         Ok(store)
     }
 
@@ -613,7 +619,22 @@ impl PageStore {
     }
 
     /// Appends one frame and applies it to the index: the single way anything changes.
+    ///
+    /// Ends of external files recorded by fsyncs since the last commit go first, in a frame
+    /// of their own (see `external.rs`): whatever this frame holds was done after those
+    /// fsyncs returned, and a branch at any later position must see them.
     pub(crate) fn commit(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        muts: &[Mutation<'_>],
+    ) -> Result<Lsn> {
+        self.commit_pending_extents(st)?;
+        self.commit_frame(st, tl, muts)
+    }
+
+    /// Appends one frame, without the pending extents first (`commit` is the way in).
+    pub(crate) fn commit_frame(
         &self,
         st: &mut State,
         tl: TimelineId,
@@ -687,6 +708,11 @@ impl PageStore {
     /// Makes every change committed so far durable (fsync, fdatasync and fsyncdir of any file
     /// of any timeline all map here). Concurrent callers share one fsync.
     pub fn sync(&self) -> Result<()> {
+        // The ends of external files fsynced so far are changes too.
+        if self.has_pending_extents() {
+            let mut st = self.state.write();
+            self.commit_pending_extents(&mut st)?;
+        }
         // Every commit that returned before this call has moved `log_end` (under the state
         // lock, which this does not take).
         let target = self.log_end.lock().mark.lsn;
@@ -752,6 +778,8 @@ impl PageStore {
         check_label(label)?;
         let id = {
             let mut st = self.state.write();
+            // The new timeline's id is its frame's position: the pending frame goes first.
+            self.commit_pending_extents(&mut st)?;
             let id = TimelineId(st.next_lsn);
             let now = self.now();
             let root = Attr {
@@ -766,7 +794,7 @@ impl PageStore {
                 mtime: now,
                 ctime: now,
             };
-            self.commit(
+            self.commit_frame(
                 &mut st,
                 id,
                 &[
@@ -793,6 +821,9 @@ impl PageStore {
         let id = {
             let mut st = self.state.write();
             timeline(&st, parent)?;
+            // A branch at "now" sees every fsync that returned before it, and its id is its
+            // frame's position: the pending frame goes first.
+            self.commit_pending_extents(&mut st)?;
             let now_ns = to_nanos(self.now()).max(st.last_time_ns);
             let horizon_ns = now_ns.saturating_sub(st.time_index.retention_ns);
             let outside = |requested: i64| Error::OutsideRetention {
@@ -845,7 +876,9 @@ impl PageStore {
                 });
             }
             let id = TimelineId(st.next_lsn);
-            self.commit(
+            // `commit_frame`: an fsync's end noted since (without the state lock) must not
+            // take this position; it goes with the next frame.
+            self.commit_frame(
                 &mut st,
                 id,
                 &[Mutation::CreateTimeline {

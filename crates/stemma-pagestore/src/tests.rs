@@ -1439,3 +1439,37 @@ fn objects_no_version_names_are_deleted() {
     assert_eq!(object_files(d.path()), 1);
     assert_same(&all(&s, main, keep), &want);
 }
+
+/// An fsync of an external file records its end lazily (with the next frame of any kind); a
+/// crash before that frame must not hide from later branches what the fsync made durable.
+#[test]
+fn an_external_files_end_lost_with_a_crash_is_found_again_at_open() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let wal = s
+        .create_external(main, ROOT_INO, b"wal", 0o600, 1, 1)
+        .unwrap()
+        .ino;
+    s.write(main, wal, 0, &vec![0u8; 8 * PAGE_SIZE]).unwrap();
+    s.sync_file(main, wal).unwrap();
+    s.sync().unwrap();
+    let before = s.last_lsn();
+    s.write(main, wal, 0, &pattern(1, 2 * PAGE_SIZE)).unwrap();
+    s.sync_file(main, wal).unwrap();
+    // No frame yet: the end waits for the next commit.
+    assert_eq!(s.last_lsn(), before);
+    drop(s);
+    let s = open(d.path());
+    let child = s.branch(main, BranchPoint::Now, b"after").unwrap();
+    let mut want = pattern(1, 2 * PAGE_SIZE);
+    want.resize(8 * PAGE_SIZE, 0);
+    assert_same(&all(&s, child, wal), &want);
+    // And a branch taken while the end is pending sees it: the branch's frame commits it.
+    s.write(main, wal, 2 * PAGE_SIZE as u64, &pattern(2, PAGE_SIZE))
+        .unwrap();
+    s.sync_file(main, wal).unwrap();
+    let child = s.branch(main, BranchPoint::Now, b"pending").unwrap();
+    want[2 * PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&pattern(2, PAGE_SIZE));
+    assert_same(&all(&s, child, wal), &want);
+}
