@@ -446,8 +446,12 @@ impl StorageDriver for PagestoreDriver {
 
     fn describe(&self) -> String {
         let f = &self.options.fuse;
+        let wal = match &f.external_dir {
+            Some(d) => format!(", {d} on a mount of its own with FUSE passthrough"),
+            None => String::new(),
+        };
         format!(
-            "pagestore: page-level copy-on-write through FUSE (store in {}, {} timeline(s) mounted under {}, {} FUSE threads per mount, writeback cache {}); branches cost one record, are crash-consistent without pausing the parent, and can start at any moment of the last {}",
+            "pagestore: page-level copy-on-write through FUSE (store in {}, {} timeline(s) mounted under {}, {} FUSE threads per mount, writeback cache {}{wal}); branches cost one record, are crash-consistent without pausing the parent, and can start at any moment of the last {}",
             self.store.dir().display(),
             self.mounts.lock().len(),
             self.mnt_dir.display(),

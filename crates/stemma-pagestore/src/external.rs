@@ -27,7 +27,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -166,6 +166,8 @@ impl PageStore {
                     .read(true)
                     .write(true)
                     .create_new(true)
+                    // Database contents: the store's user only (its directory is 0700 too).
+                    .mode(0o600)
                     .open(&path)
                     .map_err(Error::io("creating an external file's object", &path))
             })
