@@ -234,6 +234,35 @@ impl PagestoreDriver {
 
     /// The engine timeline labelled `id`. Labels are unique because creation checks under
     /// the driver's lock; the newest wins should an old bug have made two.
+    /// Makes the ordinary files of the external directory (`pg_wal`) external files, so that
+    /// they too go through passthrough: `initdb` wrote its first WAL segment through the
+    /// timeline's mount, before the WAL's own mount existed, and a branch inherits its
+    /// parent's. Called before a compute starts, when nothing has them open.
+    fn externalize_dir(&self, tl: EngineTl, data_dir: &Path) -> Result<()> {
+        let Some(name) = self.options.fuse.external_dir.as_deref() else {
+            return Ok(());
+        };
+        let path = data_dir.join(name);
+        let err = |e| engine_err("making the WAL's files external", &path, e);
+        let dir = match self
+            .store
+            .lookup(tl, stemma_pagestore::ROOT_INO, name.as_bytes())
+        {
+            Ok(a) if a.kind == stemma_pagestore::FileKind::Directory => a.ino,
+            Ok(_) => return Ok(()),
+            Err(e) if e.errno() == libc::ENOENT => return Ok(()),
+            Err(e) => return Err(err(e)),
+        };
+        for entry in self.store.readdir(tl, dir).map_err(err)? {
+            if entry.kind == stemma_pagestore::FileKind::Regular
+                && self.store.externalize(tl, entry.ino).map_err(err)?
+            {
+                tracing::debug!(timeline = %tl, ino = entry.ino, file = %String::from_utf8_lossy(&entry.name), "made a WAL file external");
+            }
+        }
+        Ok(())
+    }
+
     fn engine_id(&self, id: &TimelineId) -> Option<EngineTl> {
         self.store
             .timelines()
@@ -593,6 +622,7 @@ impl StorageDriver for PagestoreDriver {
         let mut mounts = self.mounts.lock();
         if let Some(m) = mounts.get_mut(id) {
             let path = m.path().to_path_buf();
+            self.externalize_dir(tl, &path)?;
             m.mount_external_dir(&self.store, &self.options.fuse)
                 .map_err(io_err("mounting the WAL directory", &path))?;
         }

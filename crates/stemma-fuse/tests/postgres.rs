@@ -61,9 +61,6 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     let sock_child = fx.dir.path().join("sock-child");
     // Declared after the fixture: dropped (stopped) before the driver unmounts.
     let parent = Pg::start(&data, &sock_parent, &[]);
-    // Into segments created through the WAL mount (initdb's first one went through the
-    // timeline's own mount).
-    parent.psql("select pg_switch_wal()");
     parent.psql(
         "create table t (id int primary key, v text);
          insert into t select g, md5(g::text) from generate_series(1, 20000) g;

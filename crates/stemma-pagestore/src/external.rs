@@ -34,7 +34,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::Mutation;
 use crate::log::sync_dir;
-use crate::state::{Extent, State, View};
+use crate::state::{Extent, Loc, State, View};
 use crate::store::{timeline, PageStore};
 use crate::types::{Attr, Ino, TimelineId, PAGE_SIZE};
 
@@ -47,12 +47,43 @@ fn object_path(store_dir: &Path, id: u64) -> PathBuf {
     objects_dir(store_dir).join(format!("{id:016x}.obj"))
 }
 
-/// An external file's end and size found by an fsync, not yet committed.
-#[derive(Debug, Clone, Copy)]
+/// An external file's end, last page and size found by an fsync, not yet committed.
+#[derive(Debug, Clone)]
 pub(crate) struct PendingExtent {
     pub object: u64,
     pub end: u64,
+    /// The page at `end` as the fsync found it (`None`: the file has no written page).
+    pub tail: Option<Vec<u8>>,
     pub size: u64,
+    /// Which fsync found it (they are numbered): a later one's note wins.
+    pub seq: u64,
+}
+
+/// The mutations that record an external file's state: its size, where its last written
+/// page starts (`External`) and that page's bytes (a page version of the inode, so that GC,
+/// compaction and checkpoints keep it like any other page).
+fn extent_mutations(
+    ino: Ino,
+    attr: Attr,
+    object: u64,
+    end: u64,
+    tail: Option<&[u8]>,
+) -> Vec<Mutation<'_>> {
+    let mut muts = vec![
+        Mutation::SetAttr(attr),
+        Mutation::External { ino, object, end },
+    ];
+    let page = end / PAGE_SIZE as u64;
+    muts.push(match tail {
+        Some(data) => Mutation::Page {
+            ino,
+            page,
+            data,
+            data_off: 0,
+        },
+        None => Mutation::ZeroPage { ino, page },
+    });
+    muts
 }
 
 /// What a timeline sees of one external file.
@@ -62,6 +93,19 @@ pub(crate) struct ExternalView {
     /// Whether the timeline owns the object: then it is read and written as it is now.
     pub owned: bool,
     pub attr: Attr,
+    /// Where the page at `extent.end` (the last written page as the recorded fsync found it)
+    /// is, for a timeline that does not own the object.
+    pub tail: Loc,
+}
+
+/// What an fsync of an external file noted: object, end, checksum of the last page, size.
+pub(crate) type Noted = (u64, u64, u32, u64);
+
+/// What an fsync finds of an external file: where its last written page starts (every page
+/// before it is final) and that page's bytes.
+pub(crate) struct Found {
+    pub end: u64,
+    pub tail: Option<Vec<u8>>,
 }
 
 /// Every object some version of the index names.
@@ -90,22 +134,34 @@ pub(crate) fn rebuild_objects(st: &mut State) {
     st.objects = objects;
 }
 
-/// The first page at or after `from` (rounded down to a page) that is all zeros, or the file's
-/// length: where the written part of an external file ends.
-fn written_end(file: &File, from: u64, len: u64, path: &Path) -> Result<u64> {
+/// The last written page of an external file, looking from page `from` (the last one found
+/// before: the pages before it are final) up to the first all-zero page or the end of the
+/// file. Its bytes are what a branch will see of that page: PostgreSQL goes on filling the
+/// page its last WAL write ended in (and a concurrent insertion may fill a gap in it), so
+/// only the pages before it are final.
+fn last_written_page(file: &File, from: u64, len: u64, path: &Path) -> Result<Found> {
     let ps = PAGE_SIZE as u64;
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut at = from / ps * ps;
+    let mut found = Found {
+        end: at,
+        tail: None,
+    };
     while at < len {
         let n = ps.min(len - at) as usize;
+        buf.fill(0);
         file.read_exact_at(&mut buf[..n], at)
             .map_err(Error::io("reading an external file's end", path))?;
-        if buf[..n].iter().all(|b| *b == 0) {
-            return Ok(at);
+        if buf.iter().all(|b| *b == 0) {
+            break;
         }
+        found = Found {
+            end: at,
+            tail: Some(buf.clone()),
+        };
         at += n as u64;
     }
-    Ok(len)
+    Ok(found)
 }
 
 impl PageStore {
@@ -123,11 +179,31 @@ impl PageStore {
         let Some(attr) = v.attr(ino) else {
             return Ok(None);
         };
+        let owned = st.objects.get(&extent.object) == Some(&tl);
+        let tail = if owned {
+            Loc::Zero
+        } else {
+            v.page(ino, extent.end / PAGE_SIZE as u64)
+        };
         Ok(Some(ExternalView {
             extent,
-            owned: st.objects.get(&extent.object) == Some(&tl),
+            owned,
             attr,
+            tail,
         }))
+    }
+
+    /// The bytes of a view's last page (zeros when there is none).
+    fn tail_bytes(&self, x: &ExternalView) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        if let Loc::Data { file: id, off } = x.tail {
+            let file = self.state.read().data_file(id, off)?;
+            file.read_exact_at(&mut buf, off).map_err(Error::io(
+                "reading a page",
+                crate::state::data_path(&self.dir, id),
+            ))?;
+        }
+        Ok(buf)
     }
 
     /// The open file of object `id` (opened once, kept: objects are few and large).
@@ -250,8 +326,9 @@ impl PageStore {
             return self.object_file(x.extent.object);
         }
         let src = self.object_file(x.extent.object)?;
+        let tail = self.tail_bytes(&x)?;
         let (id, dst) = self.new_object()?;
-        let copied = copy_prefix(&src, &dst, x.extent.end, x.attr.size).map_err(Error::io(
+        let copied = copy_prefix(&src, &dst, x.extent.end, &tail, x.attr.size).map_err(Error::io(
             "copying an external file for a branch",
             object_path(&self.dir, id),
         ));
@@ -270,8 +347,82 @@ impl PageStore {
         match committed {
             Ok(_) => {
                 self.state.write().pending_objects.remove(&id);
-                tracing::debug!(timeline = %tl, ino, object = id, bytes = x.extent.end, "materialized an external file");
+                tracing::debug!(timeline = %tl, ino, object = id, from = x.extent.object, bytes = x.extent.end, "materialized an external file");
                 Ok(dst)
+            }
+            Err(e) => {
+                self.give_up_object(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Turns an ordinary file of `tl` into an external file with the same contents (its
+    /// pages copied into a new object), if its contents keep the external files' discipline
+    /// (a run of non-zero pages, then only zeros). Returns whether it did. For files written
+    /// before their directory's external mount existed (`initdb`'s first WAL segment): the
+    /// caller makes sure nothing has the file open. Earlier positions keep reading the pages.
+    pub fn externalize(&self, tl: TimelineId, ino: Ino) -> Result<bool> {
+        let _one = self.materializing.lock();
+        // Buffered pages committed first: the copy reads them, and none must land later.
+        self.sync_file(tl, ino)?;
+        let size = {
+            let st = self.state.read();
+            let v = View::new(&st, timeline(&st, tl)?);
+            let Some(a) = v.attr(ino) else {
+                return Ok(false);
+            };
+            if a.kind != crate::FileKind::Regular || v.extent(ino).is_some() {
+                return Ok(false);
+            }
+            a.size
+        };
+        let data = self.read(tl, ino, 0, size as usize)?;
+        let end = data
+            .chunks(PAGE_SIZE)
+            .position(|p| p.iter().all(|b| *b == 0))
+            .map_or(data.len(), |i| i * PAGE_SIZE);
+        if data[end..].iter().any(|b| *b != 0) {
+            // Not written in order (a segment recycled by an older PostgreSQL setting, say).
+            return Ok(false);
+        }
+        let (id, file) = self.new_object()?;
+        let path = object_path(&self.dir, id);
+        let written = file
+            .write_all_at(&data[..end], 0)
+            .and_then(|()| file.set_len(size))
+            .and_then(|()| file.sync_all())
+            .map_err(Error::io("copying a file into an object", &path));
+        // Where its last written page starts, and that page: what branches will see of it.
+        let last = end.checked_sub(1).map(|b| b / PAGE_SIZE * PAGE_SIZE);
+        let tail = last.map(|l| {
+            let mut page = vec![0u8; PAGE_SIZE];
+            let n = (data.len() - l).min(PAGE_SIZE);
+            page[..n].copy_from_slice(&data[l..l + n]);
+            page
+        });
+        let committed = written.and_then(|()| {
+            let mut st = self.state.write();
+            let v = View::new(&st, timeline(&st, tl)?);
+            // Changed meanwhile (the caller promised it would not): leave it as it is.
+            let Some(a) = v.attr(ino).filter(|a| a.size == size) else {
+                return Ok(false);
+            };
+            if v.extent(ino).is_some() {
+                return Ok(false);
+            }
+            let muts = extent_mutations(ino, a, id, last.unwrap_or(0) as u64, tail.as_deref());
+            self.commit(&mut st, tl, &muts)?;
+            Ok(true)
+        });
+        match committed {
+            Ok(true) => {
+                self.state.write().pending_objects.remove(&id);
+                Ok(true)
+            }
+            Ok(false) => {
+                self.give_up_object(id);
+                Ok(false)
             }
             Err(e) => {
                 self.give_up_object(id);
@@ -292,8 +443,20 @@ impl PageStore {
         if x.owned {
             return self.object_file(x.extent.object);
         }
-        if !write && x.extent.end >= x.attr.size {
-            return self.object_file(x.extent.object);
+        // Whole at the cut: the recorded last page is the file's last, and the object holds
+        // it unchanged (nothing written after the cut that the branch must not see).
+        let ps = PAGE_SIZE as u64;
+        if !write && x.extent.end + ps >= x.attr.size {
+            let file = self.object_file(x.extent.object)?;
+            let tail = self.tail_bytes(&x)?;
+            let n = (x.attr.size - x.extent.end.min(x.attr.size)) as usize;
+            let mut now = vec![0u8; n];
+            let same = file.read_exact_at(&mut now, x.extent.end).is_ok()
+                && now[..] == tail[..n]
+                && file.metadata().is_ok_and(|m| m.len() == x.attr.size);
+            if same {
+                return Ok(file);
+            }
         }
         self.owned_object(tl, ino)
     }
@@ -328,6 +491,17 @@ impl PageStore {
         }
         let end = size.min(offset.saturating_add(len as u64));
         let mut out = vec![0u8; (end - offset) as usize];
+        // Not owned: the last written page as the recorded fsync found it, from the log.
+        let ps = PAGE_SIZE as u64;
+        let tail_end = (x.extent.end + ps).min(size);
+        if !x.owned && offset < tail_end && end > x.extent.end {
+            let tail = self.tail_bytes(&x)?;
+            let from = offset.max(x.extent.end);
+            let to = end.min(tail_end);
+            out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
+                &tail[(from - x.extent.end) as usize..(to - x.extent.end) as usize],
+            );
+        }
         if offset < valid {
             let upto = end.min(valid);
             let dst = &mut out[..(upto - offset) as usize];
@@ -390,35 +564,45 @@ impl PageStore {
             .metadata()
             .map_err(Error::io("reading an object's size", &path))?
             .len();
-        let mut pending = self.pending_extents.lock();
-        let from = match pending.get(&(tl, ino)) {
+        let seq = self
+            .extent_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let from = match self.pending_extents.lock().get(&(tl, ino)) {
             Some(p) if p.object == x.extent.object => p.end.max(x.extent.end),
             _ => x.extent.end,
         };
-        drop(pending);
-        // Found before the fdatasync: everything below it was written before, so the
-        // fdatasync covers it and a recorded end is never past what is durable.
-        let end = written_end(&file, from, len, &path)?;
+        // Found before the fdatasync: everything in it was written before, so the fdatasync
+        // makes it durable, and what a branch will see is never more than that.
+        let found = last_written_page(&file, from, len, &path)?;
         file.sync_data()
             .map_err(Error::io("fsync of an external file", &path))?;
-        if end == x.extent.end && len == x.attr.size {
-            return Ok(());
+        let sum = found.tail.as_deref().map_or(0, crc32fast::hash);
+        let noted = (x.extent.object, found.end, sum, len);
+        {
+            let mut last = self.last_noted.lock();
+            if last.get(&(tl, ino)) == Some(&noted) {
+                return Ok(());
+            }
+            if last.len() >= 65_536 {
+                last.clear();
+            }
+            last.insert((tl, ino), noted);
         }
-        pending = self.pending_extents.lock();
-        let p = pending.entry((tl, ino)).or_insert(PendingExtent {
+        let mut pending = self.pending_extents.lock();
+        let new = PendingExtent {
             object: x.extent.object,
-            end,
+            end: found.end,
+            tail: found.tail,
             size: len,
-        });
-        if p.object == x.extent.object {
-            p.end = p.end.max(end);
-            p.size = len;
-        } else {
-            *p = PendingExtent {
-                object: x.extent.object,
-                end,
-                size: len,
-            };
+            seq,
+        };
+        match pending.get(&(tl, ino)) {
+            // A later fsync of the same file noted a later state already.
+            Some(p) if p.object == new.object && p.seq > seq => {}
+            _ => {
+                pending.insert((tl, ino), new);
+            }
         }
         Ok(())
     }
@@ -434,8 +618,7 @@ impl PageStore {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut by_tl: std::collections::BTreeMap<TimelineId, Vec<Mutation<'static>>> =
-            Default::default();
+        let mut keep: Vec<(TimelineId, Ino, Attr, PendingExtent)> = Vec::new();
         for ((tl, ino), p) in pending {
             if !st.timelines.contains_key(&tl) {
                 continue;
@@ -448,15 +631,24 @@ impl PageStore {
             }
             let mut a = now.attr;
             a.size = p.size;
-            let muts = by_tl.entry(tl).or_default();
-            muts.push(Mutation::SetAttr(a));
-            muts.push(Mutation::External {
-                ino,
-                object: p.object,
-                end: p.end.max(now.extent.end).min(p.size),
-            });
+            keep.push((tl, ino, a, p));
         }
-        for (tl, muts) in by_tl {
+        keep.sort_by_key(|(tl, ino, _, _)| (*tl, *ino));
+        let mut i = 0;
+        while i < keep.len() {
+            let tl = keep[i].0;
+            let mut muts = Vec::new();
+            while i < keep.len() && keep[i].0 == tl {
+                let (_, ino, a, p) = &keep[i];
+                muts.extend(extent_mutations(
+                    *ino,
+                    *a,
+                    p.object,
+                    p.end,
+                    p.tail.as_deref(),
+                ));
+                i += 1;
+            }
             self.commit_frame(st, tl, &muts)?;
         }
         Ok(())
@@ -492,14 +684,27 @@ impl PageStore {
                 .metadata()
                 .map_err(Error::io("reading an object's size", &path))?
                 .len();
-            let end = written_end(&file, x.end, len, &path)?;
-            if end != x.end || len != view.attr.size {
+            let found = last_written_page(&file, x.end, len, &path)?;
+            // The recorded last page, to tell whether the object went on after it.
+            let recorded = {
+                let v = View::new(&st, timeline(&st, tl)?);
+                let mut buf = vec![0u8; PAGE_SIZE];
+                self.read_page(&st, v.page(ino, x.end / PAGE_SIZE as u64), &mut buf)?;
+                buf
+            };
+            let same_tail = match &found.tail {
+                Some(t) => *t == recorded,
+                None => recorded.iter().all(|b| *b == 0),
+            };
+            if found.end != x.end || len != view.attr.size || !same_tail {
                 self.pending_extents.lock().insert(
                     (tl, ino),
                     PendingExtent {
                         object: x.object,
-                        end,
+                        end: found.end,
+                        tail: found.tail,
                         size: len,
+                        seq: 0,
                     },
                 );
             }
@@ -580,9 +785,9 @@ impl PageStore {
     }
 }
 
-/// Copies the first `end` bytes of `src` into `dst`, sizes `dst` to `size` (zeros after) and
-/// makes it durable.
-fn copy_prefix(src: &File, dst: &File, end: u64, size: u64) -> std::io::Result<()> {
+/// Copies the first `end` bytes of `src` into `dst`, then `tail` (the page at `end` as a
+/// branch sees it), sizes `dst` to `size` (zeros after) and makes it durable.
+fn copy_prefix(src: &File, dst: &File, end: u64, tail: &[u8], size: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < end {
@@ -594,6 +799,10 @@ fn copy_prefix(src: &File, dst: &File, end: u64, size: u64) -> std::io::Result<(
         dst.write_all_at(&buf[..got], at)?;
         at += got as u64;
     }
-    dst.set_len(size.max(at))?;
+    if end < size {
+        let n = tail.len().min((size - end) as usize);
+        dst.write_all_at(&tail[..n], end)?;
+    }
+    dst.set_len(size)?;
     dst.sync_all()
 }

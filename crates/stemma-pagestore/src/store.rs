@@ -148,6 +148,11 @@ pub struct PageStore {
     /// Ends and sizes of external files found by fsyncs and not committed yet (lock order:
     /// `state`, then this); the next commit of any frame commits them first.
     pub(crate) pending_extents: Mutex<HashMap<(TimelineId, Ino), external::PendingExtent>>,
+    /// Numbers the fsyncs of external files, so that the later of two concurrent ones wins.
+    pub(crate) extent_seq: AtomicU64,
+    /// What the last fsync of each external file found (object, end, checksum of the last
+    /// page, size): an fsync that finds the same notes nothing.
+    pub(crate) last_noted: Mutex<HashMap<(TimelineId, Ino), external::Noted>>,
     _lock: Flock<File>,
 }
 
@@ -564,6 +569,8 @@ impl PageStore {
             object_files: Mutex::new(IntMap::default()),
             materializing: Mutex::new(()),
             pending_extents: Mutex::new(HashMap::new()),
+            extent_seq: AtomicU64::new(0),
+            last_noted: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         // Objects no version names: created or copied for a frame a crash cut off, or left
@@ -1088,7 +1095,7 @@ impl PageStore {
         Ok(out)
     }
 
-    fn read_page(&self, st: &State, loc: Loc, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_page(&self, st: &State, loc: Loc, buf: &mut [u8]) -> Result<()> {
         match loc {
             Loc::Zero => buf.fill(0),
             Loc::Data { file: id, off } => {

@@ -1473,3 +1473,98 @@ fn an_external_files_end_lost_with_a_crash_is_found_again_at_open() {
     want[2 * PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&pattern(2, PAGE_SIZE));
     assert_same(&all(&s, child, wal), &want);
 }
+
+/// A file written before its directory had an external mount (initdb's first WAL segment)
+/// becomes external with the same contents; earlier positions still read its pages. A file
+/// that does not keep the discipline (a zero page inside its written part) stays as it is.
+#[test]
+fn an_ordinary_file_in_order_can_become_external() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let seg = file(&s, main, "seg");
+    s.write(main, seg, 0, &vec![0u8; 8 * PAGE_SIZE]).unwrap();
+    s.write(main, seg, 0, &pattern(3, 3 * PAGE_SIZE)).unwrap();
+    let holey = file(&s, main, "holey");
+    s.write(main, holey, 2 * PAGE_SIZE as u64, &pattern(4, PAGE_SIZE))
+        .unwrap();
+    let want = all(&s, main, seg);
+    let before = s.branch(main, BranchPoint::Now, b"before").unwrap();
+    assert!(s.externalize(main, seg).unwrap());
+    assert!(s.is_external(main, seg).unwrap());
+    assert!(!s.externalize(main, seg).unwrap(), "already external");
+    assert!(!s.externalize(main, holey).unwrap());
+    assert!(!s.is_external(main, holey).unwrap());
+    assert_same(&all(&s, main, seg), &want);
+    // Appended in place past its written part, and a branch sees it cut there.
+    s.write(main, seg, 3 * PAGE_SIZE as u64, &pattern(5, PAGE_SIZE))
+        .unwrap();
+    s.sync_file(main, seg).unwrap();
+    let after = s.branch(main, BranchPoint::Now, b"after").unwrap();
+    let mut want2 = want.clone();
+    want2[3 * PAGE_SIZE..4 * PAGE_SIZE].copy_from_slice(&pattern(5, PAGE_SIZE));
+    assert_same(&all(&s, after, seg), &want2);
+    assert_same(&all(&s, before, seg), &want);
+    assert!(!s.is_external(before, seg).unwrap());
+    drop(s);
+    let s = open(d.path());
+    assert_same(&all(&s, main, seg), &want2);
+    assert_same(&all(&s, before, seg), &want);
+}
+
+/// PostgreSQL goes on filling the WAL page its last write ended in: a branch must see that
+/// page as the fsync before its branch point found it, not as its parent (or the timeline
+/// it copied from) fills it afterwards. Found by a branch of a branch that replayed its
+/// parent's later transaction from that page.
+#[test]
+fn a_branch_does_not_see_its_parent_fill_the_last_page_after_it() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let main = s.create_root(b"main").unwrap();
+    let wal = s
+        .create_external(main, ROOT_INO, b"wal", 0o600, 1, 1)
+        .unwrap()
+        .ino;
+    s.write(main, wal, 0, &vec![0u8; 4 * PAGE_SIZE]).unwrap();
+    s.write(main, wal, 0, &[7u8; PAGE_SIZE + 100]).unwrap();
+    s.sync_file(main, wal).unwrap();
+    let mut seen = vec![0u8; 4 * PAGE_SIZE];
+    seen[..PAGE_SIZE + 100].fill(7);
+    let dev = s.branch(main, BranchPoint::Now, b"dev").unwrap();
+    // The parent fills the rest of that page after the branch.
+    s.write(main, wal, PAGE_SIZE as u64 + 100, &[8u8; 200])
+        .unwrap();
+    s.sync_file(main, wal).unwrap();
+    assert_same(&all(&s, dev, wal), &seen);
+    // The branch writes into its copy (made from the page as it saw it), past its end.
+    s.write(dev, wal, PAGE_SIZE as u64 + 100, &[9u8; 50])
+        .unwrap();
+    s.sync_file(dev, wal).unwrap();
+    let child = s.branch(dev, BranchPoint::Now, b"dev-child").unwrap();
+    let mut dev_seen = seen.clone();
+    dev_seen[PAGE_SIZE + 100..PAGE_SIZE + 150].fill(9);
+    assert_same(&all(&s, dev, wal), &dev_seen);
+    assert_same(&all(&s, child, wal), &dev_seen);
+    // dev goes on in the same page; its child keeps what it saw, also in its own copy.
+    s.write(dev, wal, PAGE_SIZE as u64 + 150, &[10u8; 50])
+        .unwrap();
+    s.sync_file(dev, wal).unwrap();
+    assert_same(&all(&s, child, wal), &dev_seen);
+    let f = s.external_file(child, wal, true).unwrap();
+    let mut got = vec![0u8; 4 * PAGE_SIZE];
+    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut got, 0).unwrap();
+    assert_same(&got, &dev_seen);
+    // Read-only, a file whose object went on past the branch's view is not shared.
+    let ro = s.external_file(dev, wal, false).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&*ro, &mut got, 0).unwrap();
+    let mut dev_now = dev_seen.clone();
+    dev_now[PAGE_SIZE + 150..PAGE_SIZE + 200].fill(10);
+    assert_same(&got, &dev_now);
+    // And after a reopen (the last pages come from the log).
+    drop(s);
+    let s = open(d.path());
+    assert_same(&all(&s, child, wal), &dev_seen);
+    let mut main_now = seen.clone();
+    main_now[PAGE_SIZE + 100..PAGE_SIZE + 300].fill(8);
+    assert_same(&all(&s, main, wal), &main_now);
+}

@@ -11,8 +11,9 @@
 //! after each GC the oldest position of the window (the horizon) is branched and checked.
 //!
 //! External files (`create_external`, the kind the WAL is) get operations of their own,
-//! written only as PostgreSQL writes WAL segments: grown with zeros, then appended a page at
-//! a time past their written part, each change fsynced (the file and then the log, so that a
+//! written only as PostgreSQL writes WAL segments: grown with zeros, then appended to right
+//! after their last written byte (filling the last written page, then the next), each change
+//! fsynced (the file and then the log, so that a
 //! crash never rolls them back: their bytes live outside the log). Branches at any position
 //! must see them cut where they were, branches that append must write into a copy of their
 //! own, and no object may be deleted while a reachable version names it.
@@ -109,11 +110,12 @@ enum Op {
         path: usize,
         pages: u8,
     },
-    /// Writes `pages` non-zero pages at the external file's written end, fsynced.
+    /// Writes `len` non-zero bytes right after the external file's last non-zero byte (in
+    /// the page it ends in, as PostgreSQL fills its WAL pages), fsynced.
     ExtAppend {
         tl: usize,
         path: usize,
-        pages: u8,
+        len: u16,
         fill: u8,
     },
     ExtUnlink {
@@ -163,8 +165,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         2 => (tl.clone(), 0..EXT_PATHS.len()).prop_map(|(tl, path)| Op::ExtCreate { tl, path }),
         1 => (tl.clone(), 0..EXT_PATHS.len(), 1u8..6).prop_map(|(tl, path, pages)| Op::ExtGrow { tl, path, pages }),
-        4 => (tl.clone(), 0..EXT_PATHS.len(), 1u8..3, 1u8..=255)
-            .prop_map(|(tl, path, pages, fill)| Op::ExtAppend { tl, path, pages, fill }),
+        4 => (tl.clone(), 0..EXT_PATHS.len(), 1u16..20_000, any::<u8>())
+            .prop_map(|(tl, path, len, fill)| Op::ExtAppend { tl, path, len, fill }),
         1 => (tl.clone(), 0..EXT_PATHS.len()).prop_map(|(tl, path)| Op::ExtUnlink { tl, path }),
         2 => (any::<u16>(), any::<bool>()).prop_map(|(cut, junk)| Op::Crash { cut, junk }),
         4 => (0u8..60).prop_map(|secs| Op::Tick { secs }),
@@ -472,16 +474,33 @@ fn engine_apply(s: &PageStore, tl: TimelineId, op: &Op, before: &Fs) -> Result<(
     Ok(())
 }
 
-/// Where an external file's written part ends in the model: its first all-zero page.
+/// Where an external file's written part ends in the model: after its last non-zero byte
+/// (appends write no zero bytes).
 fn written_end(data: &[u8]) -> usize {
-    data.chunks(PAGE)
-        .position(|p| p.iter().all(|b| *b == 0))
-        .map_or(data.len(), |i| i * PAGE)
+    data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)
+}
+
+/// Bytes with no zero among them, like WAL records (whose pages never hold a zero page).
+fn nonzero(fill: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| 1 + ((usize::from(fill) + i * 7) % 255) as u8)
+        .collect()
 }
 
 /// An operation on an external file, in the model and in the engine; each ends with the
-/// file's fsync and the log's, so that no crash rolls it back.
-fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<(), TestCaseError> {
+/// file's fsync and the log's, so that no crash rolls it back. Returns the last position
+/// that changed nothing a reader sees (a branch copying the file before it writes it).
+fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<u64, TestCaseError> {
+    let unchanged = match *op {
+        Op::ExtGrow { path, .. } | Op::ExtAppend { path, .. } => {
+            if let Ok(ino) = e_resolve(s, tl, EXT_PATHS[path]) {
+                // A branch's first write copies the file: its own frame, first.
+                s.external_file(tl, ino, true).unwrap();
+            }
+            s.last_lsn()
+        }
+        _ => s.last_lsn(),
+    };
     let err = |e: stemma_pagestore::Error| e.errno();
     let path = match *op {
         Op::ExtCreate { path, .. }
@@ -509,13 +528,13 @@ fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<(), 
             }
             s.sync_file(tl, ino).map_err(err)
         })(),
-        Op::ExtAppend { pages, fill, .. } => (|| {
+        Op::ExtAppend { len, fill, .. } => (|| {
             let ino = e_resolve(s, tl, path)?;
             let Some(Node::File(data)) = fs.get(path) else {
                 return Err(ENOENT);
             };
             let at = written_end(data) as u64;
-            s.write(tl, ino, at, &pattern(fill, usize::from(pages) * PAGE))
+            s.write(tl, ino, at, &nonzero(fill, usize::from(len)))
                 .map_err(err)?;
             s.sync_file(tl, ino).map_err(err)
         })(),
@@ -542,12 +561,12 @@ fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<(), 
             }
             Ok(())
         }
-        (Op::ExtAppend { pages, fill, .. }, true) => {
+        (Op::ExtAppend { len, fill, .. }, true) => {
             let Some(Node::File(data)) = fs.get_mut(path) else {
                 unreachable!()
             };
             let at = written_end(data);
-            let new = pattern(*fill, usize::from(*pages) * PAGE);
+            let new = nonzero(*fill, usize::from(*len));
             if data.len() < at + new.len() {
                 data.resize(at + new.len(), 0);
             }
@@ -558,7 +577,7 @@ fn ext_apply(s: &PageStore, tl: TimelineId, fs: &mut Fs, op: &Op) -> Result<(), 
     };
     prop_assert_eq!(got, want, "{:?} on timeline {}", op, tl);
     s.sync().unwrap();
-    Ok(())
+    Ok(unchanged)
 }
 
 /// Reads a whole timeline back from the engine as a model filesystem.
@@ -905,8 +924,10 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
             | Op::ExtAppend { tl, .. }
             | Op::ExtUnlink { tl, .. } => {
                 let id = pick(*tl);
-                ext_before = Some(m.clone());
-                ext_apply(st, TimelineId(id), m.timelines.get_mut(&id).unwrap(), op)?;
+                let pre = m.clone();
+                let unchanged =
+                    ext_apply(st, TimelineId(id), m.timelines.get_mut(&id).unwrap(), op)?;
+                ext_before = Some((pre, unchanged));
             }
             fs_op => {
                 let (Op::Write { tl, .. }
@@ -938,7 +959,7 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
             // An operation on an external file in a branch may first copy it (a frame that
             // changes nothing a reader sees); its last frame is the change.
             let state = match &ext_before {
-                Some(pre) if l < after => pre.clone(),
+                Some((pre, unchanged)) if l <= *unchanged => pre.clone(),
                 _ => m.clone(),
             };
             history.states.push((l, state));
