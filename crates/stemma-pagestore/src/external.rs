@@ -7,19 +7,22 @@
 //! **Versions without seeing the writes.** The store does not see an external file's writes,
 //! only its fsyncs. What makes branches and points in time work is a discipline its writers
 //! keep (PostgreSQL's WAL with `wal_recycle = off` and `wal_init_zero = on` does): a file's
-//! written part is a run of pages none of which is all zeros, followed by zeros, and no byte
-//! below a recorded end is ever changed. Then the file as of any earlier position is its
-//! object now, cut at the end recorded then. At each fsync the store finds the written end
-//! (the first all-zero page at or after the last recorded end), fdatasyncs the object and
-//! commits an `External { ino, object, end }` frame with the file's size: no fsync of the log
-//! of its own (the object's fdatasync is the durability; the frame goes before, in the log's
-//! order, every change made after the fsync returns, which is what a branch needs by
-//! PostgreSQL's WAL-before-data rule).
+//! written part is a run of pages none of which is all zeros, followed by zeros, and no page
+//! before the last written one ever changes (the last one does: PostgreSQL goes on filling
+//! the page its last write ended in). At each fsync the store finds the last written page
+//! (looking from the last recorded one to the first all-zero page), fdatasyncs the object and
+//! notes where that page starts, its bytes and the file's size; the next frame of any kind
+//! commits the note first (`SetAttr`, `External { ino, object, end }` and a `Page` of the
+//! inode at `end`), with no fsync of the log of its own: the object's fdatasync is the
+//! durability, and the note goes before, in the log's order, every change made after the
+//! fsync returned, which is what a branch needs by PostgreSQL's WAL-before-data rule. The file
+//! as of a position is then its object's pages below the recorded end, the logged last page,
+//! and zeros.
 //!
 //! **Ownership.** An object is written only by the timeline that created it (its *owner*, the
-//! one whose own versions name it). Another timeline that sees the file (a branch) reads the
-//! object cut at the end recorded at its branch point; to write it, it first copies that part
-//! into an object of its own (*materializes* it, at most a WAL segment, once per branch).
+//! one whose own versions name it). Another timeline that sees the file (a branch) reads it as
+//! of its branch point; to write it, it first copies what it sees into an object of its own
+//! (*materializes* it, at most a WAL segment, once per branch).
 //!
 //! **Space.** An object is deleted once no version in the index names it: after GC dropped
 //! the last one and a checkpoint says so (so that a restart, which replays the log after the
@@ -193,6 +196,13 @@ impl PageStore {
         }))
     }
 
+    /// What `tl` sees of `ino`, which must be an external file.
+    fn view_of_external(&self, tl: TimelineId, ino: Ino) -> Result<ExternalView> {
+        let st = self.state.read();
+        self.external_view(&st, tl, ino)?
+            .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))
+    }
+
     /// The bytes of a view's last page (zeros when there is none).
     fn tail_bytes(&self, x: &ExternalView) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; PAGE_SIZE];
@@ -317,11 +327,7 @@ impl PageStore {
     /// if another timeline owns the one it sees.
     pub(crate) fn owned_object(&self, tl: TimelineId, ino: Ino) -> Result<Arc<File>> {
         let _one = self.materializing.lock();
-        let x = {
-            let st = self.state.read();
-            self.external_view(&st, tl, ino)?
-                .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))?
-        };
+        let x = self.view_of_external(tl, ino)?;
         if x.owned {
             return self.object_file(x.extent.object);
         }
@@ -432,14 +438,10 @@ impl PageStore {
     }
 
     /// The file a front end hands the kernel for `ino` opened by `tl` (FUSE passthrough):
-    /// its own object; for reading only, the object of the timeline it branched from when the
-    /// file is whole at the branch point (nothing past the cut to hide); else a copy of its own.
+    /// its own object; for reading only, the object of the timeline it branched from when that
+    /// object holds exactly what the branch sees; else a copy of its own.
     pub fn external_file(&self, tl: TimelineId, ino: Ino, write: bool) -> Result<Arc<File>> {
-        let x = {
-            let st = self.state.read();
-            self.external_view(&st, tl, ino)?
-                .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))?
-        };
+        let x = self.view_of_external(tl, ino)?;
         if x.owned {
             return self.object_file(x.extent.object);
         }
