@@ -31,7 +31,9 @@ use stemma_storage::{
     Usage,
 };
 
-use crate::flusher::{default_write_buffer, start_flusher, start_preparer, Periodic};
+use crate::flusher::{
+    default_write_buffer, start_flusher, start_note_committer, start_preparer, Periodic,
+};
 use crate::mount::{clear_stale_mounts, kill_stranded_processes, MountedTimeline};
 use crate::FuseOptions;
 
@@ -164,6 +166,12 @@ impl PagestoreDriver {
             background.push(
                 start_flusher(store.clone(), options.store.write_buffer)
                     .map_err(io_err("starting the write buffer's flusher", root))?,
+            );
+        }
+        if options.fuse.external_dir.is_some() {
+            background.push(
+                start_note_committer(store.clone())
+                    .map_err(io_err("starting the external files' note committer", root))?,
             );
         }
         if options.prepare_segments && options.store.log_zero_ahead > 0 {

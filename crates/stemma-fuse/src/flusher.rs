@@ -114,6 +114,20 @@ pub fn start_flusher(store: Arc<PageStore>, limit: usize) -> std::io::Result<Per
     })
 }
 
+/// How often the notes of external files' fsyncs are committed when nothing else commits
+/// them: well under the store's time granularity (1 s), so that a branch at a moment holds
+/// every WAL fsync that returned a granularity before it, even on an idle database.
+const NOTE_TICK: Duration = Duration::from_millis(100);
+
+/// Starts the note committer (see [`NOTE_TICK`] and `PageStore::commit_external_notes`).
+pub fn start_note_committer(store: Arc<PageStore>) -> std::io::Result<Periodic> {
+    Periodic::start("note-committer", NOTE_TICK, move || {
+        if let Err(e) = store.commit_external_notes() {
+            tracing::error!(error = %e, "committing the notes of external files' fsyncs failed");
+        }
+    })
+}
+
 /// How often the log preparer looks whether the next segment is ready. A segment lasts
 /// seconds even under TPC-B (256 MiB at tens of MB/s), and preparing one takes about a
 /// second, so a few looks a second keep one ready.

@@ -502,3 +502,49 @@ fn synchronous_writes_are_durable_when_they_return() {
     assert_eq!(&read(&p.join("wal"))[8192..16384], &[7u8; 8192]);
     drop((wal, plain));
 }
+
+/// `pg_wal` gets a mount of its own whose new files are external (their writes go to the
+/// store's object inside the kernel): what a branch sees of them is what their last fsync
+/// found, and a moment a second after an fsync holds it even when nothing else is written
+/// (the driver commits the fsyncs' notes within 100 ms).
+#[test]
+fn files_of_the_wal_mount_are_versioned_by_their_fsyncs() {
+    let fx = Fixture::new(None);
+    let d = fx.driver();
+    let main = tl("0a");
+    let data = d.create_empty(&main).unwrap();
+    fs::create_dir(data.join("pg_wal")).unwrap();
+    d.sync_timeline(&main).unwrap();
+    assert!(mounts_under(&data).unwrap().contains(&data.join("pg_wal")));
+    let seg = data.join("pg_wal").join("000000010000000000000001");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&seg)
+        .unwrap();
+    f.write_all_at(&[0u8; 65536], 0).unwrap();
+    f.write_all_at(&[1u8; 10_000], 0).unwrap();
+    f.sync_data().unwrap();
+    std::thread::sleep(Duration::from_millis(1300));
+    let at = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(200));
+    // Written after the moment, in the same page the last fsync ended in, and fsynced.
+    f.write_all_at(&[2u8; 100], 10_000).unwrap();
+    f.sync_data().unwrap();
+    let past = tl("0b");
+    d.branch_at(&main, &past, at, &CloneFilter::all()).unwrap();
+    let got = read(&d.data_dir(&past).join("pg_wal/000000010000000000000001"));
+    let mut want = vec![0u8; 65536];
+    want[..10_000].fill(1);
+    assert!(
+        got == want,
+        "the branch sees the file as its last fsync before the moment found it"
+    );
+    let now = read(&seg);
+    assert_eq!(&now[10_000..10_100], &[2u8; 100]);
+    drop(f);
+    let root = fx.root();
+    fx.finish();
+    assert!(mounts_under(&root).unwrap().is_empty());
+}

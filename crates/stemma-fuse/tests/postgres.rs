@@ -175,3 +175,38 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     fx.finish();
     assert!(mounts_under(&root).unwrap().is_empty());
 }
+
+/// A branch at a past moment holds what was committed a second before it and nothing
+/// committed after it, with the WAL in external files: their fsyncs reach the log as notes,
+/// which the driver commits within 100 ms even when nothing else is written.
+#[test]
+fn a_point_in_time_branch_holds_the_commits_before_it() {
+    let fx = Fixture::new(Some(postgres_user()));
+    let d = fx.driver();
+    let main = tl("0e");
+    let data = d.create_empty(&main).unwrap();
+    initdb(&data);
+    d.sync_timeline(&main).unwrap();
+    let pg = Pg::start(&data, &fx.dir.path().join("sock-main"), &[]);
+    pg.psql("create table t (v int); insert into t values (1)");
+    // The store resolves a moment to its 1-s granularity, erring towards the past.
+    std::thread::sleep(Duration::from_millis(2000));
+    let at = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    pg.psql("insert into t values (2)");
+
+    let past = tl("0f");
+    d.branch_at(&main, &past, at, &clone_filter()).unwrap();
+    let ppg = Pg::start(&d.data_dir(&past), &fx.dir.path().join("sock-past"), &[]);
+    assert_eq!(ppg.psql("select string_agg(v::text, ',') from t"), "1");
+    assert_eq!(
+        pg.psql("select string_agg(v::text, ',' order by v) from t"),
+        "1,2"
+    );
+
+    drop(ppg);
+    drop(pg);
+    let root = fx.root();
+    fx.finish();
+    assert!(mounts_under(&root).unwrap().is_empty());
+}

@@ -609,6 +609,18 @@ impl PageStore {
         Ok(())
     }
 
+    /// Commits the notes of external files' fsyncs now, if there are any (they otherwise wait
+    /// for the next frame of any kind). A moment is resolved to the frames committed by then,
+    /// so a driver calls this often (every 100 ms) for a point in time to hold a WAL fsync
+    /// made on an otherwise idle timeline.
+    pub fn commit_external_notes(&self) -> Result<()> {
+        if !self.has_pending_extents() {
+            return Ok(());
+        }
+        let mut st = self.state.write();
+        self.commit_pending_extents(&mut st)
+    }
+
     pub(crate) fn has_pending_extents(&self) -> bool {
         !self.pending_extents.lock().is_empty()
     }
