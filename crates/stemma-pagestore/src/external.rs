@@ -96,9 +96,9 @@ pub(crate) struct ExternalView {
     /// Whether the timeline owns the object: then it is read and written as it is now.
     pub owned: bool,
     pub attr: Attr,
-    /// Where the page at `extent.end` (the last written page as the recorded fsync found it)
-    /// is, for a timeline that does not own the object.
-    pub tail: Loc,
+    /// The timeline and inode it is a view of (to find the logged last page when needed).
+    pub tl: TimelineId,
+    pub ino: Ino,
 }
 
 /// What an fsync of an external file noted: object, end, checksum of the last page, size.
@@ -182,17 +182,12 @@ impl PageStore {
         let Some(attr) = v.attr(ino) else {
             return Ok(None);
         };
-        let owned = st.objects.get(&extent.object) == Some(&tl);
-        let tail = if owned {
-            Loc::Zero
-        } else {
-            v.page(ino, extent.end / PAGE_SIZE as u64)
-        };
         Ok(Some(ExternalView {
             extent,
-            owned,
+            owned: st.objects.get(&extent.object) == Some(&tl),
             attr,
-            tail,
+            tl,
+            ino,
         }))
     }
 
@@ -203,11 +198,21 @@ impl PageStore {
             .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))
     }
 
-    /// The bytes of a view's last page (zeros when there is none).
+    /// The bytes of the last written page a view's record logged (zeros when there is
+    /// none). Looked up only here, not with every view: getattr and the write path make
+    /// views too, and they never need it.
     fn tail_bytes(&self, x: &ExternalView) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; PAGE_SIZE];
-        if let Loc::Data { file: id, off } = x.tail {
-            let file = self.state.read().data_file(id, off)?;
+        let loc = {
+            let st = self.state.read();
+            let loc =
+                View::new(&st, timeline(&st, x.tl)?).page(x.ino, x.extent.end / PAGE_SIZE as u64);
+            match loc {
+                Loc::Data { file: id, off } => Some((st.data_file(id, off)?, id, off)),
+                Loc::Zero => None,
+            }
+        };
+        if let Some((file, id, off)) = loc {
             file.read_exact_at(&mut buf, off).map_err(Error::io(
                 "reading a page",
                 crate::state::data_path(&self.dir, id),
