@@ -180,6 +180,30 @@ fn branches_are_isolated_and_reset_keeps_the_connection_string() {
     assert_eq!(all("dev-alice"), "main,main-later");
 }
 
+/// On the pagestore a branch of a branch nobody has connected to yet leaves that parent
+/// stopped: the clone is crash consistent whatever the parent's compute does, and starting
+/// the parent would make the new branch wait for the parent's own recovery (seconds for a new
+/// branch of a busy database).
+#[test]
+fn a_branch_of_a_branch_never_started_leaves_that_parent_stopped() {
+    let env = Env::new();
+    env.up();
+    env.sql(
+        "main",
+        "create table t(v text); insert into t values ('main')",
+    );
+    env.ok(&["branch", "create", "child"]);
+    env.ok(&["branch", "create", "grandchild", "--parent", "child"]);
+    if env.uses_pagestore() {
+        assert_eq!(env.json(&["branch", "get", "child"])["state"], "suspended");
+    }
+    let all = |b: &str| env.sql(b, "select string_agg(v, ',' order by v) from t");
+    assert_eq!(all("grandchild"), "main");
+    env.sql("grandchild", "insert into t values ('grandchild')");
+    assert_eq!(all("child"), "main");
+    assert_eq!(all("grandchild"), "grandchild,main");
+}
+
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let env = Env::new();

@@ -594,18 +594,22 @@ impl Engine {
         let parent_tl = timeline(&parent.timeline_id)?;
         let storage = self.storage.clone();
         let base_filter = Self::clone_filter();
+        // A crash-consistent clone is a state the parent's files could be left in by a power
+        // loss at that moment, whatever its compute is doing: PostgreSQL recovers it. Starting
+        // a parent that is not running would only make the clone wait for that parent's own
+        // recovery (seconds for a new branch of a busy branch, which nobody connected to yet).
+        let crash_consistent =
+            self.storage.capabilities().clone_consistency == CloneConsistency::CrashConsistent;
         let parent_running = self.supervisor.info(&Self::compute_key(parent)).is_some();
-        // A parent that should run but is between restarts is started: copying its files
-        // while the supervisor may start it would not be consistent.
-        let parent_running = if !parent_running && parent.compute_running {
+        // Otherwise a parent that should run but is between restarts is started: copying its
+        // files while the supervisor may start it would not be consistent.
+        let parent_running = if !crash_consistent && !parent_running && parent.compute_running {
             self.start_compute_of(parent).await?;
             true
         } else {
             parent_running
         };
-        if self.storage.capabilities().clone_consistency == CloneConsistency::CrashConsistent
-            || !parent_running
-        {
+        if crash_consistent || !parent_running {
             let child = child.clone();
             return blocking(move || {
                 storage
