@@ -12,6 +12,12 @@
 #                 the new branch: its compute starts (wakes) and recovers like after a crash,
 #                 replaying the parent's WAL since the parent's last checkpoint
 # then the same with the parent idle after a checkpoint ("idle"; creates count in both).
+# A branch of a busy parent is a crash image with the parent's WAL since its last checkpoint
+# to replay, which PostgreSQL needs on any disk: with NATIVE=1 (the default) each busy trial
+# also copies the same image (a second branch of the new one, which nobody started) to a
+# directory next to the data directory and times a plain `postgres` with the compute's
+# settings on it, from its start to the same first query ("native"); page caches are dropped
+# before each of the two timings, so both start cold. The ratio of the medians is printed.
 # Prints medians and p90s per size, and the ratio of the largest size's create median to the
 # smallest's. Everything runs in a temporary data directory that is removed at the end.
 # Needs root and FUSE (the daemon is started with --storage pagestore).
@@ -21,6 +27,9 @@ scales=("$@")
 [ ${#scales[@]} -gt 0 ] || scales=(68 680)
 reps=${REPS:-11}
 dir_base=${BENCH_DIR:-/var/tmp}
+# BRANCH_SETTINGS="NAME=VALUE ...": settings of each new branch (`branch create --setting`).
+setting_args=()
+for kv in ${BRANCH_SETTINGS:-}; do setting_args+=(--setting "$kv"); done
 
 scripts/install-deps.sh >/dev/null
 source scripts/rust-env.sh
@@ -29,9 +38,12 @@ stemma="${CARGO_TARGET_DIR:-$PWD/target}/release/stemma"
 work=$(mktemp -d "$dir_base/stemma-bench-XXXXXX")
 chmod 711 "$work"
 export STEMMA_DATA_DIR="$work/data"
+native=${NATIVE:-1}
 writer=""
+native_pid=""
 cleanup() {
     [ -n "$writer" ] && kill "$writer" 2>/dev/null && wait "$writer" 2>/dev/null
+    [ -n "$native_pid" ] && stop_native
     "$stemma" down >/dev/null 2>&1 || true
     rm -rf "$work"
 }
@@ -45,26 +57,76 @@ calc() { awk "BEGIN { print $* }"; }
 pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p+0.999); if (i<1) i=1; print a[i]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
 
+# Stops the native postgres (immediately: its data directory is thrown away).
+stop_native() {
+    local pm
+    pm=$(head -1 "$work/native/postmaster.pid" 2>/dev/null) && kill -QUIT "$pm" 2>/dev/null
+    wait "$native_pid" 2>/dev/null || true
+    native_pid=""
+}
+mount_of() { echo "$STEMMA_DATA_DIR/pagestore/mnt/$("$stemma" --output json branch get "$1" | field timeline_id)"; }
+# The `-c` settings of the running compute of branch $1, without where it listens.
+compute_settings() {
+    local pid
+    pid=$(head -1 "$(mount_of "$1")/postmaster.pid")
+    tr '\0' '\n' <"/proc/$pid/cmdline" | awk 'prev == "-c" && !/^(unix_socket_directories|listen_addresses|port)=/ {print} {prev = $0}'
+}
+# Times a native `postgres` on a copy of the branch $1 (never started), with the settings of
+# the compute of $2, from its start to the first query's answer, in ms.
+native_first_query() {
+    local copy="$work/native" sock="$work/native-run" owner args=() t0 t1 i
+    rm -rf "$copy" "$sock"
+    cp -a "$(mount_of "$1")" "$copy"
+    rm -f "$copy/postmaster.pid"
+    owner=$(stat -c %U "$copy")
+    mkdir -p "$sock"
+    echo "local all all trust" >"$sock/hba.conf"
+    chown -R "$owner" "$sock"
+    while read -r kv; do args+=(-c "$kv"); done < <(compute_settings "$2")
+    args+=(-c "port=47399" -c "listen_addresses=" -c "unix_socket_directories=$sock" -c "hba_file=$sock/hba.conf")
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    t0=$(now)
+    runuser -u "$owner" -- "$pgbin/postgres" -D "$copy" "${args[@]}" >"$sock/log" 2>&1 &
+    native_pid=$!
+    for i in $(seq 60000); do # bounded: 10 minutes at most
+        runuser -u "$owner" -- "$pgbin/psql" -X -q -At -h "$sock" -p 47399 -U "$dbuser" -d postgres \
+            -c 'select count(*) from pgbench_branches' >/dev/null 2>&1 && break
+        kill -0 "$native_pid" 2>/dev/null || { echo "native postgres exited: $(tail -3 "$sock/log")" >&2; exit 1; }
+        sleep 0.01
+    done
+    t1=$(now)
+    stop_native
+    rm -rf "$copy"
+    calc "($t1 - $t0) * 1000"
+}
+
 echo "host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), data in $work ($(df -hT "$work" | awk 'NR==2 {print $2}'))"
-printf '%-6s %9s %14s %14s %17s %17s\n' scale size "create p50" "create p90" "1st q. busy p50/90" "1st q. idle p50/90"
+printf '%-6s %9s %14s %14s %17s %17s %17s %8s\n' scale size "create p50" "create p90" "1st q. busy p50/90" "native p50/90" "1st q. idle p50/90" "busy/nat"
 first_create=""; last_create=""
 for scale in "${scales[@]}"; do
     root="bench-$scale"
     "$stemma" init --name "$root" >/dev/null
     conn=$("$stemma" connection-string "$root")
+    dbuser=$(echo "$conn" | sed 's|^postgresql://\([^:@]*\).*|\1|')
     "$pgbin/pgbench" -i -q -s "$scale" "$conn" >/dev/null 2>&1
     size=$("$stemma" --output json branch get "$root" | field logical_size_bytes)
     # The parent is written throughout: a branch never pauses it.
     "$pgbin/pgbench" -n -c 2 -T 100000 "$conn" >/dev/null 2>&1 &
     writer=$!
     sleep 2
-    creates=(); queries=(); idle=()
+    creates=(); queries=(); idle=(); natives=()
     trial() { # NAME -> appends to creates and to the array named by $2
         local t0 t1 t2 t3 bconn
         t0=$(now)
-        "$stemma" branch create "$1" --parent "$root" >/dev/null
+        "$stemma" branch create "$1" --parent "$root" "${setting_args[@]}" >/dev/null
         t1=$(now)
         bconn=$("$stemma" connection-string "$1")
+        if [ "$2" = queries ] && [ "$native" = 1 ]; then
+            "$stemma" branch create "$1-copy" --parent "$1" >/dev/null
+            natives+=("$(native_first_query "$1-copy" "$root")")
+            "$stemma" branch delete "$1-copy" >/dev/null
+            sync; echo 3 >/proc/sys/vm/drop_caches
+        fi
         t2=$(now)
         "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
         t3=$(now)
@@ -85,8 +147,14 @@ for scale in "${scales[@]}"; do
     q90=$(printf '%s\n' "${queries[@]}" | pct 0.9)
     i50=$(printf '%s\n' "${idle[@]}" | pct 0.5)
     i90=$(printf '%s\n' "${idle[@]}" | pct 0.9)
-    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms\n' "$scale" \
-        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90" "$i50" "$i90"
+    n50=0; n90=0; nratio="   -"
+    if [ ${#natives[@]} -gt 0 ]; then
+        n50=$(printf '%s\n' "${natives[@]}" | pct 0.5)
+        n90=$(printf '%s\n' "${natives[@]}" | pct 0.9)
+        nratio=$(awk "BEGIN { printf \"%.2f\", $q50 / $n50 }")
+    fi
+    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %8s\n' "$scale" \
+        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90" "$n50" "$n90" "$i50" "$i90" "$nratio"
     [ -n "$first_create" ] || first_create=$c50
     last_create=$c50
     "$stemma" branch delete "$root" >/dev/null 2>&1 || "$stemma" compute stop "$root" >/dev/null
