@@ -9,7 +9,7 @@
 //! waits. Tuning for experiments, from the environment: `STEMMA_FUSE_THREADS`,
 //! `STEMMA_FUSE_WRITEBACK` (0/1), `STEMMA_FUSE_CLONE_FD` (0/1), `STEMMA_FUSE_MAX_BACKGROUND`,
 //! `STEMMA_FUSE_DIRECT_DIR` (empty: none), `STEMMA_FUSE_NICE` (a number; empty: inherit),
-//! `STEMMA_FUSE_EXTERNAL_DIR` (empty: none).
+//! `STEMMA_FUSE_EXTERNAL_DIR` (empty: none), `STEMMA_FUSE_PASSTHROUGH` (0/1).
 //!
 //! `SIGUSR2` readies the timeline for a compute, as the daemon does before starting one
 //! (`sync_timeline`: after `initdb`, this mounts `pg_wal` on its own connection).
@@ -70,6 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Ok(d) = std::env::var("STEMMA_FUSE_EXTERNAL_DIR") {
         options.fuse.external_dir = Some(d).filter(|d| !d.is_empty());
+    }
+    if let Some(n) = env_num::<u8>("STEMMA_FUSE_PASSTHROUGH") {
+        options.fuse.passthrough = n != 0;
     }
 
     // Block the stop signals before any thread starts, so that they all inherit the mask and

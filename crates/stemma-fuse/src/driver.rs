@@ -484,7 +484,10 @@ impl StorageDriver for PagestoreDriver {
     fn describe(&self) -> String {
         let f = &self.options.fuse;
         let wal = match &f.external_dir {
-            Some(d) => format!(", {d} on a mount of its own with FUSE passthrough"),
+            Some(d) if f.passthrough => format!(
+                ", {d} on a mount of its own with FUSE passthrough (Linux 6.9+; through the server otherwise)"
+            ),
+            Some(d) => format!(", {d} on a mount of its own, through the server"),
             None => String::new(),
         };
         format!(

@@ -479,7 +479,9 @@ impl Filesystem for TimelineFs {
             // handling of O_APPEND need nothing from us.
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
-        if self.external && caps.contains(InitFlags::FUSE_PASSTHROUGH) {
+        if self.external && !self.options.passthrough {
+            tracing::info!(timeline = %self.tl, "FUSE passthrough off by the options: external files go through the server");
+        } else if self.external && caps.contains(InitFlags::FUSE_PASSTHROUGH) {
             // Backing files are plain files of the store's filesystem: depth 1.
             match config.set_max_stack_depth(1) {
                 Ok(_) => {

@@ -77,6 +77,11 @@ pub struct FuseOptions {
     /// round trip instead of two. Measured (pgbench scale 50, TPC-B): 0.97 of native against
     /// 0.70-0.85 with the WAL through the server. `None`: every file through the server.
     pub external_dir: Option<String>,
+    /// Whether the files of `external_dir` are opened with FUSE passthrough when the kernel
+    /// offers it. `false` sends their reads and writes through the server to their objects,
+    /// as on a kernel without passthrough (before Linux 6.9): for tests of that path and for
+    /// measuring it.
+    pub passthrough: bool,
 }
 
 impl Default for FuseOptions {
@@ -91,6 +96,7 @@ impl Default for FuseOptions {
             direct_io_dir: None,
             nice: Some(-5),
             external_dir: Some("pg_wal".into()),
+            passthrough: true,
         }
     }
 }

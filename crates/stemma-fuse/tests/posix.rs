@@ -509,7 +509,20 @@ fn synchronous_writes_are_durable_when_they_return() {
 /// (the driver commits the fsyncs' notes within 100 ms).
 #[test]
 fn files_of_the_wal_mount_are_versioned_by_their_fsyncs() {
-    let fx = Fixture::new(None);
+    wal_mount_files_are_versioned_by_their_fsyncs(DriverOptions::default());
+}
+
+/// The same through the server, as on a kernel without FUSE passthrough (before 6.9): the
+/// mount's reads and writes of external files go to their objects in the server.
+#[test]
+fn files_of_the_wal_mount_are_versioned_by_their_fsyncs_without_passthrough() {
+    let mut options = DriverOptions::default();
+    options.fuse.passthrough = false;
+    wal_mount_files_are_versioned_by_their_fsyncs(options);
+}
+
+fn wal_mount_files_are_versioned_by_their_fsyncs(options: DriverOptions) {
+    let fx = Fixture::with_options(None, options);
     let d = fx.driver();
     let main = tl("0a");
     let data = d.create_empty(&main).unwrap();

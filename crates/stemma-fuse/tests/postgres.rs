@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{initdb, postgres_user, tl, Fixture, KillOnDrop, Pg};
-use stemma_fuse::mounts_under;
+use stemma_fuse::{mounts_under, DriverOptions};
 use stemma_storage::{CloneFilter, StorageDriver};
 
 /// What the control plane leaves out of a clone (see stemma-control's engine).
@@ -41,7 +41,20 @@ fn clone_filter() -> CloneFilter {
 
 #[test]
 fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
-    let fx = Fixture::new(Some(postgres_user()));
+    branch_of_a_running_parent_recovers_and_is_isolated(DriverOptions::default());
+}
+
+/// The same with the WAL mount's reads and writes through the server, as on a kernel without
+/// FUSE passthrough (before Linux 6.9).
+#[test]
+fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_without_passthrough() {
+    let mut options = DriverOptions::default();
+    options.fuse.passthrough = false;
+    branch_of_a_running_parent_recovers_and_is_isolated(options);
+}
+
+fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
+    let fx = Fixture::with_options(Some(postgres_user()), options);
     let d = fx.driver();
     let main = tl("0c");
     let data = d.create_empty(&main).unwrap();
