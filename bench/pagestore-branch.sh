@@ -18,6 +18,7 @@
 # directory next to the data directory and times a plain `postgres` with the compute's
 # settings on it, from its start to the same first query ("native"); page caches are dropped
 # before each of the two timings, so both start cold. The ratio of the medians is printed.
+# VERBOSE=1 prints each busy trial's redo and end-of-recovery checkpoint times from both logs.
 # Prints medians and p90s per size, and the ratio of the largest size's create median to the
 # smallest's. Everything runs in a temporary data directory that is removed at the end.
 # Needs root and FUSE (the daemon is started with --storage pagestore).
@@ -57,6 +58,11 @@ calc() { awk "BEGIN { print $* }"; }
 pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p+0.999); if (i<1) i=1; print a[i]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
 
+# VERBOSE=1: what a recovery's log says of its redo and its end-of-recovery checkpoint.
+recovery_lines() { # LABEL LOG
+    sed -n 's/.*\(redo done at [^ ]*\).*elapsed: \([0-9.]* s\).*/\1 in \2/p; s/.*checkpoint complete: \(wrote [0-9]* buffers\).*\(sync=[0-9.]* s\), \(total=[0-9.]* s\).*/checkpoint \1, \2, \3/p' "$2" |
+        tail -2 | paste -sd ';' | sed "s/^/  $1: /" >&2
+}
 # Stops the native postgres (immediately: its data directory is thrown away).
 stop_native() {
     local pm
@@ -95,6 +101,7 @@ native_first_query() {
         sleep 0.01
     done
     t1=$(now)
+    [ -n "${VERBOSE:-}" ] && recovery_lines native "$sock/log"
     stop_native
     rm -rf "$copy"
     calc "($t1 - $t0) * 1000"
@@ -130,6 +137,9 @@ for scale in "${scales[@]}"; do
         t2=$(now)
         "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
         t3=$(now)
+        if [ -n "${VERBOSE:-}" ] && [ "$2" = queries ]; then
+            recovery_lines branch "$(grep -l "redo starts" "$STEMMA_DATA_DIR"/logs/compute-*.log | xargs ls -t | head -1)"
+        fi
         creates+=("$(calc "($t1 - $t0) * 1000")")
         eval "$2+=(\"$(calc "($t3 - $t2) * 1000")\")"
         "$stemma" branch delete "$1" >/dev/null

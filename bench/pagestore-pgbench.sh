@@ -96,6 +96,9 @@ PGDATA[native]="$WORK/native"
 VARIANTS=${VARIANTS:-pagestore}
 TARGETS=(native)
 MOUNT_PIDS=()
+# SCHED=POLICY_PRIO among a variant's settings: `chrt -a POLICY -p PRIO` on its helper's threads once its
+# compute's pg_wal is mounted (e.g. SCHED=-f_1 for SCHED_FIFO at priority 1).
+declare -A SCHED
 for v in $VARIANTS; do
   name=${v%%:*}
   envs=()
@@ -106,6 +109,7 @@ for v in $VARIANTS; do
     case ${envs[$i]} in
       BIN=*) bin=${envs[$i]#BIN=} && unset "envs[$i]" ;;
       BDI_MAX_RATIO=*) ratio=${envs[$i]#BDI_MAX_RATIO=} && unset "envs[$i]" ;;
+      SCHED=*) SCHED[$name]=${envs[$i]#SCHED=} && SCHED[$name]=${SCHED[$name]//_/ } && unset "envs[$i]" ;;
     esac
   done
   env "${envs[@]}" "$bin" "$WORK/$name" 0a --owner "$PGUID:$PGGID" \
@@ -144,6 +148,10 @@ for t in "${TARGETS[@]}"; do
     for _ in $(seq 100); do grep -q "ready for a compute\|readying the timeline failed" "$WORK/$t.mount.log" && break; sleep 0.1; done
     grep -q "ready for a compute" "$WORK/$t.mount.log" || { echo "$t: not ready for a compute" >&2; cat "$WORK/$t.mount.log" >&2; exit 1; }
     grep -q " ${PGDATA[$t]}/pg_wal " /proc/mounts && echo "$t: pg_wal on its own mount (passthrough)" >&2
+    if [ -n "${SCHED[$t]:-}" ]; then
+      for i in "${!TARGETS[@]}"; do [ "${TARGETS[$i]}" = "$t" ] && read -r pol prio <<<"${SCHED[$t]}" && chrt -a "$pol" -p "$prio" "${MOUNT_PIDS[$((i - 1))]}"; done
+      echo "$t: helper threads scheduled with chrt ${SCHED[$t]}" >&2
+    fi
   fi
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PGDATA[$t]}" -w -t 120 \
     -l "$WORK/logs/$t.log" -o "-p $(port_of "$t") -k $WORK/sock ${SETTINGS[*]}" start >/dev/null
