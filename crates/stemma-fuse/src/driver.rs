@@ -484,10 +484,13 @@ impl StorageDriver for PagestoreDriver {
     fn describe(&self) -> String {
         let f = &self.options.fuse;
         let wal = match &f.external_dir {
-            Some(d) if f.passthrough => format!(
-                ", {d} on a mount of its own with FUSE passthrough (Linux 6.9+; through the server otherwise)"
-            ),
-            Some(d) => format!(", {d} on a mount of its own, through the server"),
+            Some(d) if !f.passthrough => format!(", {d} on a mount of its own, through the server"),
+            Some(d) => match crate::fs::kernel_passthrough() {
+                Some(false) => format!(
+                    ", {d} on the timeline's mount (the kernel has no FUSE passthrough, Linux 6.9+)"
+                ),
+                _ => format!(", {d} on a mount of its own with FUSE passthrough"),
+            },
             None => String::new(),
         };
         format!(
@@ -631,7 +634,13 @@ impl StorageDriver for PagestoreDriver {
             .sync_timeline(tl)
             .map_err(|e| engine_err("syncing a timeline", &self.data_dir(id), e))?;
         let mut mounts = self.mounts.lock();
-        if let Some(m) = mounts.get_mut(id) {
+        let wanted = crate::mount::external_mount_wanted(
+            &self.options.fuse,
+            crate::fs::kernel_passthrough(),
+        );
+        // Without the WAL's own mount its files stay ordinary pages (see
+        // `external_mount_wanted`).
+        if let Some(m) = mounts.get_mut(id).filter(|_| wanted) {
             let path = m.path().to_path_buf();
             self.externalize_dir(tl, &path)?;
             m.mount_external_dir(&self.store, &self.options.fuse)

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -464,9 +464,25 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+/// What the kernel said of FUSE passthrough at the latest mount's INIT: 0 nothing yet, 1 it
+/// offers it, 2 it does not (a host-wide fact: the same at every mount).
+static KERNEL_PASSTHROUGH: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the kernel offers FUSE passthrough, as its last INIT in this process said (`None`
+/// before any mount).
+pub(crate) fn kernel_passthrough() -> Option<bool> {
+    match KERNEL_PASSTHROUGH.load(Ordering::Relaxed) {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
+}
+
 impl Filesystem for TimelineFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
+        let offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
+        KERNEL_PASSTHROUGH.store(if offered { 1 } else { 2 }, Ordering::Relaxed);
         let mut wanted = InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_PARALLEL_DIROPS

@@ -53,7 +53,17 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_without_passthro
     branch_of_a_running_parent_recovers_and_is_isolated(options);
 }
 
+/// The same with the WAL as ordinary pages on the timeline's mount: what a kernel without
+/// FUSE passthrough gets (the driver then mounts no `pg_wal` of its own).
+#[test]
+fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_with_the_wal_as_pages() {
+    let mut options = DriverOptions::default();
+    options.fuse.external_dir = None;
+    branch_of_a_running_parent_recovers_and_is_isolated(options);
+}
+
 fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
+    let wal_mount = options.fuse.external_dir.is_some();
     let fx = Fixture::with_options(Some(postgres_user()), options);
     let d = fx.driver();
     let main = tl("0c");
@@ -68,7 +78,7 @@ fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
             .iter()
             .any(|m| m == &dir.join("pg_wal"))
     };
-    assert!(wal_mounted(&data), "pg_wal has its own mount");
+    assert_eq!(wal_mounted(&data), wal_mount, "pg_wal has its own mount");
 
     let sock_parent = fx.dir.path().join("sock-parent");
     let sock_child = fx.dir.path().join("sock-child");
@@ -112,16 +122,21 @@ fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
 
     let cdata = d.data_dir(&child);
     assert!(!cdata.join("postmaster.pid").exists());
-    assert!(wal_mounted(&cdata), "the branch's pg_wal has its own mount");
+    assert_eq!(
+        wal_mounted(&cdata),
+        wal_mount,
+        "the branch's pg_wal has its own mount"
+    );
     let objects = || {
         std::fs::read_dir(fx.root().join("store").join("objects"))
             .map(|e| e.count())
             .unwrap_or(0)
     };
     let parent_objects = objects();
-    assert!(
+    assert_eq!(
         parent_objects > 0,
-        "the parent's WAL segments are external files"
+        wal_mount,
+        "the parent's WAL segments are external files with the WAL mount only"
     );
     let own = d.usage(&child).unwrap().own_storage_bytes;
     assert!(own < 1 << 20, "unchanged branch costs {own} bytes");
@@ -176,8 +191,9 @@ fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
     assert_eq!(childpg.psql("select v from t where id = -1"), "child only");
     // The branch writes WAL into copies of its own of the segments it shares.
     childpg.psql("checkpoint");
-    assert!(
+    assert_eq!(
         objects() > parent_objects,
+        wal_mount,
         "the branch copied the segment it writes ({parent_objects} objects before)"
     );
     assert_eq!(parent.psql("select v from t where id = -2"), "parent only");
