@@ -22,7 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use stemma_pagestore::{BranchPoint, FileKind, Ino, PageStore, SetAttr, ROOT_INO};
@@ -129,6 +129,18 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
 /// The mount point (the compute's data directory) of timeline `id` under a driver's root.
 pub(crate) fn mount_point(root: &Path, id: &TimelineId) -> PathBuf {
     root.join("mnt").join(id.as_str())
+}
+
+/// The retention window for people: "7 days", "36 hours", else humantime's "1h 30m".
+fn window_text(d: Duration) -> String {
+    let s = d.as_secs();
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    match s {
+        0 => humantime::format_duration(d).to_string(),
+        s if d.subsec_nanos() == 0 && s % 86_400 == 0 => plural(s / 86_400, "day"),
+        s if d.subsec_nanos() == 0 && s % 3_600 == 0 => plural(s / 3_600, "hour"),
+        _ => humantime::format_duration(d).to_string(),
+    }
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -500,7 +512,7 @@ impl StorageDriver for PagestoreDriver {
             self.mnt_dir.display(),
             f.threads,
             if f.writeback_cache { "on" } else { "off" },
-            humantime::format_duration(self.options.store.retention),
+            window_text(self.options.store.retention),
         )
     }
 
@@ -738,5 +750,18 @@ impl StorageDriver for PagestoreDriver {
             logical_size_bytes: u.logical_size_bytes,
             own_storage_bytes: u.own_storage_bytes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retention_window_reads_as_people_say_it() {
+        assert_eq!(window_text(Duration::from_secs(7 * 86_400)), "7 days");
+        assert_eq!(window_text(Duration::from_secs(86_400)), "1 day");
+        assert_eq!(window_text(Duration::from_secs(36 * 3_600)), "36 hours");
+        assert_eq!(window_text(Duration::from_secs(5_400)), "1h 30m");
     }
 }
