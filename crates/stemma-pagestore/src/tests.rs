@@ -25,6 +25,13 @@ fn file(s: &PageStore, tl: TimelineId, name: &str) -> Ino {
         .ino
 }
 
+/// A new external file (its bytes in an object of its own), as the WAL mount creates them.
+fn external(s: &PageStore, tl: TimelineId, name: &str) -> Ino {
+    s.create_external(tl, ROOT_INO, name.as_bytes(), 0o600, 1, 1)
+        .unwrap()
+        .ino
+}
+
 fn all(s: &PageStore, tl: TimelineId, ino: Ino) -> Vec<u8> {
     s.read(tl, ino, 0, usize::MAX / 2).unwrap()
 }
@@ -1295,10 +1302,7 @@ fn an_external_file_is_versioned_by_its_fsyncs() {
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path());
     let main = s.create_root(b"main").unwrap();
-    let wal = s
-        .create_external(main, ROOT_INO, b"000000010000000000000001", 0o600, 1, 1)
-        .unwrap()
-        .ino;
+    let wal = external(&s, main, "000000010000000000000001");
     assert!(s.is_external(main, wal).unwrap());
     assert_eq!(object_files(d.path()), 1);
     let seg = 16 * PAGE_SIZE;
@@ -1398,14 +1402,8 @@ fn objects_no_version_names_are_deleted() {
     };
     let s = PageStore::open(d.path(), config.clone()).unwrap();
     let main = s.create_root(b"main").unwrap();
-    let keep = s
-        .create_external(main, ROOT_INO, b"keep", 0o600, 1, 1)
-        .unwrap()
-        .ino;
-    let gone = s
-        .create_external(main, ROOT_INO, b"gone", 0o600, 1, 1)
-        .unwrap()
-        .ino;
+    let keep = external(&s, main, "keep");
+    let gone = external(&s, main, "gone");
     for ino in [keep, gone] {
         s.write(main, ino, 0, &pattern(ino, 2 * PAGE_SIZE)).unwrap();
         s.sync_file(main, ino).unwrap();
@@ -1447,10 +1445,7 @@ fn an_external_files_end_lost_with_a_crash_is_found_again_at_open() {
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path());
     let main = s.create_root(b"main").unwrap();
-    let wal = s
-        .create_external(main, ROOT_INO, b"wal", 0o600, 1, 1)
-        .unwrap()
-        .ino;
+    let wal = external(&s, main, "wal");
     s.write(main, wal, 0, &vec![0u8; 8 * PAGE_SIZE]).unwrap();
     s.sync_file(main, wal).unwrap();
     s.sync().unwrap();
@@ -1521,10 +1516,7 @@ fn a_branch_does_not_see_its_parent_fill_the_last_page_after_it() {
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path());
     let main = s.create_root(b"main").unwrap();
-    let wal = s
-        .create_external(main, ROOT_INO, b"wal", 0o600, 1, 1)
-        .unwrap()
-        .ino;
+    let wal = external(&s, main, "wal");
     s.write(main, wal, 0, &vec![0u8; 4 * PAGE_SIZE]).unwrap();
     s.write(main, wal, 0, &[7u8; PAGE_SIZE + 100]).unwrap();
     s.sync_file(main, wal).unwrap();
