@@ -133,12 +133,10 @@ pub(crate) fn mount_point(root: &Path, id: &TimelineId) -> PathBuf {
 
 /// The retention window for people: "7 days", "36 hours", else humantime's "1h 30m".
 fn window_text(d: Duration) -> String {
-    let s = d.as_secs();
     let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
-    match s {
-        0 => humantime::format_duration(d).to_string(),
-        s if d.subsec_nanos() == 0 && s % 86_400 == 0 => plural(s / 86_400, "day"),
-        s if d.subsec_nanos() == 0 && s % 3_600 == 0 => plural(s / 3_600, "hour"),
+    match d.as_secs() {
+        s if s > 0 && d.subsec_nanos() == 0 && s % 86_400 == 0 => plural(s / 86_400, "day"),
+        s if s > 0 && d.subsec_nanos() == 0 && s % 3_600 == 0 => plural(s / 3_600, "hour"),
         _ => humantime::format_duration(d).to_string(),
     }
 }

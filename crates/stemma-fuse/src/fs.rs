@@ -497,7 +497,7 @@ impl Filesystem for TimelineFs {
         }
         if self.external && !self.options.passthrough {
             tracing::info!(timeline = %self.tl, "FUSE passthrough off by the options: external files go through the server");
-        } else if self.external && caps.contains(InitFlags::FUSE_PASSTHROUGH) {
+        } else if self.external && offered {
             // Backing files are plain files of the store's filesystem: depth 1.
             match config.set_max_stack_depth(1) {
                 Ok(_) => {

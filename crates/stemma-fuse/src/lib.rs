@@ -78,9 +78,10 @@ pub struct FuseOptions {
     /// 0.70-0.85 with the WAL through the server. `None`: every file through the server.
     pub external_dir: Option<String>,
     /// Whether the files of `external_dir` are opened with FUSE passthrough when the kernel
-    /// offers it. `false` sends their reads and writes through the server to their objects,
-    /// as on a kernel without passthrough (before Linux 6.9): for tests of that path and for
-    /// measuring it.
+    /// offers it. `false` keeps that directory's own mount but sends its files' reads and
+    /// writes through the server to their objects: for tests of that path and for measuring
+    /// it. (A kernel without passthrough gets no such mount: see
+    /// `mount::external_mount_wanted`.)
     pub passthrough: bool,
 }
 

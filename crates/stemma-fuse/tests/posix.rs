@@ -512,8 +512,8 @@ fn files_of_the_wal_mount_are_versioned_by_their_fsyncs() {
     wal_mount_files_are_versioned_by_their_fsyncs(DriverOptions::default());
 }
 
-/// The same through the server, as on a kernel without FUSE passthrough (before 6.9): the
-/// mount's reads and writes of external files go to their objects in the server.
+/// The same with passthrough turned off: the mount's reads and writes of external files go
+/// to their objects through the server (the path a file opened without passthrough takes).
 #[test]
 fn files_of_the_wal_mount_are_versioned_by_their_fsyncs_without_passthrough() {
     let mut options = DriverOptions::default();

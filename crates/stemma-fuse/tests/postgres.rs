@@ -44,8 +44,8 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     branch_of_a_running_parent_recovers_and_is_isolated(DriverOptions::default());
 }
 
-/// The same with the WAL mount's reads and writes through the server, as on a kernel without
-/// FUSE passthrough (before Linux 6.9).
+/// The same with the WAL mount's reads and writes through the server (passthrough turned
+/// off; a kernel without passthrough gets the WAL as pages instead, below).
 #[test]
 fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_without_passthrough() {
     let mut options = DriverOptions::default();
