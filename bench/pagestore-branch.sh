@@ -44,7 +44,9 @@ writer=""
 native_pid=""
 cleanup() {
     [ -n "$writer" ] && kill "$writer" 2>/dev/null && wait "$writer" 2>/dev/null
-    [ -n "$native_pid" ] && stop_native
+    # From its pid file: native_first_query runs in a command substitution's subshell, so
+    # native_pid is not set here.
+    stop_native
     "$stemma" down >/dev/null 2>&1 || true
     rm -rf "$work"
 }
@@ -67,7 +69,7 @@ recovery_lines() { # LABEL LOG
 stop_native() {
     local pm
     pm=$(head -1 "$work/native/postmaster.pid" 2>/dev/null) && kill -QUIT "$pm" 2>/dev/null
-    wait "$native_pid" 2>/dev/null || true
+    [ -z "$native_pid" ] || wait "$native_pid" 2>/dev/null || true
     native_pid=""
 }
 mount_of() { echo "$STEMMA_DATA_DIR/pagestore/mnt/$("$stemma" --output json branch get "$1" | field timeline_id)"; }
