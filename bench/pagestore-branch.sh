@@ -110,7 +110,7 @@ native_first_query() {
 }
 
 echo "host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), data in $work ($(df -hT "$work" | awk 'NR==2 {print $2}'))"
-printf '%-6s %9s %14s %14s %17s %17s %17s %8s\n' scale size "create p50" "create p90" "1st q. busy p50/90" "native p50/90" "1st q. idle p50/90" "busy/nat"
+printf '%-6s %9s %14s %14s %17s %17s %17s %17s %8s\n' scale size "create p50" "create p90" "busy create p50/90" "1st q. busy p50/90" "native p50/90" "1st q. idle p50/90" "busy/nat"
 first_create=""; last_create=""
 for scale in "${scales[@]}"; do
     root="bench-$scale"
@@ -123,7 +123,7 @@ for scale in "${scales[@]}"; do
     "$pgbin/pgbench" -n -c 2 -T 100000 "$conn" >/dev/null 2>&1 &
     writer=$!
     sleep 2
-    creates=(); queries=(); idle=(); natives=()
+    creates=(); busy_creates=(); queries=(); idle=(); natives=()
     trial() { # NAME -> appends to creates and to the array named by $2
         local t0 t1 t2 t3 bconn
         t0=$(now)
@@ -143,6 +143,7 @@ for scale in "${scales[@]}"; do
             recovery_lines branch "$(grep -l "redo starts" "$STEMMA_DATA_DIR"/logs/compute-*.log | xargs ls -t | head -1)"
         fi
         creates+=("$(calc "($t1 - $t0) * 1000")")
+        [ "$2" = queries ] && busy_creates+=("$(calc "($t1 - $t0) * 1000")")
         eval "$2+=(\"$(calc "($t3 - $t2) * 1000")\")"
         "$stemma" branch delete "$1" >/dev/null
     }
@@ -153,6 +154,8 @@ for scale in "${scales[@]}"; do
     # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it.
     "$pgbin/psql" -X -q -c checkpoint "$conn"
     for i in $(seq "$reps"); do trial "$root-i$i" idle; done
+    b50=$(printf '%s\n' "${busy_creates[@]}" | pct 0.5)
+    b90=$(printf '%s\n' "${busy_creates[@]}" | pct 0.9)
     c50=$(printf '%s\n' "${creates[@]}" | pct 0.5)
     c90=$(printf '%s\n' "${creates[@]}" | pct 0.9)
     q50=$(printf '%s\n' "${queries[@]}" | pct 0.5)
@@ -165,8 +168,8 @@ for scale in "${scales[@]}"; do
         n90=$(printf '%s\n' "${natives[@]}" | pct 0.9)
         nratio=$(awk "BEGIN { printf \"%.2f\", $q50 / $n50 }")
     fi
-    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %8s\n' "$scale" \
-        "$(calc "$size / 1048576")" "$c50" "$c90" "$q50" "$q90" "$n50" "$n90" "$i50" "$i90" "$nratio"
+    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %8s\n' "$scale" \
+        "$(calc "$size / 1048576")" "$c50" "$c90" "$b50" "$b90" "$q50" "$q90" "$n50" "$n90" "$i50" "$i90" "$nratio"
     [ -n "$first_create" ] || first_create=$c50
     last_create=$c50
     "$stemma" branch delete "$root" >/dev/null 2>&1 || "$stemma" compute stop "$root" >/dev/null

@@ -67,6 +67,7 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Result<Config> {
     cfg.proxy_listen = args.proxy_listen;
     cfg.suspend_timeout = args.suspend_timeout;
     cfg.max_computes = args.max_computes.max(1);
+    cfg.checkpoint_before_branch = args.checkpoint_before_branch;
     if let Some(path) = config_file(args) {
         cfg.project = stemma_control::ProjectConfig::load(&path)?;
     }
@@ -190,7 +191,9 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
             humantime::format_duration(args.suspend_timeout).to_string()
         })
         .arg("--max-computes")
-        .arg(args.max_computes.to_string());
+        .arg(args.max_computes.to_string())
+        .arg("--checkpoint-before-branch")
+        .arg(args.checkpoint_before_branch.to_string());
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         cmd.arg("--tls-cert")
             .arg(std::path::absolute(cert).unwrap_or(cert.clone()))

@@ -204,6 +204,44 @@ fn a_branch_of_a_branch_never_started_leaves_that_parent_stopped() {
     assert_eq!(all("grandchild"), "grandchild,main");
 }
 
+/// A crash-consistent branch of a running parent that has written more WAL since its last
+/// checkpoint than `--checkpoint-before-branch` is taken after a checkpoint of the parent, so
+/// that the branch has little to replay when it starts; under the limit the parent is left
+/// alone. (The copy driver's online backup checkpoints the parent for every clone.)
+#[test]
+fn a_branch_of_a_parent_far_from_its_last_checkpoint_comes_after_a_checkpoint() {
+    let env = Env::new();
+    env.up_with(&["--checkpoint-before-branch", "8MB"]);
+    env.sql("main", "create table t(v int); insert into t values (0)");
+    // The next timed checkpoint is `checkpoint_timeout` (5 minutes) after this one.
+    env.sql("main", "checkpoint");
+    let redo = || env.sql("main", "select redo_lsn from pg_control_checkpoint()");
+    let before = redo();
+
+    env.sql("main", "insert into t values (1)");
+    env.ok(&["branch", "create", "small"]);
+    if env.uses_pagestore() {
+        assert_eq!(redo(), before, "a checkpoint for a few bytes of WAL");
+    }
+
+    // About 15 MB of WAL.
+    env.sql(
+        "main",
+        "insert into t select g from generate_series(2, 300001) g",
+    );
+    env.ok(&["branch", "create", "big"]);
+    assert_ne!(
+        redo(),
+        before,
+        "no checkpoint before a branch with ~15 MB to replay"
+    );
+
+    let count = |b: &str| env.sql(b, "select count(*) from t");
+    assert_eq!(count("small"), "2");
+    assert_eq!(count("big"), "300002");
+    assert_eq!(count("main"), "300002");
+}
+
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let env = Env::new();

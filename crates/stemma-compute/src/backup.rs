@@ -9,9 +9,8 @@
 //! same session first creates a *temporary* physical replication slot that reserves WAL from
 //! the current redo point; it disappears with the session.
 
-use tokio_postgres::NoTls;
-
-use crate::{ComputeError, Result};
+use crate::session::{pg, Session, SessionTarget};
+use crate::Result;
 
 /// The files that make a copy taken during a backup recoverable.
 #[derive(Debug, Clone)]
@@ -24,50 +23,15 @@ pub struct BackupFiles {
 /// An online backup in progress on one compute. Dropping it without [`OnlineBackup::stop`]
 /// closes the session, which aborts the backup and drops the slot.
 pub struct OnlineBackup {
-    client: tokio_postgres::Client,
-    connection: tokio::task::JoinHandle<()>,
+    session: Session,
     server_version: i32,
 }
 
 impl OnlineBackup {
-    /// Connects to the compute's Unix socket in `socket_dir` and starts a backup with a fast
-    /// checkpoint.
-    pub async fn start(
-        socket_dir: &std::path::Path,
-        port: u16,
-        user: &str,
-        password: &str,
-        label: &str,
-    ) -> Result<Self> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(socket_dir)
-            .port(port)
-            .user(user)
-            .password(password)
-            .dbname("postgres")
-            .application_name("stemma-clone");
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| ComputeError::Postgres {
-                    context: format!(
-                        "connecting to the compute on port {port} for an online backup"
-                    ),
-                    source,
-                })?;
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "online backup session ended");
-            }
-        });
-        let pg = |context: &'static str| {
-            move |source| ComputeError::Postgres {
-                context: context.to_string(),
-                source,
-            }
-        };
+    /// Connects to the compute's Unix socket and starts a backup with a fast checkpoint.
+    pub async fn start(target: SessionTarget<'_>, label: &str) -> Result<Self> {
+        let session = Session::connect(target, "stemma-clone").await?;
+        let client = &session.client;
         let row = client
             .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await
@@ -91,8 +55,7 @@ impl OnlineBackup {
             .await
             .map_err(pg("starting the online backup"))?;
         Ok(OnlineBackup {
-            client,
-            connection,
+            session,
             server_version,
         })
     }
@@ -105,20 +68,17 @@ impl OnlineBackup {
         } else {
             "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, false)"
         };
-        let row =
-            self.client
-                .query_one(stop, &[])
-                .await
-                .map_err(|source| ComputeError::Postgres {
-                    context: "stopping the online backup".into(),
-                    source,
-                })?;
+        let row = self
+            .session
+            .client
+            .query_one(stop, &[])
+            .await
+            .map_err(pg("stopping the online backup"))?;
         let files = BackupFiles {
             backup_label: row.get::<_, Option<String>>(0).unwrap_or_default(),
             tablespace_map: row.get::<_, Option<String>>(1).unwrap_or_default(),
         };
-        drop(self.client);
-        let _ = self.connection.await;
+        self.session.close().await;
         Ok(files)
     }
 }

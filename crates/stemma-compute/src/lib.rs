@@ -4,7 +4,8 @@
 //! crate finds the installed PostgreSQL ([`PgInstall`]), runs `initdb`, starts computes as an
 //! unprivileged user when the daemon is root, adopts computes that outlived a daemon restart,
 //! restarts computes that die (with backoff) and stops them cleanly ([`Supervisor`]). It also
-//! brackets clones of a running compute with an online backup ([`OnlineBackup`]).
+//! brackets clones of a running compute with an online backup ([`OnlineBackup`]), and checkpoints
+//! a running compute before a crash-consistent branch point ([`checkpoint_if_behind`]).
 //!
 //! Architecture invariants:
 //! - A compute is identified by its data directory: `postmaster.pid` inside it is the truth about
@@ -13,13 +14,17 @@
 //!   port and settings to run; the control plane decides when.
 
 mod backup;
+mod checkpoint;
 mod install;
 mod process;
+mod session;
 mod supervisor;
 
 pub use backup::{BackupFiles, OnlineBackup};
+pub use checkpoint::{checkpoint_if_behind, ReplayDebt};
 pub use install::{ComputeUser, PgInstall};
 pub use process::{initdb, read_postmaster_pid, DiesWithParent, InitdbOptions, PostmasterPid};
+pub use session::SessionTarget;
 pub use supervisor::{ComputeInfo, ComputeSpec, Supervisor};
 
 /// Errors from compute supervision. Messages say what to do next where there is something to do.

@@ -11,6 +11,9 @@ pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7540";
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:55431";
 /// The first port handed to branches.
 pub const DEFAULT_PORT_BASE: u16 = 55432;
+/// See [`Config::checkpoint_before_branch`]: at most about half a second of replay on this
+/// kind of machine (docs/pagestore.md).
+pub const DEFAULT_CHECKPOINT_BEFORE_BRANCH: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -36,6 +39,10 @@ pub struct Config {
     pub suspend_timeout: std::time::Duration,
     /// At most this many computes run at once.
     pub max_computes: usize,
+    /// A crash-consistent branch of a running parent that has written more WAL than this
+    /// since its last checkpoint is taken after a checkpoint of the parent, so that the branch
+    /// has little to replay when it starts; 0 never checkpoints.
+    pub checkpoint_before_branch: u64,
     /// A certificate chain and key (PEM) for TLS on the proxy's ports.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The project's `stemma.toml` (defaults when there is none).
@@ -62,6 +69,7 @@ impl Config {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 55431))),
             suspend_timeout: std::time::Duration::from_secs(300),
             max_computes: 32,
+            checkpoint_before_branch: DEFAULT_CHECKPOINT_BEFORE_BRANCH,
             tls: None,
             project: crate::ProjectConfig::default(),
         }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use stemma_api::{self as api, BranchState};
-use stemma_compute::{ComputeSpec, OnlineBackup, Supervisor};
+use stemma_compute::{ComputeSpec, OnlineBackup, SessionTarget, Supervisor};
 use stemma_proxy::Proxy;
 use stemma_storage::{CloneConsistency, CloneFilter, StorageDriver, TimelineId, Usage};
 
@@ -27,6 +27,9 @@ pub(crate) fn compute_listen_ip(port: u16) -> std::net::Ipv4Addr {
     let [hi, lo] = port.to_be_bytes();
     std::net::Ipv4Addr::new(127, 64, hi, lo)
 }
+
+/// How long `branch create` waits for a checkpoint of the parent before the branch point.
+const CHECKPOINT_BEFORE_BRANCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The database superuser of every branch (created by `initdb`).
 pub const DB_SUPERUSER: &str = "stemma";
@@ -585,6 +588,63 @@ impl Engine {
         }
     }
 
+    /// How the control plane reaches the compute of `b` as its superuser.
+    fn session_target<'a>(b: &'a BranchRow, spec: &'a ComputeSpec) -> SessionTarget<'a> {
+        SessionTarget {
+            socket_dir: &spec.socket_dir,
+            port: spec.port,
+            user: &b.db_user,
+            password: &b.db_password,
+        }
+    }
+
+    /// Before a crash-consistent branch of the running `parent`: checkpoints the parent when
+    /// the branch would otherwise replay more than `checkpoint_before_branch` bytes of its WAL
+    /// at its first start (seconds on a busy parent, on any disk; the checkpoint takes a
+    /// fraction of that, see docs/pagestore.md). Best effort: the branch is correct either
+    /// way, so a failure or a checkpoint slower than [`CHECKPOINT_BEFORE_BRANCH_WAIT`] only
+    /// leaves the branch more to replay.
+    async fn checkpoint_before_branch(&self, parent: &BranchRow) {
+        let limit = self.cfg.checkpoint_before_branch;
+        if limit == 0 {
+            return;
+        }
+        let Ok(parent_tl) = timeline(&parent.timeline_id) else {
+            return;
+        };
+        // A source's standby replays its primary's WAL; its restartpoints are its own.
+        if crate::source::is_standby(self.storage.as_ref(), &parent_tl) {
+            return;
+        }
+        let spec = match self.compute_spec(parent) {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::warn!(branch = %parent.name, error = %e, "no checkpoint before the branch point");
+                return;
+            }
+        };
+        let t0 = std::time::Instant::now();
+        let checkpoint =
+            stemma_compute::checkpoint_if_behind(Self::session_target(parent, &spec), limit);
+        match tokio::time::timeout(CHECKPOINT_BEFORE_BRANCH_WAIT, checkpoint).await {
+            Ok(Ok(debt)) => tracing::debug!(
+                branch = %parent.name,
+                wal_bytes = debt.bytes,
+                checkpointed = debt.checkpointed,
+                ms = t0.elapsed().as_millis() as u64,
+                "replay debt before the branch point"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(branch = %parent.name, error = %e, "no checkpoint before the branch point")
+            }
+            Err(_) => tracing::warn!(
+                branch = %parent.name,
+                "the checkpoint before the branch point took over {}s; branching without waiting for it",
+                CHECKPOINT_BEFORE_BRANCH_WAIT.as_secs()
+            ),
+        }
+    }
+
     /// Fills the `creating` timeline `child` with the current state of branch `parent`.
     ///
     /// With a file-copying driver and a running parent this is an online backup: the parent
@@ -609,6 +669,9 @@ impl Engine {
         } else {
             parent_running
         };
+        if crash_consistent && parent_running {
+            self.checkpoint_before_branch(parent).await;
+        }
         if crash_consistent || !parent_running {
             let child = child.clone();
             return blocking(move || {
@@ -625,14 +688,7 @@ impl Engine {
         }
         let label = format!("stemma clone of {} into {}", parent.name, child);
         let spec = self.compute_spec(parent)?;
-        let backup = OnlineBackup::start(
-            &spec.socket_dir,
-            spec.port,
-            &parent.db_user,
-            &parent.db_password,
-            &label,
-        )
-        .await?;
+        let backup = OnlineBackup::start(Self::session_target(parent, &spec), &label).await?;
         let mut data_filter = base_filter.clone();
         data_filter.exclude.push(PathBuf::from("pg_wal"));
         {

@@ -31,7 +31,10 @@ mod source;
 mod workflows;
 
 pub use access::{Access, Caller};
-pub use config::{Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_PORT_BASE, DEFAULT_PROXY_LISTEN};
+pub use config::{
+    Config, DaemonInfo, DEFAULT_API_LISTEN, DEFAULT_CHECKPOINT_BEFORE_BRANCH, DEFAULT_PORT_BASE,
+    DEFAULT_PROXY_LISTEN,
+};
 pub use engine::Engine;
 pub use project::ProjectConfig;
 

@@ -55,9 +55,50 @@ pub fn parse_duration(s: &str) -> Result<Duration, ControlError> {
     })
 }
 
+/// Parses a size as PostgreSQL writes its own (`64MB`, `1GB`, `512kB`, `0`; each unit 1024
+/// of the one below), also accepting `MiB`-style units and bytes without a unit. Hand-written:
+/// the size crates read `MB` as 10^6, which a PostgreSQL user would not expect.
+pub fn parse_size(s: &str) -> Result<u64, ControlError> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "kB" | "KB" | "KiB" => 10,
+        "MB" | "MiB" => 20,
+        "GB" | "GiB" => 30,
+        "TB" | "TiB" => 40,
+        _ => u32::MAX,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| shift != u32::MAX)
+        .and_then(|n| n.checked_mul(1u64 << shift.min(63)))
+        .ok_or_else(|| {
+            ControlError::Invalid(format!(
+                "invalid size {s:?} (examples: 0, 512kB, 64MB, 1GB)"
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_postgresql_writes_them() {
+        assert_eq!(parse_size("0").ok(), Some(0));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert_eq!(parse_size("512kB").ok(), Some(512 << 10));
+        assert_eq!(parse_size("64MB").ok(), Some(64 << 20));
+        assert_eq!(parse_size(" 64 MiB ").ok(), Some(64 << 20));
+        assert_eq!(parse_size("1GB").ok(), Some(1 << 30));
+        assert_eq!(parse_size("2TiB").ok(), Some(2 << 40));
+        for bad in ["", "MB", "64 mb", "-1MB", "1.5GB", "64XB", "99999999999TB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn accepts_good_names() {
