@@ -10,7 +10,10 @@
 #   create        wall time of `stemma branch create NAME --parent ROOT` (the CLI process)
 #   first query   wall time of the first `psql -c 'select count(*) from pgbench_branches'` on
 #                 the new branch: its compute starts (wakes) and recovers like after a crash,
-#                 replaying the parent's WAL since the parent's last checkpoint
+#                 replaying the parent's WAL since the parent's last checkpoint (which the
+#                 daemon moves to the branch point when the parent has written more than
+#                 --checkpoint-before-branch since it: then create waits for a checkpoint;
+#                 "busy create" prints the busy trials' creates on their own)
 # then the same with the parent idle after a checkpoint ("idle"; creates count in both).
 # A branch of a busy parent is a crash image with the parent's WAL since its last checkpoint
 # to replay, which PostgreSQL needs on any disk: with NATIVE=1 (the default) each busy trial
