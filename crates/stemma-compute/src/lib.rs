@@ -21,7 +21,7 @@ mod session;
 mod supervisor;
 
 pub use backup::{BackupFiles, OnlineBackup};
-pub use checkpoint::{checkpoint_if_behind, ReplayDebt};
+pub use checkpoint::{checkpoint_if_behind, replay_bound, ReplayDebt};
 pub use install::{ComputeUser, PgInstall};
 pub use process::{initdb, read_postmaster_pid, DiesWithParent, InitdbOptions, PostmasterPid};
 pub use session::SessionTarget;
