@@ -313,9 +313,22 @@ impl TimelineFs {
             .external_file(self.tl, ino, write)
             .map_err(errno)?;
         let mut backing = self.backing.lock();
+        // The kernel takes one backing file per inode while any passthrough open of it lasts.
         let id = match backing.get(&ino) {
             Some((f, id)) if Arc::ptr_eq(f, &file) => id.upgrade(),
-            _ => None,
+            Some((_, id)) => match id.upgrade() {
+                // A read-only open while another open lasts reads the file that one has: the
+                // same bytes (nothing can have written the inode through another file).
+                Some(id) if !write => Some(id),
+                // A write open of a file still open read-only on its ancestor's object, which
+                // the branch must not write (PostgreSQL never writes a finished segment).
+                Some(_) => {
+                    tracing::warn!(timeline = %self.tl, ino, "a write open of a WAL file open read-only on its ancestor's object: refused until that open is closed");
+                    return Err(Errno::ETXTBSY);
+                }
+                None => None,
+            },
+            None => None,
         };
         let id = match id {
             Some(id) => id,

@@ -561,3 +561,63 @@ fn wal_mount_files_are_versioned_by_their_fsyncs(options: DriverOptions) {
     fx.finish();
     assert!(mounts_under(&root).unwrap().is_empty());
 }
+
+/// A branch's WAL file that still shares its parent's object (a finished segment, opened
+/// read-only: passthrough onto the parent's object) cannot be opened for writing while that
+/// open lasts: the kernel takes one backing file per inode, and the branch must not write its
+/// parent's object. The write open is refused with ETXTBSY (not the kernel's EIO), read-only
+/// opens go on working, and once they are closed the write open gets a copy of its own.
+#[test]
+fn a_write_open_of_a_shared_wal_file_waits_for_its_read_only_opens() {
+    let fx = Fixture::with_options(None, DriverOptions::default());
+    let d = fx.driver();
+    let main = tl("0a");
+    let data = d.create_empty(&main).unwrap();
+    fs::create_dir(data.join("pg_wal")).unwrap();
+    d.sync_timeline(&main).unwrap();
+    let name = "pg_wal/000000010000000000000001";
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(data.join(name))
+        .unwrap();
+    // Written to its end, so a read-only open in a branch shares the parent's object.
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    let child = tl("0b");
+    d.clone_timeline(&main, &child, &CloneFilter::all())
+        .unwrap();
+    d.sync_timeline(&child).unwrap();
+    let seg = d.data_dir(&child).join(name);
+    let open_rw = || OpenOptions::new().read(true).write(true).open(&seg);
+
+    let ro = fs::File::open(&seg).unwrap();
+    let e = open_rw().map(|_| ()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+    // Read-only opens still work, before and after the refused one, and read the file.
+    let ro2 = fs::File::open(&seg).unwrap();
+    for f in [&ro, &ro2] {
+        let mut buf = vec![0u8; 65536];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf == vec![1u8; 65536]);
+    }
+    drop((ro, ro2));
+
+    let rw = open_rw().unwrap();
+    rw.write_all_at(&[7u8; 100], 10_000).unwrap();
+    rw.sync_data().unwrap();
+    let ro = fs::File::open(&seg).unwrap();
+    let mut seen = vec![0u8; 100];
+    ro.read_exact_at(&mut seen, 10_000).unwrap();
+    assert_eq!(seen, [7u8; 100], "a read-only open sees the branch's write");
+    drop((ro, rw));
+    assert!(
+        read(&data.join(name)) == vec![1u8; 65536],
+        "the parent's WAL file changed"
+    );
+    let root = fx.root();
+    fx.finish();
+    assert!(mounts_under(&root).unwrap().is_empty());
+}
