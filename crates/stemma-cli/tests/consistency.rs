@@ -81,10 +81,23 @@ fn assert_pgbench_consistent(env: &Env, branch: &str) {
     );
 }
 
+/// Branches of a parent under pgbench, each one recovered from the parent's WAL like after a
+/// crash (no checkpoint before the branch point).
 #[test]
 fn branching_a_parent_under_pgbench_is_consistent() {
+    branching_under_pgbench("0");
+}
+
+/// The same with a checkpoint of the parent before every branch point (the daemon's shortcut
+/// for a parent far from its last checkpoint, here forced by a 1 MB limit).
+#[test]
+fn branching_a_parent_under_pgbench_after_a_checkpoint_of_it_is_consistent() {
+    branching_under_pgbench("1MB");
+}
+
+fn branching_under_pgbench(checkpoint_before_branch: &str) {
     let env = Env::new();
-    env.up();
+    env.up_with(&["--checkpoint-before-branch", checkpoint_before_branch]);
     let main = env.connection_string("main");
     pgbench_init(&main, "5");
 
@@ -103,7 +116,12 @@ fn branching_a_parent_under_pgbench_is_consistent() {
         || env.sql("main", "select count(*) from pgbench_history") != "0",
     );
 
+    let redo = || env.sql("main", "select redo_lsn from pg_control_checkpoint()");
+    let redo_before = redo();
     env.ok(&["branch", "create", "snap-1", "--parent", "main"]);
+    if env.uses_pagestore() && checkpoint_before_branch != "0" {
+        assert_ne!(redo(), redo_before, "no checkpoint before the branch point");
+    }
     env.ok(&["branch", "create", "snap-2", "--parent", "main"]);
     // The parent kept working while it was cloned.
     let before = env.sql("main", "select count(*) from pgbench_history");
