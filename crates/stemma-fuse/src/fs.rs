@@ -320,10 +320,11 @@ impl TimelineFs {
                 // A read-only open while another open lasts reads the file that one has: the
                 // same bytes (nothing can have written the inode through another file).
                 Some(id) if !write => Some(id),
-                // A write open of a file still open read-only on its ancestor's object, which
-                // the branch must not write (PostgreSQL never writes a finished segment).
+                // A write open of a file whose open handles use another object (read-only,
+                // its ancestor's, which the branch must not write; PostgreSQL never writes a
+                // finished segment): the kernel would refuse the second backing file.
                 Some(_) => {
-                    tracing::warn!(timeline = %self.tl, ino, "a write open of a WAL file open read-only on its ancestor's object: refused until that open is closed");
+                    tracing::warn!(timeline = %self.tl, ino, "a write open of an external file that is open on another object (its ancestor's): refused until those opens are closed");
                     return Err(Errno::ETXTBSY);
                 }
                 None => None,
