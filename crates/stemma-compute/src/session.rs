@@ -38,8 +38,8 @@ impl Session {
                 .await
                 .map_err(|source| ComputeError::Postgres {
                     context: format!(
-                        "connecting to the compute on port {} for {purpose}",
-                        target.port
+                        "connecting to the compute on port {} as {} ({purpose})",
+                        target.port, target.user
                     ),
                     source,
                 })?;
