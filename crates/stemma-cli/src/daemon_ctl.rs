@@ -67,7 +67,7 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Result<Config> {
     cfg.proxy_listen = args.proxy_listen;
     cfg.suspend_timeout = args.suspend_timeout;
     cfg.max_computes = args.max_computes.max(1);
-    cfg.checkpoint_before_branch = args.checkpoint_before_branch;
+    cfg.checkpoint_before_branch = args.checkpoint_before_branch.0;
     if let Some(path) = config_file(args) {
         cfg.project = stemma_control::ProjectConfig::load(&path)?;
     }

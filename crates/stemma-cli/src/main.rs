@@ -79,8 +79,8 @@ struct ServeArgs {
     /// Checkpoint a running parent before branching it when it has written more WAL than this
     /// since its last checkpoint (PostgreSQL units: 64MB, 1GB), so that the new branch has
     /// little WAL to replay when it starts; `branch create` waits for the checkpoint. 0 never.
-    #[arg(long, default_value = "64MB", value_parser = parse_size_arg)]
-    checkpoint_before_branch: u64,
+    #[arg(long, default_value_t = stemma_control::names::Size(stemma_control::DEFAULT_CHECKPOINT_BEFORE_BRANCH))]
+    checkpoint_before_branch: stemma_control::names::Size,
     /// A TLS certificate chain (PEM) for the proxy; with --tls-key, clients may use TLS, and on
     /// the shared port the first label of the server name chooses the branch.
     #[arg(long, requires = "tls_key")]
@@ -307,10 +307,6 @@ enum BranchCommand {
 fn read_rules(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path)
         .with_context(|| format!("reading the masking rules {}", path.display()))
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    stemma_control::names::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {

@@ -619,10 +619,8 @@ impl Engine {
         // The files alone can say "far under the limit" without a session (the idle case).
         let dir = self.storage.data_dir(&parent_tl);
         let bound = blocking(move || Ok(stemma_compute::replay_bound(&dir).ok().flatten())).await;
-        if let Ok(Some(bound)) = bound {
-            if bound <= limit {
-                return;
-            }
+        if matches!(bound, Ok(Some(bound)) if bound <= limit) {
+            return;
         }
         let spec = match self.compute_spec(parent) {
             Ok(spec) => spec,

@@ -82,9 +82,48 @@ pub fn parse_size(s: &str) -> Result<u64, ControlError> {
         })
 }
 
+/// A size in bytes that reads and prints as PostgreSQL writes sizes ([`parse_size`]; printed
+/// in the largest unit that divides it), e.g. for command-line options and their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, ControlError> {
+        parse_size(s).map(Size)
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        let unit = [(40, "TB"), (30, "GB"), (20, "MB"), (10, "kB")]
+            .into_iter()
+            .find(|(shift, _)| n != 0 && n.is_multiple_of(1u64 << shift));
+        match unit {
+            Some((shift, unit)) => write!(f, "{}{unit}", n >> shift),
+            None => write!(f, "{n}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_print_as_they_read() {
+        for (bytes, text) in [
+            (0, "0"),
+            (4097, "4097"),
+            (512 << 10, "512kB"),
+            (64 << 20, "64MB"),
+            (3 << 30, "3GB"),
+        ] {
+            assert_eq!(Size(bytes).to_string(), text);
+            assert_eq!(text.parse::<Size>().ok(), Some(Size(bytes)));
+        }
+    }
 
     #[test]
     fn sizes_read_as_postgresql_writes_them() {
