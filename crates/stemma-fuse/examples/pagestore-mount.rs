@@ -9,7 +9,8 @@
 //! waits. Tuning for experiments, from the environment: `STEMMA_FUSE_THREADS`,
 //! `STEMMA_FUSE_WRITEBACK` (0/1), `STEMMA_FUSE_CLONE_FD` (0/1), `STEMMA_FUSE_MAX_BACKGROUND`,
 //! `STEMMA_FUSE_DIRECT_DIR` (empty: none), `STEMMA_FUSE_NICE` (a number; empty: inherit),
-//! `STEMMA_FUSE_EXTERNAL_DIR` (empty: none), `STEMMA_FUSE_PASSTHROUGH` (0/1).
+//! `STEMMA_FUSE_EXTERNAL_DIR` (empty: none), `STEMMA_FUSE_PASSTHROUGH` (0/1),
+//! `STEMMA_FUSE_LIVE` (0: the external directory on a FUSE mount of its own, not live).
 //!
 //! `SIGUSR2` readies the timeline for a compute, as the daemon does before starting one
 //! (`sync_timeline`: after `initdb`, this mounts `pg_wal` on its own connection).
@@ -73,6 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(n) = env_num::<u8>("STEMMA_FUSE_PASSTHROUGH") {
         options.fuse.passthrough = n != 0;
+    }
+    if let Some(n) = env_num::<u8>("STEMMA_FUSE_LIVE") {
+        options.fuse.live_external_dir = n != 0;
     }
 
     // Block the stop signals before any thread starts, so that they all inherit the mask and

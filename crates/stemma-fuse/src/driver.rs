@@ -494,6 +494,9 @@ impl StorageDriver for PagestoreDriver {
     fn describe(&self) -> String {
         let f = &self.options.fuse;
         let wal = match &f.external_dir {
+            Some(d) if f.live_external_dir => {
+                format!(", {d} a live directory of the host filesystem that the store mirrors")
+            }
             Some(d) if !f.passthrough => format!(", {d} on a mount of its own, through the server"),
             Some(d) => match crate::fs::kernel_passthrough() {
                 Some(false) => format!(

@@ -31,7 +31,18 @@ pub struct MountedTimeline {
     thread: Option<JoinHandle<io::Result<()>>>,
     /// The external directory's own mount on top of this one (see
     /// [`MountedTimeline::mount_external_dir`]); unmounted first.
-    external: Option<Box<MountedTimeline>>,
+    external: Option<ExternalMount>,
+}
+
+/// What is mounted over a timeline's external directory.
+enum ExternalMount {
+    /// A FUSE connection of its own, with passthrough.
+    Fuse(Box<MountedTimeline>),
+    /// The timeline's live directory, bind-mounted (see `PageStore::attach_live_dir`).
+    Live {
+        path: PathBuf,
+        store: Arc<PageStore>,
+    },
 }
 
 /// How an unmount went.
@@ -53,8 +64,9 @@ pub enum Unmounted {
 /// 2.19x native and TPC-B 0.89; the WAL as ordinary pages on the timeline's mount (the
 /// `nowal` variant), `pgbench -i` 1.39x and 1.59x, TPC-B 0.82 and 0.77. The bulk-load goal
 /// (1.5x) decides. `FuseOptions::passthrough = false` keeps the mount, to test that path.
+/// A live directory needs nothing of the kernel's FUSE: always.
 pub(crate) fn external_mount_wanted(options: &FuseOptions, kernel: Option<bool>) -> bool {
-    !options.passthrough || kernel != Some(false)
+    options.live_external_dir || !options.passthrough || kernel != Some(false)
 }
 
 impl MountedTimeline {
@@ -73,7 +85,12 @@ impl MountedTimeline {
             options.threads,
             format!("stemma-pagestore-{tl}"),
         )?;
-        m.mount_external_dir(&store, options)?;
+        // A live directory is attached only before a compute starts (`sync_timeline`): a
+        // branch's fills it with a copy of the segment its point cut, which a branch nobody
+        // starts never needs.
+        if !options.live_external_dir {
+            m.mount_external_dir(&store, options)?;
+        }
         Ok(m)
     }
 
@@ -101,11 +118,39 @@ impl MountedTimeline {
             Err(e) if e.errno() == libc::ENOENT => return Ok(false),
             Err(e) => return Err(io::Error::other(format!("looking up {name}: {e}"))),
         };
-        let fs = TimelineFs::external_dir(store.clone(), self.timeline, dir, options.clone());
         let path = self.path.join(name);
         let tl = self.timeline;
+        if options.live_external_dir {
+            let live = store
+                .attach_live_dir(tl, dir)
+                .map_err(|e| io::Error::other(format!("making {name} live: {e}")))?;
+            if let Err(e) = nix::mount::mount(
+                Some(&live),
+                &path,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            ) {
+                let _ = store.detach_live_dir(tl);
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!(
+                        "bind-mounting live directory {} at {}: {e}",
+                        live.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            tracing::info!(timeline = %tl, path = %path.display(), live = %live.display(), "live directory mounted");
+            self.external = Some(ExternalMount::Live {
+                path,
+                store: store.clone(),
+            });
+            return Ok(true);
+        }
+        let fs = TimelineFs::external_dir(store.clone(), self.timeline, dir, options.clone());
         let m = Self::mount_fs(fs, tl, &path, 2, format!("stemma-pagestore-{tl}-{name}"))?;
-        self.external = Some(Box::new(m));
+        self.external = Some(ExternalMount::Fuse(Box::new(m)));
         Ok(true)
     }
 
@@ -166,13 +211,28 @@ impl MountedTimeline {
     }
 
     fn unmount_inner(&mut self) -> io::Result<Unmounted> {
-        if let Some(mut inner) = self.external.take() {
-            // Busy (a compute still holds WAL files open): detached, as the outer one will be.
-            if let Err(e) = inner.unmount_inner() {
-                tracing::error!(path = %inner.path.display(), error = %e, "unmount failed");
-                self.external = Some(inner);
-                return Err(e);
+        match self.external.take() {
+            Some(ExternalMount::Fuse(mut inner)) => {
+                // Busy (a compute still holds WAL files open): detached, as the outer one
+                // will be.
+                if let Err(e) = inner.unmount_inner() {
+                    tracing::error!(path = %inner.path.display(), error = %e, "unmount failed");
+                    self.external = Some(ExternalMount::Fuse(inner));
+                    return Err(e);
+                }
             }
+            Some(ExternalMount::Live { path, store }) => {
+                if let Err(e) = unmount_bind(&path) {
+                    tracing::error!(path = %path.display(), error = %e, "unmount failed");
+                    self.external = Some(ExternalMount::Live { path, store });
+                    return Err(e);
+                }
+                // The last mirror: what the compute wrote since the previous one.
+                if let Err(e) = store.detach_live_dir(self.timeline) {
+                    tracing::error!(timeline = %self.timeline, error = %e, "the last mirror of a live directory failed");
+                }
+            }
+            None => {}
         }
         let Some(thread) = self.thread.take() else {
             return Ok(Unmounted::Clean);
@@ -231,6 +291,26 @@ impl Drop for MountedTimeline {
         if let Err(e) = self.unmount_inner() {
             tracing::error!(path = %self.path.display(), error = %e, "unmount failed");
         }
+    }
+}
+
+/// Unmounts a bind mount; detached instead when busy (files still open under it).
+fn unmount_bind(path: &Path) -> io::Result<()> {
+    match nix::mount::umount2(path, MntFlags::empty()) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => {
+            tracing::warn!(path = %path.display(), "live directory busy: detaching it (lazy unmount)");
+            nix::mount::umount2(path, MntFlags::MNT_DETACH).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("lazy unmount of {}: {e}", path.display()),
+                )
+            })
+        }
+        Err(e) => Err(io::Error::new(
+            io::Error::from(e).kind(),
+            format!("unmount of {}: {e}", path.display()),
+        )),
     }
 }
 
@@ -380,6 +460,11 @@ pub fn clear_stale_mounts(dir: &Path) -> io::Result<usize> {
                 tracing::warn!(path = %m.display(), "detached a stale mount left by an earlier process");
                 n += 1;
             }
+            // A mount on top of a dead FUSE mount (a live directory's bind mount): its path
+            // cannot be resolved any more; detaching the dead mount below takes it along.
+            Err(nix::errno::Errno::ENOTCONN) => {
+                tracing::warn!(path = %m.display(), "a stale mount under a dead one: detached with it");
+            }
             Err(e) => {
                 return Err(io::Error::new(
                     io::Error::from(e).kind(),
@@ -405,13 +490,21 @@ mod tests {
 
     #[test]
     fn the_external_directory_is_mounted_only_where_passthrough_is_or_is_tested() {
+        // A live directory: wherever.
         let on = FuseOptions::default();
         assert!(external_mount_wanted(&on, Some(true)));
-        assert!(!external_mount_wanted(&on, Some(false)));
+        assert!(external_mount_wanted(&on, Some(false)));
         // Not known (no INIT seen): mounted; the mount's own INIT then says how it serves.
         assert!(external_mount_wanted(&on, None));
+        let fuse = FuseOptions {
+            live_external_dir: false,
+            ..FuseOptions::default()
+        };
+        assert!(external_mount_wanted(&fuse, Some(true)));
+        assert!(!external_mount_wanted(&fuse, Some(false)));
         let off = FuseOptions {
             passthrough: false,
+            live_external_dir: false,
             ..FuseOptions::default()
         };
         assert!(external_mount_wanted(&off, Some(false)));

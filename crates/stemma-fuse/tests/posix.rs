@@ -503,10 +503,11 @@ fn synchronous_writes_are_durable_when_they_return() {
     drop((wal, plain));
 }
 
-/// `pg_wal` gets a mount of its own whose new files are external (their writes go to the
-/// store's object inside the kernel): what a branch sees of them is what their last fsync
-/// found, and a moment a second after an fsync holds it even when nothing else is written
-/// (the driver commits the fsyncs' notes within 100 ms).
+/// `pg_wal` is a live directory (the default) whose files are external (the store mirrors
+/// their ends), or a FUSE mount of its own (their writes go to the store's object inside the
+/// kernel): what a branch sees of them is what the store found before the branch's moment,
+/// and a moment a second after an fsync holds it even when nothing else is written (the
+/// driver mirrors, and commits the fsyncs' notes, every 100 ms).
 #[test]
 fn files_of_the_wal_mount_are_versioned_by_their_fsyncs() {
     wal_mount_files_are_versioned_by_their_fsyncs(DriverOptions::default());
@@ -518,6 +519,15 @@ fn files_of_the_wal_mount_are_versioned_by_their_fsyncs() {
 fn files_of_the_wal_mount_are_versioned_by_their_fsyncs_without_passthrough() {
     let mut options = DriverOptions::default();
     options.fuse.passthrough = false;
+    options.fuse.live_external_dir = false;
+    wal_mount_files_are_versioned_by_their_fsyncs(options);
+}
+
+/// The same on a FUSE mount of its own with passthrough (the default is a live directory).
+#[test]
+fn files_of_the_wal_mount_are_versioned_by_their_fsyncs_on_a_fuse_mount() {
+    let mut options = DriverOptions::default();
+    options.fuse.live_external_dir = false;
     wal_mount_files_are_versioned_by_their_fsyncs(options);
 }
 
@@ -569,7 +579,9 @@ fn wal_mount_files_are_versioned_by_their_fsyncs(options: DriverOptions) {
 /// opens go on working, and once they are closed the write open gets a copy of its own.
 #[test]
 fn a_write_open_of_a_shared_wal_file_waits_for_its_read_only_opens() {
-    let fx = Fixture::with_options(None, DriverOptions::default());
+    let mut options = DriverOptions::default();
+    options.fuse.live_external_dir = false;
+    let fx = Fixture::with_options(None, options);
     let d = fx.driver();
     let main = tl("0a");
     let data = d.create_empty(&main).unwrap();

@@ -44,12 +44,22 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated() {
     branch_of_a_running_parent_recovers_and_is_isolated(DriverOptions::default());
 }
 
+/// The same with `pg_wal` on a FUSE mount of its own with passthrough instead of a live
+/// directory.
+#[test]
+fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_on_a_wal_mount() {
+    let mut options = DriverOptions::default();
+    options.fuse.live_external_dir = false;
+    branch_of_a_running_parent_recovers_and_is_isolated(options);
+}
+
 /// The same with the WAL mount's reads and writes through the server (passthrough turned
 /// off; a kernel without passthrough gets the WAL as pages instead, below).
 #[test]
 fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_without_passthrough() {
     let mut options = DriverOptions::default();
     options.fuse.passthrough = false;
+    options.fuse.live_external_dir = false;
     branch_of_a_running_parent_recovers_and_is_isolated(options);
 }
 
@@ -64,6 +74,8 @@ fn postgres_branch_of_a_running_parent_recovers_and_is_isolated_with_the_wal_as_
 
 fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
     let wal_mount = options.fuse.external_dir.is_some();
+    // A live directory is mounted only when a compute is about to start.
+    let live = wal_mount && options.fuse.live_external_dir;
     let fx = Fixture::with_options(Some(postgres_user()), options);
     let d = fx.driver();
     let main = tl("0c");
@@ -124,8 +136,8 @@ fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
     assert!(!cdata.join("postmaster.pid").exists());
     assert_eq!(
         wal_mounted(&cdata),
-        wal_mount,
-        "the branch's pg_wal has its own mount"
+        wal_mount && !live,
+        "the branch's pg_wal has its own mount (a live one: once it starts)"
     );
     let objects = || {
         std::fs::read_dir(fx.root().join("store").join("objects"))
@@ -141,7 +153,9 @@ fn branch_of_a_running_parent_recovers_and_is_isolated(options: DriverOptions) {
     let own = d.usage(&child).unwrap().own_storage_bytes;
     assert!(own < 1 << 20, "unchanged branch costs {own} bytes");
 
-    // The child recovers the crash-consistent image like a crash.
+    // The child recovers the crash-consistent image like a crash (after what the daemon
+    // does before a compute starts).
+    d.sync_timeline(&child).unwrap();
     let childpg = Pg::start(&cdata, &sock_child, &[]);
     assert!(
         childpg

@@ -46,7 +46,7 @@ pub(crate) fn objects_dir(store_dir: &Path) -> PathBuf {
     store_dir.join("objects")
 }
 
-fn object_path(store_dir: &Path, id: u64) -> PathBuf {
+pub(crate) fn object_path(store_dir: &Path, id: u64) -> PathBuf {
     objects_dir(store_dir).join(format!("{id:016x}.obj"))
 }
 
@@ -65,7 +65,7 @@ pub(crate) struct PendingExtent {
 /// The mutations that record an external file's state: its size, where its last written
 /// page starts (`External`) and that page's bytes (a page version of the inode, so that GC,
 /// compaction and checkpoints keep it like any other page).
-fn extent_mutations(
+pub(crate) fn extent_mutations(
     ino: Ino,
     attr: Attr,
     object: u64,
@@ -142,7 +142,7 @@ pub(crate) fn rebuild_objects(st: &mut State) {
 /// file. Its bytes are what a branch will see of that page: PostgreSQL goes on filling the
 /// page its last WAL write ended in (and a concurrent insertion may fill a gap in it), so
 /// only the pages before it are final.
-fn last_written_page(file: &File, from: u64, len: u64, path: &Path) -> Result<Found> {
+pub(crate) fn last_written_page(file: &File, from: u64, len: u64, path: &Path) -> Result<Found> {
     let ps = PAGE_SIZE as u64;
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut at = from / ps * ps;
@@ -192,7 +192,7 @@ impl PageStore {
     }
 
     /// What `tl` sees of `ino`, which must be an external file.
-    fn view_of_external(&self, tl: TimelineId, ino: Ino) -> Result<ExternalView> {
+    pub(crate) fn view_of_external(&self, tl: TimelineId, ino: Ino) -> Result<ExternalView> {
         let st = self.state.read();
         self.external_view(&st, tl, ino)?
             .ok_or_else(|| Error::InvalidArgument(format!("inode {ino} is not external")))
@@ -201,7 +201,7 @@ impl PageStore {
     /// The bytes of the last written page a view's record logged (zeros when there is
     /// none). Looked up only here, not with every view: getattr and the write path make
     /// views too, and they never need it.
-    fn tail_bytes(&self, x: &ExternalView) -> Result<Vec<u8>> {
+    pub(crate) fn tail_bytes(&self, x: &ExternalView) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; PAGE_SIZE];
         let loc = {
             let st = self.state.read();
@@ -618,12 +618,18 @@ impl PageStore {
     /// for the next frame of any kind). A moment is resolved to the frames committed by then,
     /// so a driver calls this often (every 100 ms) for a point in time to hold a WAL fsync
     /// made on an otherwise idle timeline.
+    /// Also mirrors every attached live directory (see `live.rs`), for the same reason.
     pub fn commit_external_notes(&self) -> Result<()> {
-        if !self.has_pending_extents() {
+        let live = self.has_live_dirs();
+        if !self.has_pending_extents() && !live {
             return Ok(());
         }
         let mut st = self.state.write();
-        self.commit_pending_extents(&mut st)
+        self.commit_pending_extents(&mut st)?;
+        if live {
+            self.mirror_all_live(&mut st)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn has_pending_extents(&self) -> bool {
@@ -806,7 +812,13 @@ impl PageStore {
 
 /// Copies the first `end` bytes of `src` into `dst`, then `tail` (the page at `end` as a
 /// branch sees it), sizes `dst` to `size` (zeros after) and makes it durable.
-fn copy_prefix(src: &File, dst: &File, end: u64, tail: &[u8], size: u64) -> std::io::Result<()> {
+pub(crate) fn copy_prefix(
+    src: &File,
+    dst: &File,
+    end: u64,
+    tail: &[u8],
+    size: u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < end {

@@ -53,6 +53,7 @@ mod error;
 mod external;
 mod format;
 mod gc;
+mod live;
 mod log;
 mod maintain;
 mod state;

@@ -153,6 +153,10 @@ pub struct PageStore {
     /// What the last fsync of each external file found (object, end, checksum of the last
     /// page, size): an fsync that finds the same notes nothing.
     pub(crate) last_noted: Mutex<HashMap<(TimelineId, Ino), external::Noted>>,
+    /// Attached live directories, by timeline (see `live.rs`; lock order: `state`, then this).
+    pub(crate) live: Mutex<crate::live::LiveDirs>,
+    /// Whether any live directory was ever attached: commits skip the `live` lock until then.
+    pub(crate) live_attached: AtomicBool,
     _lock: Flock<File>,
 }
 
@@ -571,11 +575,16 @@ impl PageStore {
             pending_extents: Mutex::new(HashMap::new()),
             extent_seq: AtomicU64::new(0),
             last_noted: Mutex::new(HashMap::new()),
+            live: Mutex::new(Default::default()),
+            live_attached: AtomicBool::new(false),
             _lock: lock,
         };
         // Objects no version names: created or copied for a frame a crash cut off, or left
         // by a sweep interrupted before it deleted them.
         store.sweep_objects(u64::MAX)?;
+        // What computes wrote in live directories after the last mirror (see `live.rs`);
+        // first, so that an object a power loss cut short is forked, not just recorded.
+        store.mirror_live_dirs_at_open()?;
         // Ends found by fsyncs whose frames a crash took (they are committed lazily).
         store.record_external_ends()?;
         Ok(store)
@@ -637,6 +646,10 @@ impl PageStore {
         muts: &[Mutation<'_>],
     ) -> Result<Lsn> {
         self.commit_pending_extents(st)?;
+        // The timeline's live directory is mirrored before any frame of it (see `live.rs`).
+        if self.live_attached.load(Ordering::Acquire) {
+            self.mirror_live(st, tl, false)?;
+        }
         self.commit_frame(st, tl, muts)
     }
 
@@ -670,9 +683,15 @@ impl PageStore {
                 e
             })?;
         // A freed inode's buffered pages can never be committed: let their memory go now.
+        // Not waiting for the buffer: this may run inside `commit_buffered`, which holds it
+        // (a live directory's mirror before a frame, `live.rs`); pages missed here are
+        // dropped when their file is next committed (it is gone, and inode numbers are never
+        // used again).
         for m in muts {
             if let Mutation::FreeInode { ino } = m {
-                self.buffer.lock().take(tl, *ino);
+                if let Some(mut b) = self.buffer.try_lock() {
+                    b.take(tl, *ino);
+                }
             }
         }
         let active = st.log.active();
@@ -829,8 +848,12 @@ impl PageStore {
             let mut st = self.state.write();
             timeline(&st, parent)?;
             // A branch at "now" sees every fsync that returned before it, and its id is its
-            // frame's position: the pending frame goes first.
+            // frame's position: the pending frame goes first. So does a mirror of the
+            // parent's live directory: everything its compute wrote before this call.
             self.commit_pending_extents(&mut st)?;
+            if matches!(at, BranchPoint::Now) {
+                self.mirror_live(&mut st, parent, true)?;
+            }
             let now_ns = to_nanos(self.now()).max(st.last_time_ns);
             let horizon_ns = now_ns.saturating_sub(st.time_index.retention_ns);
             let outside = |requested: i64| Error::OutsideRetention {
@@ -911,9 +934,11 @@ impl PageStore {
                     children: t.children,
                 });
             }
+            self.forget_live_dir(tl);
             self.commit(&mut st, tl, &[Mutation::DeleteTimeline])?;
             self.buffer.lock().drop_timeline(tl);
         }
+        self.remove_live_dirs(tl)?;
         self.sync()?;
         tracing::info!(timeline = %tl, "deleted timeline");
         Ok(())
@@ -1598,7 +1623,7 @@ impl PageStore {
         }
     }
 
-    fn touched(&self, mut a: Attr) -> Attr {
+    pub(crate) fn touched(&self, mut a: Attr) -> Attr {
         let now = self.now();
         a.mtime = now;
         a.ctime = now;
@@ -1617,6 +1642,11 @@ impl PageStore {
     ) -> Result<Attr> {
         check_name(name)?;
         let mut st = self.state.write();
+        // The mirror `commit` makes first may take inode numbers: it goes before this one
+        // takes its own.
+        if self.live_attached.load(Ordering::Acquire) {
+            self.mirror_live(&mut st, tl, false)?;
+        }
         let v = View::new(&st, timeline(&st, tl)?);
         let pa = dir_attr(&v, tl, parent)?;
         if v.entry(parent, name).is_some() {
@@ -1752,7 +1782,7 @@ impl PageStore {
 
     /// The change that removes one link of `a`: fewer links, or the inode freed when that was
     /// the last link and nobody holds it open (else [`PageStore::release_handle`] frees it).
-    fn drop_link(&self, st: &State, tl: TimelineId, mut a: Attr) -> Mutation<'static> {
+    pub(crate) fn drop_link(&self, st: &State, tl: TimelineId, mut a: Attr) -> Mutation<'static> {
         a.nlink = a.nlink.saturating_sub(1);
         if a.nlink == 0 && !st.open_counts.contains_key(&(tl, a.ino)) {
             Mutation::FreeInode { ino: a.ino }

@@ -1560,3 +1560,194 @@ fn a_branch_does_not_see_its_parent_fill_the_last_page_after_it() {
     main_now[PAGE_SIZE + 100..PAGE_SIZE + 300].fill(8);
     assert_same(&all(&s, main, wal), &main_now);
 }
+
+/// The host inode of a file.
+fn host_ino(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+}
+
+#[test]
+fn a_live_directory_is_mirrored_before_every_frame_and_branches_see_it_as_of_their_position() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let main = s.create_root(b"main").unwrap();
+    let wal = s
+        .mkdir(main, ROOT_INO, b"pg_wal", 0o700, uid, gid)
+        .unwrap()
+        .ino;
+    let host = s.attach_live_dir(main, wal).unwrap();
+    assert_eq!(s.attach_live_dir(main, wal).unwrap(), host, "idempotent");
+    let seg = 16 * PAGE_SIZE;
+    let ps = PAGE_SIZE as u64;
+    let page = |i: usize| vec![i as u8 + 1; PAGE_SIZE];
+    let name1 = "000000010000000000000001";
+    // PostgreSQL's way: a temporary file of zeros, renamed to the segment's name.
+    std::fs::write(host.join("xlogtemp.7"), vec![0u8; seg]).unwrap();
+    std::fs::rename(host.join("xlogtemp.7"), host.join(name1)).unwrap();
+    let w1 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(host.join(name1))
+        .unwrap();
+    w1.write_all_at(&page(0), 0).unwrap();
+    w1.write_all_at(&page(1), ps).unwrap();
+    // A data file's frame after that WAL: a mirror before it records the WAL.
+    file(&s, main, "data");
+    let with_two = s.last_lsn() + 1;
+    let seg1 = s.lookup(main, wal, name1.as_bytes()).unwrap().ino;
+    assert!(s.is_external(main, seg1).unwrap());
+    assert!(
+        s.lookup(main, wal, b"xlogtemp.7").is_err(),
+        "the rename is mirrored"
+    );
+    w1.write_all_at(&page(2), 2 * ps).unwrap();
+    let two = s.branch(main, BranchPoint::Lsn(with_two), b"two").unwrap();
+    let three = s.branch(main, BranchPoint::Now, b"three").unwrap();
+    let upto = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(page)
+            .chain(std::iter::repeat_n(0, seg - n * PAGE_SIZE))
+            .collect()
+    };
+    assert_same(&all(&s, two, seg1), &upto(2));
+    assert_same(&all(&s, three, seg1), &upto(3));
+    assert_same(&all(&s, main, seg1), &upto(3));
+    assert!(s.lookup(two, ROOT_INO, b"data").is_ok());
+
+    // A branch's live directory: the segment its point cut is a copy of its own, cut there.
+    let h3 = s.attach_live_dir(three, wal).unwrap();
+    assert_ne!(h3, host);
+    assert_ne!(host_ino(&h3.join(name1)), host_ino(&host.join(name1)));
+    assert_same(&std::fs::read(h3.join(name1)).unwrap(), &upto(3));
+    w1.write_all_at(&page(3), 3 * ps).unwrap();
+    s.sync().unwrap();
+    assert_same(&std::fs::read(h3.join(name1)).unwrap(), &upto(3));
+    // Its compute writes its copy; the parent never sees it.
+    let w3 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(h3.join(name1))
+        .unwrap();
+    w3.write_all_at(b"branch", 3 * ps).unwrap();
+    s.write(
+        three,
+        s.lookup(three, ROOT_INO, b"data").unwrap().ino,
+        0,
+        b"x",
+    )
+    .unwrap();
+    s.sync().unwrap();
+    let mut want3 = upto(3);
+    want3[3 * PAGE_SIZE..3 * PAGE_SIZE + 6].copy_from_slice(b"branch");
+    assert_same(&all(&s, three, seg1), &want3);
+    assert_same(&all(&s, main, seg1), &upto(4));
+
+    // The parent fills its first segment and moves on to a second: the first is finished,
+    // and a new branch shares it (a hard link of the same object), copying only the second.
+    for i in 4..16 {
+        w1.write_all_at(&page(i), i as u64 * ps).unwrap();
+    }
+    let name2 = "000000010000000000000002";
+    std::fs::write(host.join(name2), vec![0u8; seg]).unwrap();
+    let w2 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(host.join(name2))
+        .unwrap();
+    w2.write_all_at(&page(9), 0).unwrap();
+    let four = s.branch(main, BranchPoint::Now, b"four").unwrap();
+    let h4 = s.attach_live_dir(four, wal).unwrap();
+    assert_eq!(host_ino(&h4.join(name1)), host_ino(&host.join(name1)));
+    assert_ne!(host_ino(&h4.join(name2)), host_ino(&host.join(name2)));
+    let seg2 = s.lookup(main, wal, name2.as_bytes()).unwrap().ino;
+    let mut want_seg2 = vec![0u8; seg];
+    want_seg2[..PAGE_SIZE].copy_from_slice(&page(9));
+    assert_same(&std::fs::read(h4.join(name2)).unwrap(), &want_seg2);
+    assert_same(&all(&s, four, seg2), &want_seg2);
+
+    // The parent removes its first segment: gone from it, kept by the branches.
+    std::fs::remove_file(host.join(name1)).unwrap();
+    s.commit_external_notes().unwrap();
+    assert!(s.lookup(main, wal, name1.as_bytes()).is_err());
+    assert_same(&all(&s, four, seg1), &upto(16));
+    assert_same(&std::fs::read(h4.join(name1)).unwrap(), &upto(16));
+
+    // A crash of the store: what the compute wrote after the last mirror is found at open.
+    w2.write_all_at(&page(10), ps).unwrap();
+    drop(s);
+    let s = open(d.path());
+    want_seg2[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(&page(10));
+    assert_same(&all(&s, main, seg2), &want_seg2);
+    let after = s.branch(main, BranchPoint::Now, b"after").unwrap();
+    assert_same(&all(&s, after, seg2), &want_seg2);
+    // Attached again, the directory is the same one, not filled again.
+    assert_eq!(s.attach_live_dir(main, wal).unwrap(), host);
+    s.detach_live_dir(main).unwrap();
+
+    // Deleting a timeline deletes its live directory.
+    s.delete_timeline(three).unwrap();
+    assert!(!h3.exists());
+    drop((w1, w2, w3));
+}
+
+#[test]
+fn a_live_file_that_lost_written_pages_is_forked_at_open() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let main = s.create_root(b"main").unwrap();
+    let wal = s
+        .mkdir(main, ROOT_INO, b"pg_wal", 0o700, uid, gid)
+        .unwrap()
+        .ino;
+    let host = s.attach_live_dir(main, wal).unwrap();
+    let name = "000000010000000000000001";
+    let seg = 8 * PAGE_SIZE;
+    let ps = PAGE_SIZE as u64;
+    let page = |i: usize| vec![i as u8 + 1; PAGE_SIZE];
+    std::fs::write(host.join(name), vec![0u8; seg]).unwrap();
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(host.join(name))
+        .unwrap();
+    for i in 0..4 {
+        w.write_all_at(&page(i), i as u64 * ps).unwrap();
+    }
+    file(&s, main, "data");
+    let before = s.last_lsn() + 1;
+    let ino = s.lookup(main, wal, name.as_bytes()).unwrap().ino;
+    let old = host_ino(&host.join(name));
+    drop(s);
+    // A power loss took the last two pages the store had recorded.
+    w.write_all_at(&vec![0u8; 2 * PAGE_SIZE], 2 * ps).unwrap();
+    drop(w);
+    let s = open(d.path());
+    assert_ne!(host_ino(&host.join(name)), old, "forked at open");
+    // The compute writes new WAL over the lost part, in the copy.
+    assert_eq!(s.attach_live_dir(main, wal).unwrap(), host);
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(host.join(name))
+        .unwrap();
+    w.write_all_at(&page(7), 2 * ps).unwrap();
+    s.commit_external_notes().unwrap();
+    let now: Vec<u8> = [page(0), page(1), page(7)]
+        .concat()
+        .into_iter()
+        .chain(std::iter::repeat_n(0, seg - 3 * PAGE_SIZE))
+        .collect();
+    assert_same(&all(&s, main, ino), &now);
+    // The position before the loss keeps the old object: a hole where pages were lost (its
+    // recovery stops there), never the new WAL.
+    let past = s.branch(main, BranchPoint::Lsn(before), b"past").unwrap();
+    let got = all(&s, past, ino);
+    assert_same(&got[..2 * PAGE_SIZE], &[page(0), page(1)].concat());
+    assert!(got[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|b| *b == 0));
+    s.detach_live_dir(main).unwrap();
+}
