@@ -14,7 +14,7 @@
 # VARIANTS compares several pagestore configurations in the same run: space-separated
 # NAME[:VAR=VALUE,...] with the STEMMA_FUSE_* variables of
 # crates/stemma-fuse/examples/pagestore-mount.rs, e.g.
-#   VARIANTS="pagestore nodirect:STEMMA_FUSE_DIRECT_DIR="
+#   VARIANTS="pagestore walmount:STEMMA_FUSE_LIVE=0" (pg_wal on a FUSE mount, not live)
 # (default: "pagestore", the driver's defaults). Ratios are printed for each variant.
 # BIN=PATH among a variant's settings runs that variant with another build of the mount helper
 # (e.g. a copy built from the base commit), to compare engine versions in the same run;
@@ -147,7 +147,11 @@ for t in "${TARGETS[@]}"; do
     for i in "${!TARGETS[@]}"; do [ "${TARGETS[$i]}" = "$t" ] && kill -USR2 "${MOUNT_PIDS[$((i - 1))]}"; done
     for _ in $(seq 100); do grep -q "ready for a compute\|readying the timeline failed" "$WORK/$t.mount.log" && break; sleep 0.1; done
     grep -q "ready for a compute" "$WORK/$t.mount.log" || { echo "$t: not ready for a compute" >&2; cat "$WORK/$t.mount.log" >&2; exit 1; }
-    grep -q " ${PGDATA[$t]}/pg_wal " /proc/mounts && echo "$t: pg_wal on its own mount (passthrough)" >&2
+    case "$(awk -v m="${PGDATA[$t]}/pg_wal" '$2 == m {print $3}' /proc/mounts)" in
+      fuse*) echo "$t: pg_wal on a FUSE mount of its own (passthrough)" >&2 ;;
+      "") echo "$t: pg_wal on the timeline's mount (pages)" >&2 ;;
+      *) echo "$t: pg_wal a live directory (bind mount)" >&2 ;;
+    esac
     if [ -n "${SCHED[$t]:-}" ]; then
       for i in "${!TARGETS[@]}"; do [ "${TARGETS[$i]}" = "$t" ] && read -r pol prio <<<"${SCHED[$t]}" && chrt -a "$pol" -p "$prio" "${MOUNT_PIDS[$((i - 1))]}"; done
       echo "$t: helper threads scheduled with chrt ${SCHED[$t]}" >&2
