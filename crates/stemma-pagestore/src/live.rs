@@ -654,35 +654,7 @@ impl PageStore {
         }
         // The link durable before a frame names it (else `open` sweeps a named object).
         sync_dir(&objects)?;
-        let pa = {
-            let v = View::new(st, timeline(st, tl)?);
-            v.attr(dir)
-                .ok_or_else(|| Error::InvalidArgument(format!("no directory inode {dir}")))?
-        };
-        let mut a = self.new_inode(
-            st,
-            FileKind::Regular,
-            (md.mode() & 0o7777) as u16,
-            md.uid(),
-            md.gid(),
-        );
-        a.size = md.len();
-        let muts = [
-            Mutation::SetAttr(a),
-            Mutation::DirEntry {
-                dir,
-                name,
-                child: Some(a.ino),
-            },
-            Mutation::SetAttr(self.touched(pa)),
-            Mutation::External {
-                ino: a.ino,
-                object: id,
-                end: 0,
-            },
-        ];
-        self.commit_frame(st, tl, &muts)?;
-        Ok(Some(a.ino))
+        self.live_add(st, tl, dir, name, md, Some(id)).map(Some)
     }
 
     fn live_mkdir(
@@ -693,19 +665,35 @@ impl PageStore {
         name: &[u8],
         md: &Metadata,
     ) -> Result<Ino> {
+        self.live_add(st, tl, dir, name, md, None)
+    }
+
+    /// A frame naming a new inode `dir/name` with the host's mode and owner: a file whose
+    /// bytes are `object`, or a directory.
+    fn live_add(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        dir: Ino,
+        name: &[u8],
+        md: &Metadata,
+        object: Option<u64>,
+    ) -> Result<Ino> {
         let pa = {
             let v = View::new(st, timeline(st, tl)?);
             v.attr(dir)
                 .ok_or_else(|| Error::InvalidArgument(format!("no directory inode {dir}")))?
         };
-        let a = self.new_inode(
-            st,
-            FileKind::Directory,
-            (md.mode() & 0o7777) as u16,
-            md.uid(),
-            md.gid(),
-        );
-        let muts = [
+        let kind = if object.is_some() {
+            FileKind::Regular
+        } else {
+            FileKind::Directory
+        };
+        let mut a = self.new_inode(st, kind, (md.mode() & 0o7777) as u16, md.uid(), md.gid());
+        if object.is_some() {
+            a.size = md.len();
+        }
+        let mut muts = vec![
             Mutation::SetAttr(a),
             Mutation::DirEntry {
                 dir,
@@ -714,6 +702,13 @@ impl PageStore {
             },
             Mutation::SetAttr(self.touched(pa)),
         ];
+        if let Some(object) = object {
+            muts.push(Mutation::External {
+                ino: a.ino,
+                object,
+                end: 0,
+            });
+        }
         self.commit_frame(st, tl, &muts)?;
         Ok(a.ino)
     }

@@ -1561,14 +1561,15 @@ fn a_branch_does_not_see_its_parent_fill_the_last_page_after_it() {
     assert_same(&all(&s, main, wal), &main_now);
 }
 
-/// The host inode of a file.
-fn host_ino(p: &Path) -> u64 {
-    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
-}
-
-#[test]
-fn a_live_directory_is_mirrored_before_every_frame_and_branches_see_it_as_of_their_position() {
-    use std::os::unix::fs::FileExt;
+/// A store with a timeline whose `pg_wal` is an attached live directory: (its directory,
+/// the store, the timeline, `pg_wal`'s inode, the host directory).
+fn live_fixture() -> (
+    tempfile::TempDir,
+    PageStore,
+    TimelineId,
+    Ino,
+    std::path::PathBuf,
+) {
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path());
     let (uid, gid) = (
@@ -1581,6 +1582,18 @@ fn a_live_directory_is_mirrored_before_every_frame_and_branches_see_it_as_of_the
         .unwrap()
         .ino;
     let host = s.attach_live_dir(main, wal).unwrap();
+    (d, s, main, wal, host)
+}
+
+/// The host inode of a file.
+fn host_ino(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+}
+
+#[test]
+fn a_live_directory_is_mirrored_before_every_frame_and_branches_see_it_as_of_their_position() {
+    use std::os::unix::fs::FileExt;
+    let (d, s, main, wal, host) = live_fixture();
     assert_eq!(s.attach_live_dir(main, wal).unwrap(), host, "idempotent");
     let seg = 16 * PAGE_SIZE;
     let ps = PAGE_SIZE as u64;
@@ -1695,18 +1708,7 @@ fn a_live_directory_is_mirrored_before_every_frame_and_branches_see_it_as_of_the
 #[test]
 fn a_live_file_that_lost_written_pages_is_forked_at_open() {
     use std::os::unix::fs::FileExt;
-    let d = tempfile::tempdir().unwrap();
-    let s = open(d.path());
-    let (uid, gid) = (
-        nix::unistd::getuid().as_raw(),
-        nix::unistd::getgid().as_raw(),
-    );
-    let main = s.create_root(b"main").unwrap();
-    let wal = s
-        .mkdir(main, ROOT_INO, b"pg_wal", 0o700, uid, gid)
-        .unwrap()
-        .ino;
-    let host = s.attach_live_dir(main, wal).unwrap();
+    let (d, s, main, wal, host) = live_fixture();
     let name = "000000010000000000000001";
     let seg = 8 * PAGE_SIZE;
     let ps = PAGE_SIZE as u64;
