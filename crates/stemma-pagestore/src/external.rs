@@ -142,29 +142,59 @@ pub(crate) fn rebuild_objects(st: &mut State) {
 /// file. Its bytes are what a branch will see of that page: PostgreSQL goes on filling the
 /// page its last WAL write ended in (and a concurrent insertion may fill a gap in it), so
 /// only the pages before it are final.
+///
+/// The written part is a run of non-zero pages followed by zeros (the discipline above), so
+/// the first zero page is found by galloping (1, 2, 4... pages on) and then halving: a few
+/// reads however much was written since `from`. A page-by-page scan read the whole WAL of a
+/// bulk load once, under the state lock, in the live directories' mirror: 12.5% of the
+/// helper's samples during `pgbench -i` (`perf`, scale 50).
 pub(crate) fn last_written_page(file: &File, from: u64, len: u64, path: &Path) -> Result<Found> {
     let ps = PAGE_SIZE as u64;
+    let pages = len.div_ceil(ps);
+    let first = from / ps;
     let mut buf = vec![0u8; PAGE_SIZE];
-    let mut at = from / ps * ps;
-    let mut found = Found {
-        end: at,
-        tail: None,
-    };
-    while at < len {
+    // Reads page `i` into `buf`; whether it has a non-zero byte.
+    let written = |i: u64, buf: &mut Vec<u8>| -> Result<bool> {
+        let at = i * ps;
         let n = ps.min(len - at) as usize;
         buf.fill(0);
         file.read_exact_at(&mut buf[..n], at)
             .map_err(Error::io("reading an external file's end", path))?;
-        if buf.iter().all(|b| *b == 0) {
+        Ok(buf.iter().any(|b| *b != 0))
+    };
+    if first >= pages || !written(first, &mut buf)? {
+        return Ok(Found {
+            end: first * ps,
+            tail: None,
+        });
+    }
+    // `lo` is written (its bytes in `tail`); every page from `hi` on is not (or past the end).
+    let mut tail = buf.clone();
+    let (mut lo, mut hi) = (first, pages);
+    let mut step = 1;
+    while lo + step < hi {
+        if written(lo + step, &mut buf)? {
+            lo += step;
+            tail.copy_from_slice(&buf);
+            step *= 2;
+        } else {
+            hi = lo + step;
             break;
         }
-        found = Found {
-            end: at,
-            tail: Some(buf.clone()),
-        };
-        at += n as u64;
     }
-    Ok(found)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if written(mid, &mut buf)? {
+            lo = mid;
+            tail.copy_from_slice(&buf);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Found {
+        end: lo * ps,
+        tail: Some(tail),
+    })
 }
 
 impl PageStore {
@@ -836,4 +866,45 @@ pub(crate) fn copy_prefix(
     }
     dst.set_len(size)?;
     dst.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The search finds what a page-by-page scan finds, for every written length (also not
+    /// page-aligned, and a file ending in a partial page) and every starting page before it.
+    #[test]
+    fn the_last_written_page_is_found_wherever_the_search_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("f");
+        let ps = PAGE_SIZE as u64;
+        for len in [0, 1, ps, 3 * ps + 100, 37 * ps] {
+            for written in (0..=len).step_by(997).chain([len]) {
+                let mut data = vec![0u8; len as usize];
+                for (i, b) in data[..written as usize].iter_mut().enumerate() {
+                    *b = (i % 251) as u8 + 1;
+                }
+                std::fs::write(&path, &data).unwrap();
+                let f = File::open(&path).unwrap();
+                let last = written.checked_sub(1).map(|b| b / ps * ps);
+                for from in (0..=last.unwrap_or(0)).step_by(PAGE_SIZE) {
+                    let got = last_written_page(&f, from, len, &path).unwrap();
+                    match last {
+                        Some(l) => {
+                            assert_eq!(got.end, l, "len {len} written {written} from {from}");
+                            let n = (len - l).min(ps) as usize;
+                            let mut want = vec![0u8; PAGE_SIZE];
+                            want[..n].copy_from_slice(&data[l as usize..l as usize + n]);
+                            assert_eq!(got.tail.as_deref(), Some(&want[..]));
+                        }
+                        None => {
+                            assert_eq!(got.end, 0);
+                            assert!(got.tail.is_none());
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
