@@ -316,16 +316,8 @@ impl PageStore {
     /// last mirror the store made), forking objects a power loss cut short, and removes those
     /// of timelines that are gone.
     pub(crate) fn mirror_live_dirs_at_open(&self) -> Result<()> {
-        let root = live_root(&self.dir);
-        let entries = match std::fs::read_dir(&root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io("listing live directories", &root)(e)),
-        };
-        for e in entries {
-            let e = e.map_err(Error::io("listing live directories", &root))?;
-            let path = e.path();
-            let parsed = parse_live_name(e.file_name().as_bytes());
+        for (path, name) in self.live_dir_entries()? {
+            let parsed = parse_live_name(name.as_bytes());
             let alive = parsed.filter(|(tl, dir)| {
                 let st = self.state.read();
                 timeline(&st, *tl)
@@ -347,6 +339,22 @@ impl PageStore {
         Ok(())
     }
 
+    /// The live directories on disk: path and name (none when there is no `live/` yet).
+    fn live_dir_entries(&self) -> Result<Vec<(PathBuf, std::ffi::OsString)>> {
+        let root = live_root(&self.dir);
+        let entries = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("listing live directories", &root)(e)),
+        };
+        entries
+            .map(|e| {
+                let e = e.map_err(Error::io("listing live directories", &root))?;
+                Ok((e.path(), e.file_name()))
+            })
+            .collect()
+    }
+
     /// Stops watching `tl`'s live directory without a last mirror (it is being deleted).
     pub(crate) fn forget_live_dir(&self, tl: TimelineId) {
         self.live.lock().remove(tl);
@@ -354,18 +362,9 @@ impl PageStore {
 
     /// Removes `tl`'s live directories (the timeline is being deleted).
     pub(crate) fn remove_live_dirs(&self, tl: TimelineId) -> Result<()> {
-        self.live.lock().remove(tl);
-        let root = live_root(&self.dir);
         let prefix = format!("{:016x}-", tl.0);
-        let entries = match std::fs::read_dir(&root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io("listing live directories", &root)(e)),
-        };
-        for e in entries {
-            let e = e.map_err(Error::io("listing live directories", &root))?;
-            if e.file_name().as_bytes().starts_with(prefix.as_bytes()) {
-                let path = e.path();
+        for (path, name) in self.live_dir_entries()? {
+            if name.as_bytes().starts_with(prefix.as_bytes()) {
                 std::fs::remove_dir_all(&path)
                     .map_err(Error::io("removing a live directory", &path))?;
             }
