@@ -653,6 +653,19 @@ impl PageStore {
         self.commit_frame(st, tl, muts)
     }
 
+    /// `commit` for a caller that mirrored `tl`'s live directory itself, under this same hold
+    /// of the state lock, and chose the frame's contents after that mirror (`add_inode`: a
+    /// mirror between would change the directory it checked).
+    fn commit_mirrored(
+        &self,
+        st: &mut State,
+        tl: TimelineId,
+        muts: &[Mutation<'_>],
+    ) -> Result<Lsn> {
+        self.commit_pending_extents(st)?;
+        self.commit_frame(st, tl, muts)
+    }
+
     /// Appends one frame, without the pending extents first (`commit` is the way in).
     pub(crate) fn commit_frame(
         &self,
@@ -1600,17 +1613,21 @@ impl PageStore {
 
     // ---- changing directories ----
 
+    /// The attributes of a new inode, its number taken now: whatever commits a frame before
+    /// the caller's (a live directory's mirror, in `commit`) cannot take the same one.
     pub(crate) fn new_inode(
         &self,
-        st: &State,
+        st: &mut State,
         kind: FileKind,
         perm: u16,
         uid: u32,
         gid: u32,
     ) -> Attr {
         let now = self.now();
+        let ino = st.next_ino;
+        st.next_ino += 1;
         Attr {
-            ino: st.next_ino,
+            ino,
             kind,
             perm,
             uid,
@@ -1636,14 +1653,14 @@ impl PageStore {
         tl: TimelineId,
         parent: Ino,
         name: &[u8],
-        mut attr_fn: impl FnMut(&State) -> Attr,
+        mut attr_fn: impl FnMut(&mut State) -> Attr,
         target: Option<&[u8]>,
         object: Option<u64>,
     ) -> Result<Attr> {
         check_name(name)?;
         let mut st = self.state.write();
-        // The mirror `commit` makes first may take inode numbers: it goes before this one
-        // takes its own.
+        // The mirror `commit` would make may add names and inodes: it goes before the checks
+        // and the choice of a number, and not again between them and the frame.
         if self.live_attached.load(Ordering::Acquire) {
             self.mirror_live(&mut st, tl, false)?;
         }
@@ -1655,7 +1672,7 @@ impl PageStore {
                 what: format!("{:?} in directory inode {parent}", name_str(name)),
             });
         }
-        let a = attr_fn(&st);
+        let a = attr_fn(&mut st);
         let mut muts = vec![
             Mutation::SetAttr(a),
             Mutation::DirEntry {
@@ -1675,7 +1692,7 @@ impl PageStore {
                 end: 0,
             });
         }
-        self.commit(&mut st, tl, &muts)?;
+        self.commit_mirrored(&mut st, tl, &muts)?;
         Ok(a)
     }
 

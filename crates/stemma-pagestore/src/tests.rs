@@ -1753,3 +1753,31 @@ fn a_live_file_that_lost_written_pages_is_forked_at_open() {
     assert!(got[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|b| *b == 0));
     s.detach_live_dir(main).unwrap();
 }
+
+#[test]
+fn a_file_created_while_the_compute_adds_a_wal_segment_gets_a_number_of_its_own() {
+    let (_d, s, main, wal, host) = live_fixture();
+    let name = "000000010000000000000001";
+    // The compute creates a segment after the mirror `add_inode` makes first, before the
+    // frame of the new file is committed (it writes to the host filesystem, not waiting for
+    // the store's lock): the mirror before that frame must not give it the same number.
+    let a = s
+        .add_inode(
+            main,
+            ROOT_INO,
+            b"postmaster.pid",
+            |st| {
+                std::fs::write(host.join(name), vec![7u8; PAGE_SIZE]).unwrap();
+                s.new_inode(st, FileKind::Regular, 0o600, 1, 1)
+            },
+            None,
+            None,
+        )
+        .unwrap();
+    s.write(main, a.ino, 0, b"4242\n").unwrap();
+    s.sync().unwrap();
+    let seg = s.lookup(main, wal, name.as_bytes()).unwrap().ino;
+    assert_ne!(seg, a.ino, "two files with one inode number");
+    assert_eq!(all(&s, main, a.ino), b"4242\n");
+    assert_eq!(all(&s, main, seg), vec![7u8; PAGE_SIZE]);
+}
