@@ -112,6 +112,8 @@ pub struct PageStore {
     pub(crate) dir: PathBuf,
     pub(crate) config: Config,
     pub(crate) state: RwLock<State>,
+    /// The last position replayed at open.
+    recovered_lsn: Lsn,
     /// Held while an fsync runs, so that callers queue behind it and then find their changes
     /// already durable.
     sync_serial: Mutex<()>,
@@ -551,7 +553,9 @@ impl PageStore {
         let st_active_file = st.log.active().file.clone();
         let st_active_path = st.log.active().path.clone();
         let log_syncs = st.log.syncs.clone();
+        let recovered_lsn = st.next_lsn - 1;
         let store = PageStore {
+            recovered_lsn,
             dir: dir.to_path_buf(),
             config,
             state: RwLock::new(st),
@@ -593,6 +597,12 @@ impl PageStore {
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The position the log was recovered to when the store was opened, before the frames
+    /// `open` itself commits (what computes wrote in live directories meanwhile).
+    pub fn recovered_lsn(&self) -> Lsn {
+        self.recovered_lsn
     }
 
     /// The position of the last committed change (0 when there is none).
