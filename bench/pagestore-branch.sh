@@ -158,8 +158,11 @@ for scale in "${scales[@]}"; do
     kill "$writer" 2>/dev/null; wait "$writer" 2>/dev/null || true
     writer=""
     # The parent idle after its writes: its next timed checkpoint (checkpoint_timeout) leaves
-    # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it.
+    # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it. `sync`:
+    # the idle trials start with nothing of the busy phase still queued for the disk (as
+    # bench/pagestore-pgbench.sh does before each measurement).
     "$pgbin/psql" -X -q -c checkpoint "$conn"
+    sync
     for i in $(seq "$reps"); do trial "$root-i$i" idle; done
     b50=$(printf '%s\n' "${busy_creates[@]}" | pct 0.5)
     b90=$(printf '%s\n' "${busy_creates[@]}" | pct 0.9)
