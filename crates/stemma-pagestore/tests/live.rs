@@ -27,7 +27,7 @@ use stemma_pagestore::{
 };
 
 mod common;
-use common::power_cut;
+use common::{cases, power_cut};
 
 /// Small segments, so that cases fill several.
 const SEG: usize = 3 * PAGE_SIZE;
@@ -447,13 +447,6 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         "data files after a last reopen"
     );
     check_branch(&s, BranchPoint::Now, &seen, &seen.wal, true)
-}
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
 }
 
 proptest! {

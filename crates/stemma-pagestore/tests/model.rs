@@ -30,7 +30,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proptest::prelude::*;
 
 mod common;
-use common::power_cut;
+use common::{cases, power_cut};
 use stemma_pagestore::{
     BranchPoint, Clock, Config, FileKind, MaintenanceStep, PageStore, SetAttr, TimelineId, ROOT_INO,
 };
@@ -947,13 +947,6 @@ fn run(ops: Vec<Op>, compact_below: f64) -> Result<(), TestCaseError> {
     drop(st);
     let st = PageStore::open(dir.path(), config(&clock, compact_below)).unwrap();
     check_all(&st, &m)
-}
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
 }
 
 proptest! {

@@ -2,6 +2,14 @@
 
 use std::path::Path;
 
+/// Cases per proptest run: `PROPTEST_CASES` (longer runs), 48 by default (CI).
+pub fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
 /// Simulates a power loss after dropping the store: everything after the durable mark may be
 /// lost, so cut the last segment somewhere in its unsynced tail, maybe leaving torn garbage.
 pub fn power_cut(dir: &Path, mark: stemma_pagestore::DurableMark, cut: u16, junk: bool) {
