@@ -10,7 +10,7 @@
 # Settings (environment): REPS (3), SCALE (20), CLIENTS (4), JOBS (2), DURATION (30 s per
 # pgbench run), PG_BIN, BENCH_DIR (a directory on the host filesystem, default /var/tmp),
 # SKIP_BUILD (use the helper already built), WAL_SYNC_METHOD (fdatasync, the computes'
-# default; both sides use it).
+# default; both sides use it), DROP_CACHES (1: empty the page cache before each load).
 # VARIANTS compares several pagestore configurations in the same run: space-separated
 # NAME[:VAR=VALUE,...] with the STEMMA_FUSE_* variables of
 # crates/stemma-fuse/examples/pagestore-mount.rs, e.g.
@@ -178,8 +178,14 @@ for rep in $(seq "$REPS"); do
   fi
   for t in "${order[@]}"; do
     # Each measurement starts with nothing of an earlier one still queued for the disk (the
-    # previous target's writeback would otherwise slow whichever target comes next).
+    # previous target's writeback would otherwise slow whichever target comes next), and each
+    # load with the page cache emptied: on this VM a page of memory the guest has not used
+    # yet costs the hypervisor a fault on first touch, so a load that had to take fresh
+    # memory (the earlier loads' cache holding the recycled pages) ran at a fraction of the
+    # speed, whichever side it was (docs/pagestore.md, "Live directories"). DROP_CACHES=0
+    # keeps the cache.
     sync
+    [ "${DROP_CACHES:-1}" = 0 ] || echo 3 >/proc/sys/vm/drop_caches
     start=$(date +%s.%N)
     if ! pgb "$t" -i -q -s "$SCALE" >"$WORK/init.log" 2>&1; then
       { echo "pgbench -i failed on $t:"; cat "$WORK/init.log"; tail -20 "$WORK/logs/$t.log"; } >&2
