@@ -581,7 +581,7 @@ impl PageStore {
                         if other.is_some() {
                             self.live_remove(st, tl, dir, name)?;
                         }
-                        self.live_mkdir(st, tl, dir, name, md)?
+                        self.live_add(st, tl, dir, name, md, None)?
                     }
                 };
                 self.mirror_names(st, tl, ld, ino, &p, seen)?;
@@ -656,17 +656,6 @@ impl PageStore {
         self.live_add(st, tl, dir, name, md, Some(id)).map(Some)
     }
 
-    fn live_mkdir(
-        &self,
-        st: &mut State,
-        tl: TimelineId,
-        dir: Ino,
-        name: &[u8],
-        md: &Metadata,
-    ) -> Result<Ino> {
-        self.live_add(st, tl, dir, name, md, None)
-    }
-
     /// A frame naming a new inode `dir/name` with the host's mode and owner: a file whose
     /// bytes are `object`, or a directory.
     fn live_add(
@@ -692,22 +681,7 @@ impl PageStore {
         if object.is_some() {
             a.size = md.len();
         }
-        let mut muts = vec![
-            Mutation::SetAttr(a),
-            Mutation::DirEntry {
-                dir,
-                name,
-                child: Some(a.ino),
-            },
-            Mutation::SetAttr(self.touched(pa)),
-        ];
-        if let Some(object) = object {
-            muts.push(Mutation::External {
-                ino: a.ino,
-                object,
-                end: 0,
-            });
-        }
+        let muts = self.new_inode_frame(a, pa, name, None, object);
         self.commit_frame(st, tl, &muts)?;
         Ok(a.ino)
     }

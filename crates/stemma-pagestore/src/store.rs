@@ -1683,10 +1683,25 @@ impl PageStore {
             });
         }
         let a = attr_fn(&mut st);
+        let muts = self.new_inode_frame(a, pa, name, target, object);
+        self.commit_mirrored(&mut st, tl, &muts)?;
+        Ok(a)
+    }
+
+    /// The frame of a new inode `a` named `name` in the directory `pa`: its attributes, the
+    /// entry, the directory's times, and its symlink target or external object.
+    pub(crate) fn new_inode_frame<'a>(
+        &self,
+        a: Attr,
+        pa: Attr,
+        name: &'a [u8],
+        target: Option<&'a [u8]>,
+        object: Option<u64>,
+    ) -> Vec<Mutation<'a>> {
         let mut muts = vec![
             Mutation::SetAttr(a),
             Mutation::DirEntry {
-                dir: parent,
+                dir: pa.ino,
                 name,
                 child: Some(a.ino),
             },
@@ -1702,8 +1717,7 @@ impl PageStore {
                 end: 0,
             });
         }
-        self.commit_mirrored(&mut st, tl, &muts)?;
-        Ok(a)
+        muts
     }
 
     /// Creates an empty regular file; fails if the name exists.
