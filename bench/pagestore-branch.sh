@@ -25,6 +25,9 @@
 # VERBOSE=1 prints each busy trial's redo and end-of-recovery checkpoint times from both logs.
 # Prints medians and p90s per size, and the ratio of the largest size's create median to the
 # smallest's. Everything runs in a temporary data directory that is removed at the end.
+# KEEP_LOGS=DIR copies the daemon's, the pagestore server's and the computes' logs there at the
+# end (the daemon's "branch created" and the server's "created branch" lines give each create's
+# parts; STEMMA_LOG sets their level).
 # Needs root and FUSE (the daemon is started with --storage pagestore).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +55,7 @@ cleanup() {
     # native_pid is not set here.
     stop_native
     "$stemma" down >/dev/null 2>&1 || true
+    [ -z "${KEEP_LOGS:-}" ] || cp -r "$STEMMA_DATA_DIR/logs" "$KEEP_LOGS"
     rm -rf "$work"
 }
 trap cleanup EXIT

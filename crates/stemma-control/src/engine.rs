@@ -835,6 +835,7 @@ impl Engine {
     pub async fn create_branch(&self, req: &api::CreateBranchRequest) -> Result<api::Branch> {
         let t_begin = std::time::Instant::now();
         let _op = self.op_lock.lock().await;
+        let op_wait = t_begin.elapsed();
         self.check_new_name(&req.name)?;
         let default_parent = self.default_parent();
         let parent_name = req.parent.as_deref().unwrap_or(&default_parent);
@@ -864,10 +865,12 @@ impl Engine {
         let port = self.allocate_port(&[])?;
 
         // A copy of a standby (a source's root) is promoted in its first start.
+        let t_fork = std::time::Instant::now();
         let tl = match at {
             Some(at) => self.fork_timeline_at(&parent, at, true).await?,
             None => self.fork_timeline(&parent, true).await?,
         };
+        let fork = t_fork.elapsed();
         let promote = self.promotion_pending(tl.as_str());
         let new = NewBranch {
             name: req.name.clone(),
@@ -915,7 +918,16 @@ impl Engine {
         // creating a branch costs what the storage driver's fork costs, which on the
         // pagestore is one record. A compute that cannot start gives that connection a clear
         // error; the branch stays, like any suspended branch.
-        tracing::info!(branch = %row.name, parent = %parent.name, port, start_ms = t_start.elapsed().as_millis() as u64, total_ms = t_begin.elapsed().as_millis() as u64, "branch created");
+        tracing::info!(
+            branch = %row.name,
+            parent = %parent.name,
+            port,
+            op_wait_ms = op_wait.as_millis() as u64,
+            fork_ms = fork.as_millis() as u64,
+            start_ms = t_start.elapsed().as_millis() as u64,
+            total_ms = t_begin.elapsed().as_millis() as u64,
+            "branch created"
+        );
         self.view(&row).await
     }
 

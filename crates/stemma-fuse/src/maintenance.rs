@@ -98,6 +98,7 @@ pub fn log_report(r: &MaintenanceReport) {
         files_compacted = r.files_compacted,
         pages_moved = r.pages_moved,
         longest_lock_ms = r.longest_lock.as_secs_f64() * 1000.0,
+        longest_read_lock_ms = r.longest_read_lock.as_secs_f64() * 1000.0,
         elapsed_ms = r.elapsed.as_millis() as u64,
         "page store maintenance"
     );

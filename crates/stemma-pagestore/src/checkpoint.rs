@@ -277,3 +277,31 @@ pub(crate) fn remove_all_but(dir: &Path, keep: Lsn) -> Result<()> {
 pub(crate) fn file_len(f: &File) -> u64 {
     f.metadata().map_or(0, |m| m.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::state::Loc;
+
+    /// The pages of an inode moved from a `BTreeMap` to a persistent `imbl::OrdMap`; both
+    /// must encode to the same bytes, so that checkpoints written before still load.
+    #[test]
+    fn a_persistent_page_map_encodes_like_the_btree_map_it_replaced() {
+        let mut old: BTreeMap<u64, Vec<(u64, Loc)>> = BTreeMap::new();
+        let mut new: imbl::OrdMap<u64, Vec<(u64, Loc)>> = imbl::OrdMap::new();
+        for page in (0..5000u64).rev().step_by(3) {
+            let v = vec![
+                (page * 7, Loc::Zero),
+                (page * 7 + 1, Loc::Data { file: 3, off: page }),
+            ];
+            old.insert(page, v.clone());
+            new.insert(page, v);
+        }
+        let a = postcard::to_allocvec(&old).expect("encode");
+        let b = postcard::to_allocvec(&new).expect("encode");
+        assert_eq!(a, b);
+        let back: imbl::OrdMap<u64, Vec<(u64, Loc)>> = postcard::from_bytes(&a).expect("decode");
+        assert_eq!(back, new);
+    }
+}

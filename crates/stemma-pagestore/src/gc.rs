@@ -20,6 +20,8 @@
 //! - an inode freed below every read point is unreachable from all of them (every lookup finds
 //!   it freed), so its pages, entries and symlink go too.
 
+use std::sync::Arc;
+
 use crate::state::{InodeIndex, IntMap, Loc, State, Versions, View, PACK_BIT};
 use crate::types::{Ino, Lsn, TimelineId, PAGE_SIZE};
 
@@ -30,25 +32,32 @@ pub(crate) struct GcCounts {
     pub inodes_dropped: u64,
 }
 
-/// Keeps a version when it is the newest below some read point: the last, any at or after the
-/// horizon, and any followed by a point before (or at) the next version. `points` is sorted
-/// and includes the horizon.
+/// Whether version `i` of `v` is the newest below some read point: the last, any at or after
+/// the horizon, and any followed by a point before (or at) the next version. `points` is
+/// sorted and includes the horizon.
+fn keeps<T>(v: &[(Lsn, T)], i: usize, points: &[Lsn], horizon: Lsn) -> bool {
+    let lsn = v[i].0;
+    i + 1 == v.len() || lsn >= horizon || {
+        let next = v[i + 1].0;
+        // The first point above this version: it sees this one if the next is not below it.
+        let j = points.partition_point(|p| *p <= lsn);
+        points.get(j).is_some_and(|p| *p <= next)
+    }
+}
+
+/// Whether [`prune`] would drop anything from `v` (a look that changes nothing, so that GC
+/// touches, and copies out of a shared checkpoint copy, only what it changes).
+fn prunable<T>(v: &[(Lsn, T)], points: &[Lsn], horizon: Lsn) -> bool {
+    (0..v.len()).any(|i| !keeps(v, i, points, horizon))
+}
+
+/// Keeps only the versions [`keeps`] keeps; returns how many went.
 fn prune<T>(v: &mut Versions<T>, points: &[Lsn], horizon: Lsn) -> u64 {
     let n = v.len();
     if n <= 1 {
         return 0;
     }
-    let mut keep = Vec::with_capacity(n);
-    for i in 0..n {
-        let lsn = v[i].0;
-        let k = i + 1 == n || lsn >= horizon || {
-            let next = v[i + 1].0;
-            // The first point above this version: it sees this one if the next is not below it.
-            let j = points.partition_point(|p| *p <= lsn);
-            points.get(j).is_some_and(|p| *p <= next)
-        };
-        keep.push(k);
-    }
+    let keep: Vec<bool> = (0..n).map(|i| keeps(v, i, points, horizon)).collect();
     let before = v.len();
     let mut it = keep.into_iter();
     v.retain(|_| it.next().unwrap_or(true));
@@ -74,7 +83,7 @@ fn drop_leading_empty<T>(
 /// estimate of the frame bytes of each attribute and directory-entry version. Between GCs
 /// `own_bytes` grows by the size of each frame the timeline commits, so it counts versions
 /// GC will drop; here it comes back to what deleting the timeline would give back.
-fn own_bytes(inodes: &IntMap<Ino, InodeIndex>) -> u64 {
+fn own_bytes(inodes: &IntMap<Ino, Arc<InodeIndex>>) -> u64 {
     const ATTR_BYTES: u64 = 64;
     const ENTRY_BYTES: u64 = 24;
     const EXTERNAL_BYTES: u64 = 40;
@@ -130,6 +139,9 @@ impl State {
                     chain: &t.chain[1..],
                 };
                 inodes.retain(|ino, ii| {
+                    // Nothing shares the inode while GC runs (a checkpoint's copy lives only
+                    // inside maintenance, like GC): no copy.
+                    let ii = Arc::make_mut(ii);
                     let (v, gone) = gc_inode(&anc, *ino, ii, &points, horizon, first_point);
                     counts.versions_dropped += v;
                     counts.inodes_dropped += u64::from(gone);
@@ -197,7 +209,7 @@ impl State {
             .timelines
             .get_mut(&tl)
             .and_then(|t| t.inodes.get_mut(&ino))
-            .and_then(|ii| ii.pages.get_mut(&page))
+            .and_then(|ii| Arc::make_mut(ii).pages.get_mut(&page))
         else {
             return false;
         };
@@ -250,15 +262,30 @@ fn gc_inode(
     }
     dropped += prune(&mut ii.external, points, horizon);
     dropped += drop_leading_empty(&mut ii.attrs, Option::is_none, || anc.attr(ino).is_none());
-    ii.pages.retain(|page, v| {
+    // Looked at first, changed only where something goes: a persistent map's `get_mut` copies
+    // the nodes on its path when a checkpoint's copy shares them.
+    let edits: Vec<u64> = ii
+        .pages
+        .iter()
+        .filter(|(_, v)| {
+            prunable(v, points, horizon) || v.first().is_some_and(|(_, l)| *l == Loc::Zero)
+        })
+        .map(|(page, _)| *page)
+        .collect();
+    for page in edits {
+        let Some(v) = ii.pages.get_mut(&page) else {
+            continue;
+        };
         dropped += prune(v, points, horizon);
         dropped += drop_leading_empty(
             v,
             |l| *l == Loc::Zero,
-            || anc.walk_page(anc.chain, ino, *page) == Loc::Zero,
+            || anc.walk_page(anc.chain, ino, page) == Loc::Zero,
         );
-        !v.is_empty()
-    });
+        if v.is_empty() {
+            ii.pages.remove(&page);
+        }
+    }
     ii.entries.retain(|name, v| {
         dropped += prune(v, points, horizon);
         dropped += drop_leading_empty(v, Option::is_none, || anc.entry(ino, name).is_none());

@@ -39,6 +39,8 @@ pub struct GcReport {
     pub index_versions: u64,
     /// How long the state's write lock was held.
     pub lock_held: Duration,
+    /// How long counting the versions left held the read lock.
+    pub read_lock_held: Duration,
 }
 
 /// One data file (log segment or pack) as maintenance found it.
@@ -69,6 +71,9 @@ pub struct MaintenanceReport {
     pub checkpoint: Option<Lsn>,
     /// The longest time one step held the state's write lock.
     pub longest_lock: Duration,
+    /// The longest time one step held the read lock (the walks of the index and the
+    /// checkpoint's copy of it): writers wait that long, and readers behind a waiting writer.
+    pub longest_read_lock: Duration,
     pub elapsed: Duration,
 }
 
@@ -128,7 +133,11 @@ impl PageStore {
         let counts = st.gc(horizon);
         let lock_held = t.elapsed();
         drop(st);
-        let index_versions = self.state.read().index_versions();
+        let (index_versions, read_lock_held) = {
+            let st = self.state.read();
+            let t = Instant::now();
+            (st.index_versions(), t.elapsed())
+        };
         Ok(GcReport {
             orphans_freed,
             horizon,
@@ -136,6 +145,7 @@ impl PageStore {
             inodes_dropped: counts.inodes_dropped,
             index_versions,
             lock_held,
+            read_lock_held,
         })
     }
 
@@ -179,16 +189,19 @@ impl PageStore {
     /// to it, and removes the older ones. Returns its position.
     pub fn checkpoint(&self) -> Result<Lsn> {
         let _m = self.maintenance.lock();
-        self.checkpoint_locked()
+        self.checkpoint_locked().map(|(lsn, _)| lsn)
     }
 
-    fn checkpoint_locked(&self) -> Result<Lsn> {
+    /// [`PageStore::checkpoint`]; also returns how long the copy held the read lock.
+    fn checkpoint_locked(&self) -> Result<(Lsn, Duration)> {
         self.check_writable()?;
         // Copied under the read lock (writers wait, and readers that come after a waiting
         // writer), encoded and written without it.
-        let (snap, appended) = {
+        let (snap, appended, copied) = {
             let st = self.state.read();
-            (checkpoint::snapshot(&st), st.log.appended)
+            let t = Instant::now();
+            let snap = checkpoint::snapshot(&st);
+            (snap, st.log.appended, t.elapsed())
         };
         let (lsn, bytes) = checkpoint::encode(&snap)?;
         let objects_known = snap.next_object;
@@ -199,11 +212,16 @@ impl PageStore {
         checkpoint::write(&dir, lsn, &bytes)?;
         checkpoint::remove_all_but(&dir, lsn)?;
         *self.checkpointed_at.lock() = appended;
-        tracing::info!(lsn, bytes = bytes.len(), "wrote an index checkpoint");
+        tracing::info!(
+            lsn,
+            bytes = bytes.len(),
+            copy_ms = copied.as_secs_f64() * 1000.0,
+            "wrote an index checkpoint"
+        );
         // Only now may objects GC stopped naming go: a restart replays the log from this
         // checkpoint, which names none of them.
         self.sweep_objects(objects_known)?;
-        Ok(lsn)
+        Ok((lsn, copied))
     }
 
     /// Bytes of the store's files: log segments, packs and checkpoints.
@@ -254,6 +272,7 @@ impl PageStore {
         };
         r.gc = self.gc_locked()?;
         r.longest_lock = r.gc.lock_held;
+        r.longest_read_lock = r.gc.read_lock_held;
         if stop == MaintenanceStep::Gc {
             return Ok(r);
         }
@@ -262,7 +281,9 @@ impl PageStore {
         // branch's writes), seal it so that this run can.
         let roll = {
             let st = self.state.read();
+            let t = Instant::now();
             let live = st.live_bytes();
+            r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
             let active = st.log.active();
             let active_live = live.get(&active.no).copied().unwrap_or(0);
             st.log.active_len >= st.log.segment_size / 4
@@ -281,6 +302,7 @@ impl PageStore {
         // points into a sealed file, so the list stays complete until the switch.
         let (victims, mut moves, pack_no) = {
             let st = self.state.read();
+            let t = Instant::now();
             let live = st.live_bytes();
             let mut victims: IntMap<u32, Victim> = IntMap::default();
             let active = st.log.active().no;
@@ -324,6 +346,7 @@ impl PageStore {
                     }
                 });
             }
+            r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
             (victims, moves, st.next_pack)
         };
         r.files_compacted = victims.len();
@@ -377,7 +400,9 @@ impl PageStore {
         let grew = self.state.read().log.appended - *self.checkpointed_at.lock();
         if !victims.is_empty() || r.gc.versions_dropped > 0 || grew >= self.config.checkpoint_every
         {
-            r.checkpoint = Some(self.checkpoint_locked()?);
+            let (lsn, copied) = self.checkpoint_locked()?;
+            r.checkpoint = Some(lsn);
+            r.longest_read_lock = r.longest_read_lock.max(copied);
         }
         if stop == MaintenanceStep::Checkpointed {
             return Ok(r);
@@ -389,7 +414,9 @@ impl PageStore {
         if !victims.is_empty() {
             let still = {
                 let st = self.state.read();
+                let t = Instant::now();
                 let refs = st.referenced_files();
+                r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
                 victims
                     .keys()
                     .copied()
@@ -440,6 +467,7 @@ impl PageStore {
             bytes_after = r.bytes_after,
             checkpoint = r.checkpoint,
             longest_lock_ms = r.longest_lock.as_secs_f64() * 1000.0,
+            longest_read_lock_ms = r.longest_read_lock.as_secs_f64() * 1000.0,
             elapsed_ms = r.elapsed.as_millis() as u64,
             "page store maintenance done"
         );

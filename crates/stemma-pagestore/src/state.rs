@@ -105,7 +105,9 @@ fn push_version<T>(v: &mut Versions<T>, lsn: Lsn, x: T) {
 pub(crate) struct InodeIndex {
     /// `None`: the inode was freed (its last link gone and nobody holds it open).
     pub attrs: Versions<Option<Attr>>,
-    pub pages: BTreeMap<u64, Versions<Loc>>,
+    /// A persistent B-tree: cloning it (for a checkpoint) is O(1), and a write after a clone
+    /// copies only the nodes on its path.
+    pub pages: imbl::OrdMap<u64, Versions<Loc>>,
     pub entries: BTreeMap<Box<[u8]>, Versions<Option<Ino>>>,
     /// A symlink's target never changes, so it has no versions.
     pub symlink: Option<Box<[u8]>>,
@@ -135,7 +137,9 @@ pub(crate) struct Timeline {
     /// changes are visible here (`Lsn::MAX` for the timeline itself).
     pub chain: Vec<(TimelineId, Lsn)>,
     pub children: usize,
-    pub inodes: IntMap<Ino, InodeIndex>,
+    /// Shared with a checkpoint's copy while it is encoded: a change then copies the one
+    /// inode it touches (`Arc::make_mut`), never the whole index.
+    pub inodes: IntMap<Ino, Arc<InodeIndex>>,
     pub own_bytes: u64,
 }
 
@@ -624,6 +628,6 @@ impl State {
             .timelines
             .get_mut(&tl)
             .ok_or_else(|| format!("change to missing timeline {tl}"))?;
-        Ok(t.inodes.entry(ino).or_default())
+        Ok(Arc::make_mut(t.inodes.entry(ino).or_default()))
     }
 }

@@ -381,7 +381,7 @@ impl PageStore {
             }
             for (tl, ino, versions) in snap.externals {
                 if let Some(t) = st.timelines.get_mut(&tl) {
-                    t.inodes.entry(ino).or_default().external = versions;
+                    Arc::make_mut(t.inodes.entry(ino).or_default()).external = versions;
                 }
             }
             external::rebuild_objects(&mut st);
@@ -867,8 +867,10 @@ impl PageStore {
     /// the parent could have left. Durable when it returns.
     pub fn branch(&self, parent: TimelineId, at: BranchPoint, label: &[u8]) -> Result<TimelineId> {
         check_label(label)?;
-        let id = {
+        let t0 = Instant::now();
+        let (id, waited) = {
             let mut st = self.state.write();
+            let waited = t0.elapsed();
             timeline(&st, parent)?;
             // A branch at "now" sees every fsync that returned before it, and its id is its
             // frame's position: the pending frame goes first. So does a mirror of the
@@ -939,10 +941,19 @@ impl PageStore {
                     label,
                 }],
             )?;
-            id
+            (id, waited)
         };
+        let recorded = t0.elapsed();
         self.sync()?;
-        tracing::info!(timeline = %id, %parent, ?at, "created branch");
+        // The parts of its time, for anyone asking why a branch took long: waiting for the
+        // state lock (maintenance's walks hold it), the frame (with the live mirror), the fsync.
+        tracing::info!(
+            timeline = %id, %parent, ?at,
+            lock_wait_us = waited.as_micros() as u64,
+            recorded_us = recorded.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "created branch"
+        );
         Ok(id)
     }
 
