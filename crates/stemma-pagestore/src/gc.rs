@@ -22,8 +22,8 @@
 
 use std::sync::Arc;
 
-use crate::state::{InodeIndex, IntMap, Loc, State, Versions, View, PACK_BIT};
-use crate::types::{Ino, Lsn, TimelineId, PAGE_SIZE};
+use crate::state::{InodeIndex, IntMap, Loc, SharedIndex, State, Versions, View, PACK_BIT};
+use crate::types::{Attr, Ino, Lsn, TimelineId, PAGE_SIZE};
 
 /// What one GC pass dropped from the index.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,119 +79,235 @@ fn drop_leading_empty<T>(
     lead as u64
 }
 
-/// What a timeline's versions still hold after GC: each page version with data, plus an
-/// estimate of the frame bytes of each attribute and directory-entry version. Between GCs
-/// `own_bytes` grows by the size of each frame the timeline commits, so it counts versions
-/// GC will drop; here it comes back to what deleting the timeline would give back.
-fn own_bytes(inodes: &IntMap<Ino, Arc<InodeIndex>>) -> u64 {
-    const ATTR_BYTES: u64 = 64;
-    const ENTRY_BYTES: u64 = 24;
-    const EXTERNAL_BYTES: u64 = 40;
-    let mut n = 0u64;
-    for ii in inodes.values() {
-        n += ii.attrs.len() as u64 * ATTR_BYTES;
-        for v in ii.pages.values() {
-            n += v
-                .iter()
-                .filter(|(_, loc)| matches!(loc, Loc::Data { .. }))
-                .count() as u64
-                * PAGE_SIZE as u64;
-        }
-        for (name, v) in &ii.entries {
-            n += v.len() as u64 * (ENTRY_BYTES + name.len() as u64);
-        }
-        n += ii.symlink.as_ref().map_or(0, |s| s.len() as u64);
-        n += ii.external.len() as u64 * EXTERNAL_BYTES;
-    }
-    n
+const ATTR_BYTES: u64 = 64;
+const ENTRY_BYTES: u64 = 24;
+const EXTERNAL_BYTES: u64 = 40;
+
+/// Page versions with data in `v`.
+fn data_versions(v: &[(Lsn, Loc)]) -> u64 {
+    v.iter()
+        .filter(|(_, loc)| matches!(loc, Loc::Data { .. }))
+        .count() as u64
 }
 
-impl State {
-    /// Drops every version no read point can reach (see the module docs). `horizon` is the
-    /// oldest position a branch may still start at.
-    pub(crate) fn gc(&mut self, horizon: Lsn) -> GcCounts {
-        let mut counts = GcCounts::default();
-        let mut bounds: IntMap<TimelineId, Vec<Lsn>> = IntMap::default();
-        for t in self.timelines.values() {
-            if let Some((p, at)) = t.parent {
-                bounds.entry(p).or_default().push(at);
+/// What an inode's versions hold: each page version with data, plus an estimate of the frame
+/// bytes of each attribute and directory-entry version. Between GCs a timeline's `own_bytes`
+/// grows by the size of each frame it commits, so it counts versions GC will drop; GC brings
+/// it back to the sum of this over its inodes, what deleting the timeline would give back.
+pub(crate) fn inode_own_bytes(ii: &InodeIndex) -> u64 {
+    let mut n = ii.attrs.len() as u64 * ATTR_BYTES;
+    n += ii.pages.values().map(|v| data_versions(v)).sum::<u64>() * PAGE_SIZE as u64;
+    for (name, v) in &ii.entries {
+        n += v.len() as u64 * (ENTRY_BYTES + name.len() as u64);
+    }
+    n += ii.symlink.as_ref().map_or(0, |s| s.len() as u64);
+    n + ii.external.len() as u64 * EXTERNAL_BYTES
+}
+
+/// Each timeline's read points below its head: its children's branch bounds and the horizon,
+/// sorted. A timeline with no children has the horizon alone.
+fn read_points(
+    parents: impl Iterator<Item = Option<(TimelineId, Lsn)>>,
+    horizon: Lsn,
+) -> IntMap<TimelineId, Vec<Lsn>> {
+    let mut points: IntMap<TimelineId, Vec<Lsn>> = IntMap::default();
+    for (p, at) in parents.flatten() {
+        points.entry(p).or_default().push(at);
+    }
+    for v in points.values_mut() {
+        v.push(horizon);
+        v.sort_unstable();
+        v.dedup();
+    }
+    points
+}
+
+/// One inode GC must look at, found on a shared copy of the index with no lock held.
+pub(crate) struct Look {
+    tl: TimelineId,
+    ino: Ino,
+    /// The pages with something to drop (every page when the inode is freed below every
+    /// read point), at most [`LOOK_PAGES`]: a large file is several looks. Attributes,
+    /// entries and the external file's versions are looked at every time (a few versions).
+    pages: Vec<u64>,
+}
+
+/// Pages per [`Look`] at most.
+const LOOK_PAGES: usize = 1024;
+
+/// Splits `looks` into the batches one write-locked step of GC applies: at most `max_looks`
+/// looks and about `max_pages` pages each.
+pub(crate) fn batches(
+    looks: &[Look],
+    max_looks: usize,
+    max_pages: usize,
+) -> impl Iterator<Item = &[Look]> {
+    let mut rest = looks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut pages = 0;
+        let mut n = 0;
+        while n < rest.len() && n < max_looks && (n == 0 || pages < max_pages) {
+            pages += rest[n].pages.len();
+            n += 1;
+        }
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some(batch)
+    })
+}
+
+/// What one GC pass will do, planned on a shared copy of the index ([`plan`]).
+pub(crate) struct GcPlan {
+    pub looks: Vec<Look>,
+    /// Per timeline: the bytes its inodes held in the copy ([`inode_own_bytes`]), and its
+    /// `own_bytes` counter then (frames committed since are added back at the end).
+    own: Vec<(TimelineId, u64, u64)>,
+    /// Versions in the copy.
+    pub versions: u64,
+}
+
+/// Finds, with no lock held, the inodes and pages where GC may drop something (a superset:
+/// [`State::gc_apply`] decides with the read points of the moment). O(index), the walk that
+/// used to hold the write lock.
+pub(crate) fn plan(shared: &SharedIndex, horizon: Lsn) -> GcPlan {
+    let points = read_points(shared.timelines.iter().map(|t| t.parent), horizon);
+    let alone = [horizon];
+    let mut plan = GcPlan {
+        looks: Vec::new(),
+        own: Vec::with_capacity(shared.timelines.len()),
+        versions: 0,
+    };
+    for t in &shared.timelines {
+        let pts = points.get(&t.id).map_or(&alone[..], Vec::as_slice);
+        let mut bytes = 0u64;
+        for (ino, ii) in &t.inodes {
+            bytes += inode_own_bytes(ii);
+            plan.versions += ii.versions();
+            if let Some(pages) = look_at(ii, pts, horizon) {
+                if pages.is_empty() {
+                    plan.looks.push(Look {
+                        tl: t.id,
+                        ino: *ino,
+                        pages: Vec::new(),
+                    });
+                }
+                for chunk in pages.chunks(LOOK_PAGES) {
+                    plan.looks.push(Look {
+                        tl: t.id,
+                        ino: *ino,
+                        pages: chunk.to_vec(),
+                    });
+                }
             }
         }
-        let mut ids: Vec<TimelineId> = self.timelines.keys().copied().collect();
-        ids.sort();
-        for id in ids {
-            let mut points = bounds.remove(&id).unwrap_or_default();
-            points.push(horizon);
-            points.sort_unstable();
-            points.dedup();
-            let first_point = points[0];
-            // Taken out, so that the ancestors (other timelines) can be read while it changes.
-            let Some(mut inodes) = self
-                .timelines
-                .get_mut(&id)
-                .map(|t| std::mem::take(&mut t.inodes))
-            else {
+        plan.own.push((t.id, bytes, t.own_bytes));
+    }
+    plan
+}
+
+/// Whether GC may drop something from an inode, with the pages to look at: all of them when
+/// it is freed below every read point (everything goes).
+fn look_at(ii: &InodeIndex, points: &[Lsn], horizon: Lsn) -> Option<Vec<u64>> {
+    let kept: Vec<&(Lsn, Option<Attr>)> = (0..ii.attrs.len())
+        .filter(|i| keeps(&ii.attrs, *i, points, horizon))
+        .map(|i| &ii.attrs[i])
+        .collect();
+    if matches!(kept.as_slice(), [(l, None)] if *l < points[0]) {
+        return Some(ii.pages.keys().copied().collect());
+    }
+    let pages: Vec<u64> = ii
+        .pages
+        .iter()
+        .filter(|(_, v)| {
+            prunable(v, points, horizon) || v.first().is_some_and(|(_, l)| *l == Loc::Zero)
+        })
+        .map(|(page, _)| *page)
+        .collect();
+    let other = kept.len() < ii.attrs.len()
+        || ii.attrs.first().is_some_and(|(_, a)| a.is_none())
+        || prunable(&ii.external, points, horizon)
+        || ii
+            .entries
+            .values()
+            .any(|v| prunable(v, points, horizon) || v.first().is_some_and(|(_, c)| c.is_none()));
+    (other || !pages.is_empty()).then_some(pages)
+}
+
+/// What [`State::gc_apply`] dropped per timeline, in [`inode_own_bytes`]'s measure.
+pub(crate) type DroppedBytes = IntMap<TimelineId, u64>;
+
+impl State {
+    /// GC of the inodes `looks` names, with the read points of the moment (children created
+    /// since the plan start at or after the horizon, which keeps what they see; children
+    /// deleted since only leave more for the next pass). Inodes gone since are skipped.
+    pub(crate) fn gc_apply(
+        &mut self,
+        looks: &[Look],
+        horizon: Lsn,
+        counts: &mut GcCounts,
+        dropped: &mut DroppedBytes,
+    ) {
+        let points = read_points(self.timelines.values().map(|t| t.parent), horizon);
+        let alone = [horizon];
+        for look in looks {
+            let Some(t) = self.timelines.get_mut(&look.tl) else {
                 continue;
             };
-            if let Some(t) = self.timelines.get(&id) {
-                let anc = View {
-                    st: self,
-                    chain: &t.chain[1..],
-                };
-                inodes.retain(|ino, ii| {
-                    // Nothing shares the inode while GC runs (a checkpoint's copy lives only
-                    // inside maintenance, like GC): no copy.
-                    let ii = Arc::make_mut(ii);
-                    let (v, gone) = gc_inode(&anc, *ino, ii, &points, horizon, first_point);
-                    counts.versions_dropped += v;
-                    counts.inodes_dropped += u64::from(gone);
-                    !gone
-                });
-            }
-            if let Some(t) = self.timelines.get_mut(&id) {
-                t.own_bytes = own_bytes(&inodes);
-                t.inodes = inodes;
+            // Taken out, so that the ancestors (other timelines) can be read while it changes.
+            let Some(mut arc) = t.inodes.remove(&look.ino) else {
+                continue;
+            };
+            let chain = t.chain[1..].to_vec();
+            let anc = View {
+                st: self,
+                chain: &chain,
+            };
+            let pts = points.get(&look.tl).map_or(&alone[..], Vec::as_slice);
+            // Unshared once the plan's copy is gone: no copy.
+            let ii = Arc::make_mut(&mut arc);
+            let r = gc_inode(&anc, look.ino, ii, pts, horizon, &look.pages);
+            counts.versions_dropped += r.versions;
+            *dropped.entry(look.tl).or_default() += r.bytes;
+            if r.gone {
+                counts.inodes_dropped += 1;
+            } else if let Some(t) = self.timelines.get_mut(&look.tl) {
+                t.inodes.insert(look.ino, arc);
             }
         }
-        self.gc_horizon = self.gc_horizon.max(horizon);
-        counts
+    }
+
+    /// Sets each timeline's `own_bytes` to what its versions hold after the pass, plus the
+    /// frames it committed since the plan's copy.
+    pub(crate) fn gc_finish(&mut self, plan: &GcPlan, dropped: &DroppedBytes) {
+        for (tl, held, counter) in &plan.own {
+            if let Some(t) = self.timelines.get_mut(tl) {
+                let since = t.own_bytes.saturating_sub(*counter);
+                let gone = dropped.get(tl).copied().unwrap_or(0);
+                t.own_bytes = held.saturating_sub(gone) + since;
+            }
+        }
     }
 
     /// Versions in the index (attributes, pages, entries), for reports and tests.
     pub(crate) fn index_versions(&self) -> u64 {
-        let mut n = 0u64;
-        for t in self.timelines.values() {
-            for ii in t.inodes.values() {
-                n += ii.attrs.len() as u64;
-                n += ii.pages.values().map(|v| v.len() as u64).sum::<u64>();
-                n += ii.entries.values().map(|v| v.len() as u64).sum::<u64>();
-            }
-        }
-        n
-    }
-
-    /// Bytes of page data the index references, per data file id.
-    pub(crate) fn live_bytes(&self) -> IntMap<u32, u64> {
-        let mut live: IntMap<u32, u64> = IntMap::default();
-        self.for_each_data_loc(|_, _, _, _, file, _| {
-            *live.entry(file).or_default() += crate::types::PAGE_SIZE as u64;
-        });
-        live
+        self.timelines
+            .values()
+            .flat_map(|t| t.inodes.values())
+            .map(|ii| ii.versions())
+            .sum()
     }
 
     /// Calls `f(timeline, ino, page, lsn, file, off)` for every page version with data.
-    pub(crate) fn for_each_data_loc(&self, mut f: impl FnMut(TimelineId, Ino, u64, Lsn, u32, u64)) {
-        for t in self.timelines.values() {
-            for (ino, ii) in &t.inodes {
-                for (page, v) in &ii.pages {
-                    for (lsn, loc) in v {
-                        if let Loc::Data { file, off } = *loc {
-                            f(t.id, *ino, *page, *lsn, file, off);
-                        }
-                    }
-                }
-            }
-        }
+    pub(crate) fn for_each_data_loc(&self, f: impl FnMut(TimelineId, Ino, u64, Lsn, u32, u64)) {
+        data_locs(
+            self.timelines
+                .values()
+                .flat_map(|t| t.inodes.iter().map(|(ino, ii)| (t.id, *ino, &**ii))),
+            f,
+        );
     }
 
     /// Points the page version `(tl, ino, page, lsn)` at `to` if it is still at `from`.
@@ -233,75 +349,142 @@ impl State {
     }
 }
 
+/// Calls `f(timeline, ino, page, lsn, file, off)` for every page version with data of `inodes`.
+pub(crate) fn data_locs<'a>(
+    inodes: impl Iterator<Item = (TimelineId, Ino, &'a InodeIndex)>,
+    mut f: impl FnMut(TimelineId, Ino, u64, Lsn, u32, u64),
+) {
+    for (tl, ino, ii) in inodes {
+        for (page, v) in &ii.pages {
+            for (lsn, loc) in v {
+                if let Loc::Data { file, off } = *loc {
+                    f(tl, ino, *page, *lsn, file, off);
+                }
+            }
+        }
+    }
+}
+
 /// Whether a file id names a pack.
 pub(crate) fn is_pack(id: u32) -> bool {
     id & PACK_BIT != 0
 }
 
-/// GC of one inode of one timeline: (versions dropped, whether the whole inode goes).
+/// What GC did to one inode.
+struct InodeGc {
+    versions: u64,
+    /// In [`inode_own_bytes`]'s measure.
+    bytes: u64,
+    /// Every version went: the inode leaves the timeline's index.
+    gone: bool,
+}
+
+/// GC of one inode of one timeline, looking at `pages` only.
 fn gc_inode(
     anc: &View<'_>,
     ino: Ino,
     ii: &mut InodeIndex,
     points: &[Lsn],
     horizon: Lsn,
-    first_point: Lsn,
-) -> (u64, bool) {
-    let mut dropped = prune(&mut ii.attrs, points, horizon);
+    pages: &[u64],
+) -> InodeGc {
+    let mut versions = prune(&mut ii.attrs, points, horizon);
+    let mut bytes = versions * ATTR_BYTES;
     // Freed below every read point: no read point can look the inode up, so what it held
-    // here is unreachable.
-    let freed_for_all = matches!(ii.attrs.as_slice(), [(l, None)] if *l < first_point);
+    // here is unreachable (its pages go as they are looked at, a large file over several
+    // looks).
+    let freed_for_all = matches!(ii.attrs.as_slice(), [(l, None)] if *l < points[0]);
     if freed_for_all {
-        dropped += ii.pages.values().map(|v| v.len() as u64).sum::<u64>();
-        dropped += ii.entries.values().map(|v| v.len() as u64).sum::<u64>();
-        dropped += ii.external.len() as u64;
-        ii.pages.clear();
+        versions += ii.entries.values().map(|v| v.len() as u64).sum::<u64>();
+        versions += ii.external.len() as u64;
+        bytes += ii
+            .entries
+            .iter()
+            .map(|(name, v)| v.len() as u64 * (ENTRY_BYTES + name.len() as u64))
+            .sum::<u64>();
+        bytes += ii.symlink.as_ref().map_or(0, |s| s.len() as u64);
+        bytes += ii.external.len() as u64 * EXTERNAL_BYTES;
         ii.entries.clear();
         ii.symlink = None;
         ii.external.clear();
     }
-    dropped += prune(&mut ii.external, points, horizon);
-    dropped += drop_leading_empty(&mut ii.attrs, Option::is_none, || anc.attr(ino).is_none());
-    // Looked at first, changed only where something goes: a persistent map's `get_mut` copies
-    // the nodes on its path when a checkpoint's copy shares them.
-    let edits: Vec<u64> = ii
-        .pages
-        .iter()
-        .filter(|(_, v)| {
-            prunable(v, points, horizon) || v.first().is_some_and(|(_, l)| *l == Loc::Zero)
-        })
-        .map(|(page, _)| *page)
-        .collect();
-    for page in edits {
-        let Some(v) = ii.pages.get_mut(&page) else {
+    let external = prune(&mut ii.external, points, horizon);
+    versions += external;
+    bytes += external * EXTERNAL_BYTES;
+    for page in pages {
+        if freed_for_all {
+            if let Some(v) = ii.pages.remove(page) {
+                versions += v.len() as u64;
+                bytes += data_versions(&v) * PAGE_SIZE as u64;
+            }
+            continue;
+        }
+        // A persistent map's `get_mut` copies the nodes on its path that a copy shares: only
+        // the pages with something to drop are touched.
+        let Some(v) = ii.pages.get_mut(page) else {
             continue;
         };
-        dropped += prune(v, points, horizon);
-        dropped += drop_leading_empty(
+        let data_before = data_versions(v);
+        versions += prune(v, points, horizon);
+        versions += drop_leading_empty(
             v,
             |l| *l == Loc::Zero,
-            || anc.walk_page(anc.chain, ino, page) == Loc::Zero,
+            || anc.walk_page(anc.chain, ino, *page) == Loc::Zero,
         );
+        bytes += (data_before - data_versions(v)) * PAGE_SIZE as u64;
         if v.is_empty() {
-            ii.pages.remove(&page);
+            ii.pages.remove(page);
         }
     }
     ii.entries.retain(|name, v| {
-        dropped += prune(v, points, horizon);
-        dropped += drop_leading_empty(v, Option::is_none, || anc.entry(ino, name).is_none());
+        let n = prune(v, points, horizon)
+            + drop_leading_empty(v, Option::is_none, || anc.entry(ino, name).is_none());
+        versions += n;
+        bytes += n * (ENTRY_BYTES + name.len() as u64);
         !v.is_empty()
     });
+    // A freed inode's last attribute version goes with its last page, not before: the next
+    // look at its remaining pages needs it to know they go too.
+    if !freed_for_all || ii.pages.is_empty() {
+        let lead = drop_leading_empty(&mut ii.attrs, Option::is_none, || anc.attr(ino).is_none());
+        versions += lead;
+        bytes += lead * ATTR_BYTES;
+    }
     let gone = ii.attrs.is_empty()
         && ii.pages.is_empty()
         && ii.entries.is_empty()
         && ii.symlink.is_none()
         && ii.external.is_empty();
-    (dropped, gone)
+    InodeGc {
+        versions,
+        bytes,
+        gone,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_bound_looks_and_pages_and_cover_everything_once() {
+        let look = |n: usize| Look {
+            tl: TimelineId(1),
+            ino: n as u64,
+            pages: (0..n as u64).collect(),
+        };
+        let looks: Vec<Look> = [0, 5000, 10, 10, 10, 3000, 0, 0, 1].map(look).into();
+        let sizes: Vec<Vec<usize>> = batches(&looks, 3, 4096)
+            .map(|b| b.iter().map(|l| l.pages.len()).collect())
+            .collect();
+        // A look larger than a batch goes alone; otherwise up to 3 looks, stopping once the
+        // pages reach 4096.
+        assert_eq!(
+            sizes,
+            vec![vec![0, 5000], vec![10, 10, 10], vec![3000, 0, 0], vec![1]]
+        );
+        assert_eq!(batches(&[], 3, 4096).count(), 0);
+    }
 
     #[test]
     fn prune_keeps_the_newest_below_every_point() {

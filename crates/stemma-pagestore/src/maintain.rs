@@ -17,11 +17,16 @@ use crate::error::{Error, Result};
 use crate::format::{
     encode_pack_header, encode_pack_record, Mutation, PACK_HEADER_LEN, PACK_RECORD_HEADER_LEN,
 };
-use crate::gc::is_pack;
+use crate::gc::{is_pack, DroppedBytes, GcCounts};
 use crate::log::sync_dir;
 use crate::state::{data_path, pack_path, IntMap, Loc, Pack, State, PACK_BIT};
 use crate::store::PageStore;
 use crate::types::{to_nanos, Ino, Lsn, TimelineId, PAGE_SIZE};
+
+/// How much one write-locked step of GC looks at, in inodes (or parts of one) and pages: the
+/// lock is let go between batches.
+const GC_BATCH_LOOKS: usize = 256;
+const GC_BATCH_PAGES: usize = 4096;
 
 /// What [`PageStore::gc`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,11 +40,13 @@ pub struct GcReport {
     pub versions_dropped: u64,
     /// Inodes whose every version left a timeline's index.
     pub inodes_dropped: u64,
-    /// Versions (attributes, pages, directory entries) left in the index.
+    /// Versions (attributes, pages, directory entries) left in the index, as of the copy GC
+    /// walked.
     pub index_versions: u64,
-    /// How long the state's write lock was held.
+    /// The longest time one step held the state's write lock: the orphans, a batch of
+    /// changes, the timelines' byte counts.
     pub lock_held: Duration,
-    /// How long counting the versions left held the read lock.
+    /// How long taking the shared copy of the index held the read lock.
     pub read_lock_held: Duration,
 }
 
@@ -126,24 +133,45 @@ impl PageStore {
     }
 
     fn gc_locked(&self) -> Result<GcReport> {
-        let mut st = self.state.write();
-        let t = Instant::now();
-        let orphans_freed = self.free_orphans(&mut st)?;
-        let horizon = self.retention_horizon(&st);
-        let counts = st.gc(horizon);
-        let lock_held = t.elapsed();
-        drop(st);
-        let (index_versions, read_lock_held) = {
+        // The orphans and the horizon, under the write lock (O(inodes)). From here on no
+        // branch may start below the horizon, so what the plan finds unreachable stays so.
+        let (orphans_freed, horizon, mut lock_held) = {
+            let mut st = self.state.write();
+            let t = Instant::now();
+            let orphans_freed = self.free_orphans(&mut st)?;
+            let horizon = self.retention_horizon(&st);
+            st.gc_horizon = st.gc_horizon.max(horizon);
+            (orphans_freed, horizon, t.elapsed())
+        };
+        // The walk of every version, on a shared copy with no lock held; then the changes, in
+        // batches under the write lock, each O(what it looks at).
+        let (shared, read_lock_held) = {
             let st = self.state.read();
             let t = Instant::now();
-            (st.index_versions(), t.elapsed())
+            (st.share_index(), t.elapsed())
         };
+        let plan = crate::gc::plan(&shared, horizon);
+        drop(shared);
+        let mut counts = GcCounts::default();
+        let mut dropped = DroppedBytes::default();
+        for batch in crate::gc::batches(&plan.looks, GC_BATCH_LOOKS, GC_BATCH_PAGES) {
+            let mut st = self.state.write();
+            let t = Instant::now();
+            st.gc_apply(batch, horizon, &mut counts, &mut dropped);
+            lock_held = lock_held.max(t.elapsed());
+        }
+        {
+            let mut st = self.state.write();
+            let t = Instant::now();
+            st.gc_finish(&plan, &dropped);
+            lock_held = lock_held.max(t.elapsed());
+        }
         Ok(GcReport {
             orphans_freed,
             horizon,
             versions_dropped: counts.versions_dropped,
             inodes_dropped: counts.inodes_dropped,
-            index_versions,
+            index_versions: plan.versions.saturating_sub(counts.versions_dropped),
             lock_held,
             read_lock_held,
         })
@@ -279,16 +307,24 @@ impl PageStore {
 
         // The active segment is never compacted; when most of it is garbage (a deleted
         // branch's writes), seal it so that this run can.
-        let roll = {
+        // The walks of every page version below run on shared copies of the index, with no
+        // lock held (see `SharedIndex`).
+        let (shared, active_no, active_len, segment_size) = {
             let st = self.state.read();
             let t = Instant::now();
-            let live = st.live_bytes();
+            let shared = st.share_index();
             r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
-            let active = st.log.active();
-            let active_live = live.get(&active.no).copied().unwrap_or(0);
-            st.log.active_len >= st.log.segment_size / 4
-                && (active_live as f64) < self.config.compact_below * st.log.active_len as f64
+            (
+                shared,
+                st.log.active().no,
+                st.log.active_len,
+                st.log.segment_size,
+            )
         };
+        let active_live = shared.live_bytes().get(&active_no).copied().unwrap_or(0);
+        drop(shared);
+        let roll = active_len >= segment_size / 4
+            && (active_live as f64) < self.config.compact_below * active_len as f64;
         if roll {
             let mut st = self.state.write();
             let t = Instant::now();
@@ -298,15 +334,14 @@ impl PageStore {
             r.longest_lock = r.longest_lock.max(t.elapsed());
         }
 
-        // Choose the files and the pages to move, under the read lock: nothing new ever
-        // points into a sealed file, so the list stays complete until the switch.
-        let (victims, mut moves, pack_no) = {
+        // Choose the files and the pages to move, on a copy taken after the roll: nothing new
+        // ever points into a sealed file, so the list stays complete until the switch.
+        let (shared, files, pack_no) = {
             let st = self.state.read();
             let t = Instant::now();
-            let live = st.live_bytes();
-            let mut victims: IntMap<u32, Victim> = IntMap::default();
+            let shared = st.share_index();
             let active = st.log.active().no;
-            let files = st
+            let files: Vec<(u32, PathBuf, Arc<File>)> = st
                 .log
                 .segments
                 .iter()
@@ -316,39 +351,44 @@ impl PageStore {
                     st.packs
                         .values()
                         .map(|p| (p.no | PACK_BIT, p.path.clone(), p.file.clone())),
-                );
-            for (id, path, file) in files {
-                let len = file_len(&file);
-                let live_bytes = live.get(&id).copied().unwrap_or(0);
-                let compact = (live_bytes as f64) < self.config.compact_below * len as f64;
-                r.files.push(DataFileReport {
-                    path: path.clone(),
-                    bytes: len,
-                    live_bytes,
-                    compacted: compact,
-                });
-                if compact {
-                    victims.insert(id, Victim { path, file, len });
-                }
-            }
-            let mut moves = Vec::new();
-            if !victims.is_empty() {
-                st.for_each_data_loc(|tl, ino, page, lsn, file, off| {
-                    if victims.contains_key(&file) {
-                        moves.push(Move {
-                            tl,
-                            ino,
-                            page,
-                            lsn,
-                            file,
-                            off,
-                        });
-                    }
-                });
-            }
+                )
+                .collect();
             r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
-            (victims, moves, st.next_pack)
+            (shared, files, st.next_pack)
         };
+        let live = shared.live_bytes();
+        let mut victims: IntMap<u32, Victim> = IntMap::default();
+        for (id, path, file) in files {
+            let len = file_len(&file);
+            let live_bytes = live.get(&id).copied().unwrap_or(0);
+            let compact = (live_bytes as f64) < self.config.compact_below * len as f64;
+            r.files.push(DataFileReport {
+                path: path.clone(),
+                bytes: len,
+                live_bytes,
+                compacted: compact,
+            });
+            if compact {
+                victims.insert(id, Victim { path, file, len });
+            }
+        }
+        let mut moves = Vec::new();
+        if !victims.is_empty() {
+            crate::gc::data_locs(shared.inodes(), |tl, ino, page, lsn, file, off| {
+                if victims.contains_key(&file) {
+                    moves.push(Move {
+                        tl,
+                        ino,
+                        page,
+                        lsn,
+                        file,
+                        off,
+                    });
+                }
+            });
+        }
+        // Before the switch's write lock: no inode is shared any more.
+        drop(shared);
         r.files_compacted = victims.len();
 
         // Copy the live pages into a new pack, with no lock held.
@@ -413,10 +453,17 @@ impl PageStore {
         // an unlinked file stays readable while open.
         if !victims.is_empty() {
             let still = {
-                let st = self.state.read();
-                let t = Instant::now();
-                let refs = st.referenced_files();
-                r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
+                let shared = {
+                    let st = self.state.read();
+                    let t = Instant::now();
+                    let shared = st.share_index();
+                    r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
+                    shared
+                };
+                let mut refs = BTreeSet::new();
+                crate::gc::data_locs(shared.inodes(), |_, _, _, _, file, _| {
+                    refs.insert(file);
+                });
                 victims
                     .keys()
                     .copied()

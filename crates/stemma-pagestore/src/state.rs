@@ -118,6 +118,48 @@ pub(crate) struct InodeIndex {
     pub external: Versions<Extent>,
 }
 
+impl InodeIndex {
+    /// Its versions: attributes, pages, directory entries.
+    pub(crate) fn versions(&self) -> u64 {
+        self.attrs.len() as u64
+            + self.pages.values().map(|v| v.len() as u64).sum::<u64>()
+            + self.entries.values().map(|v| v.len() as u64).sum::<u64>()
+    }
+}
+
+/// A copy of the index's inodes that shares their versions with the live index
+/// ([`State::share_index`]): O(inodes) to take under the read lock, then walked with no lock
+/// while writers go on (a write to an inode the copy shares copies that inode first).
+pub(crate) struct SharedIndex {
+    pub timelines: Vec<SharedTimeline>,
+}
+
+pub(crate) struct SharedTimeline {
+    pub id: TimelineId,
+    pub parent: Option<(TimelineId, Lsn)>,
+    /// Its `own_bytes` counter when copied.
+    pub own_bytes: u64,
+    pub inodes: Vec<(Ino, Arc<InodeIndex>)>,
+}
+
+impl SharedIndex {
+    /// Every inode of every timeline.
+    pub(crate) fn inodes(&self) -> impl Iterator<Item = (TimelineId, Ino, &InodeIndex)> {
+        self.timelines
+            .iter()
+            .flat_map(|t| t.inodes.iter().map(|(ino, ii)| (t.id, *ino, &**ii)))
+    }
+
+    /// Bytes of page data the copy references, per data file id.
+    pub(crate) fn live_bytes(&self) -> IntMap<u32, u64> {
+        let mut live: IntMap<u32, u64> = IntMap::default();
+        crate::gc::data_locs(self.inodes(), |_, _, _, _, file, _| {
+            *live.entry(file).or_default() += crate::types::PAGE_SIZE as u64;
+        });
+        live
+    }
+}
+
 /// Where an external file's contents are as of one position: the bytes below `end` of
 /// object `object`, zeros after (up to the file's size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -621,6 +663,22 @@ impl State {
         self.next_lsn = lsn + 1;
         debug_assert!(self.next_ino > ROOT_INO);
         Ok(())
+    }
+
+    /// A copy of every timeline's inodes that shares their versions (see [`SharedIndex`]).
+    pub(crate) fn share_index(&self) -> SharedIndex {
+        let mut timelines: Vec<SharedTimeline> = self
+            .timelines
+            .values()
+            .map(|t| SharedTimeline {
+                id: t.id,
+                parent: t.parent,
+                own_bytes: t.own_bytes,
+                inodes: t.inodes.iter().map(|(i, ii)| (*i, ii.clone())).collect(),
+            })
+            .collect();
+        timelines.sort_by_key(|t| t.id);
+        SharedIndex { timelines }
     }
 
     fn inode_mut(&mut self, tl: TimelineId, ino: Ino) -> Result<&mut InodeIndex, String> {

@@ -958,6 +958,162 @@ fn gc_past_the_retention_window_frees_the_index_and_refuses_old_branches() {
     assert!(s.lookup(main, ROOT_INO, b"f").is_err());
 }
 
+/// Sets up `files` files of two pages, each written four times 10 s apart, and a child
+/// taken after the first round; returns the store, its clock, the root, the child and the files.
+fn aged_files(
+    dir: &Path,
+    files: usize,
+) -> (PageStore, Arc<AtomicI64>, TimelineId, TimelineId, Vec<Ino>) {
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        retention: Duration::from_secs(3600),
+        time_granularity: Duration::ZERO,
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(dir, config).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let inos: Vec<Ino> = (0..files)
+        .map(|i| file(&s, main, &format!("f{i}")))
+        .collect();
+    let mut early = None;
+    for round in 0..4u64 {
+        now.fetch_add(10, Ordering::SeqCst);
+        for (i, ino) in inos.iter().enumerate() {
+            s.write(
+                main,
+                *ino,
+                0,
+                &pattern(round * 10_000 + i as u64, 2 * PAGE_SIZE),
+            )
+            .unwrap();
+        }
+        if round == 0 {
+            early = Some(s.branch(main, BranchPoint::Now, b"early").unwrap());
+        }
+    }
+    let early = early.unwrap();
+    (s, now, main, early, inos)
+}
+
+/// GC changes the index in batches of inodes, letting go of the write lock in between: with
+/// more inodes than one batch, everything still reads the same, and each timeline's own bytes
+/// come out exactly what its versions hold.
+#[test]
+fn gc_in_batches_keeps_every_read_point_and_counts_own_bytes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, now, main, early, inos) = aged_files(d.path(), 700);
+    let want_main: Vec<Vec<u8>> = inos.iter().map(|i| all(&s, main, *i)).collect();
+    let want_early: Vec<Vec<u8>> = inos.iter().map(|i| all(&s, early, *i)).collect();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    let before = s.index_versions();
+    let r = s.gc().unwrap();
+    // Per page, rounds 0 (seen by `early`) and 3 stay, 1 and 2 go; so do attribute versions.
+    assert!(r.versions_dropped >= 700 * 2 * 2, "{r:?}");
+    assert_eq!(s.index_versions(), before - r.versions_dropped);
+    assert_eq!(r.index_versions, before - r.versions_dropped);
+    for (i, ino) in inos.iter().enumerate() {
+        assert_same(&all(&s, main, *ino), &want_main[i]);
+        assert_same(&all(&s, early, *ino), &want_early[i]);
+    }
+    let st = s.state.read();
+    for tl in [main, early] {
+        let t = &st.timelines[&tl];
+        let held: u64 = t
+            .inodes
+            .values()
+            .map(|ii| crate::gc::inode_own_bytes(ii))
+            .sum();
+        assert_eq!(t.own_bytes, held, "timeline {tl}");
+    }
+}
+
+/// What happens between two batches of GC (writes, a branch, a deletion) changes nothing
+/// GC decides: the plan is a superset, each batch decides with the read points of its moment.
+#[test]
+fn changes_between_gc_batches_are_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, now, main, early, inos) = aged_files(d.path(), 40);
+    let want_early: Vec<Vec<u8>> = inos.iter().map(|i| all(&s, early, *i)).collect();
+    // A second early child, deleted between the batches: its read point goes with it.
+    let doomed = s.branch(main, BranchPoint::Now, b"doomed").unwrap();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    let horizon = {
+        let mut st = s.state.write();
+        let h = s.retention_horizon(&st);
+        st.gc_horizon = st.gc_horizon.max(h);
+        h
+    };
+    let plan = crate::gc::plan(&s.state.read().share_index(), horizon);
+    assert!(plan.looks.len() >= 40, "{}", plan.looks.len());
+    let (first, rest) = plan.looks.split_at(plan.looks.len() / 2);
+    let mut counts = crate::gc::GcCounts::default();
+    let mut dropped = crate::gc::DroppedBytes::default();
+    s.state
+        .write()
+        .gc_apply(first, horizon, &mut counts, &mut dropped);
+    // Between the batches: new versions of every file, a branch of that state, a deletion.
+    for (i, ino) in inos.iter().enumerate() {
+        s.write(
+            main,
+            *ino,
+            PAGE_SIZE as u64,
+            &pattern(90_000 + i as u64, PAGE_SIZE),
+        )
+        .unwrap();
+    }
+    let want_main: Vec<Vec<u8>> = inos.iter().map(|i| all(&s, main, *i)).collect();
+    let now_child = s.branch(main, BranchPoint::Now, b"now").unwrap();
+    s.delete_timeline(doomed).unwrap();
+    s.state
+        .write()
+        .gc_apply(rest, horizon, &mut counts, &mut dropped);
+    s.state.write().gc_finish(&plan, &dropped);
+    assert!(counts.versions_dropped > 0, "{counts:?}");
+    for (i, ino) in inos.iter().enumerate() {
+        assert_same(&all(&s, main, *ino), &want_main[i]);
+        assert_same(&all(&s, now_child, *ino), &want_main[i]);
+        assert_same(&all(&s, early, *ino), &want_early[i]);
+    }
+    // A second pass finds nothing more to drop but what the deletion freed.
+    s.gc().unwrap();
+    for (i, ino) in inos.iter().enumerate() {
+        assert_same(&all(&s, main, *ino), &want_main[i]);
+        assert_same(&all(&s, early, *ino), &want_early[i]);
+    }
+}
+
+/// A freed file larger than one look of GC goes over several looks (and batches), all in
+/// one pass, and leaves the index.
+#[test]
+fn a_large_freed_file_leaves_the_index_in_one_gc() {
+    let d = tempfile::tempdir().unwrap();
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        retention: Duration::from_secs(3600),
+        clock,
+        ..Config::default()
+    };
+    let s = PageStore::open(d.path(), config).unwrap();
+    let main = s.create_root(b"main").unwrap();
+    let big = file(&s, main, "big");
+    let small = file(&s, main, "small");
+    s.write(main, big, 0, &pattern(1, 5000 * PAGE_SIZE))
+        .unwrap();
+    s.write(main, small, 0, &pattern(2, PAGE_SIZE)).unwrap();
+    s.unlink(main, ROOT_INO, b"big").unwrap();
+    let before = s.index_versions();
+    now.fetch_add(2 * 3600, Ordering::SeqCst);
+    let r = s.gc().unwrap();
+    assert_eq!(r.inodes_dropped, 1, "{r:?}");
+    assert!(r.versions_dropped >= 5000, "{r:?}");
+    assert_eq!(s.index_versions(), before - r.versions_dropped);
+    assert!(!s.state.read().timelines[&main].inodes.contains_key(&big));
+    assert_same(&all(&s, main, small), &pattern(2, PAGE_SIZE));
+    // What the timeline holds is the small file and the root directory.
+    assert!(s.usage(main).unwrap().own_storage_bytes < 2 * PAGE_SIZE as u64);
+}
+
 /// What a crash after each step of maintenance leaves: a store that opens and reads exactly
 /// as before, and finishes the job on the next run.
 #[test]
