@@ -2,9 +2,9 @@
 //! its data files and index checkpoints ([`PageStore::maintain`]), every
 //! [`MAINTENANCE_EVERY`] and soon after a timeline is deleted.
 //!
-//! One thread, so runs never overlap; FUSE I/O goes on meanwhile: the store holds its write
-//! lock only for GC's walk of the index and for switching moved pages to their new place,
-//! never while it copies.
+//! One thread, so runs never overlap; FUSE I/O goes on meanwhile: the store walks shared
+//! copies of its index with no lock, and holds its write lock only for GC's batches of changes
+//! and for switching moved pages to their new place, never while it copies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

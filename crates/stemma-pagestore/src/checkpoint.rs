@@ -72,9 +72,9 @@ struct Trailer {
     externals: Externals,
 }
 
-/// Copies the index (call under the state lock). A copy rather than an encoding in place:
-/// copying is several times faster than encoding, and the lock is held only for the copy
-/// (measured in `examples/maintain.rs`).
+/// Copies the index (call under the state lock), sharing every inode's versions with it
+/// (see [`crate::state::SharedIndex`]): O(inodes), so the lock is held for that only, and the
+/// encoding runs without it (measured in `examples/maintain.rs`).
 pub(crate) fn snapshot(st: &State) -> Snapshot {
     let mut timelines: Vec<Timeline> = st.timelines.values().cloned().collect();
     timelines.sort_by_key(|t| t.id);
