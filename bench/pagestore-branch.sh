@@ -13,9 +13,12 @@
 #                 replaying the parent's WAL since the parent's last checkpoint (which the
 #                 daemon moves to the branch point when the parent has written more than
 #                 --checkpoint-before-branch since it: then create waits for a checkpoint)
-# then the same with the parent idle after a checkpoint ("idle"). Creates are printed apart:
-# an idle create is the branch record alone, whose median must not grow with the size (the
-# ratio printed at the end); a busy create may include the parent's checkpoint.
+# then the same with the parent idle after a checkpoint ("idle"), once every size is loaded
+# and the sizes taking turns trial by trial (so that the host's drift falls on all alike).
+# Creates are printed apart: an idle create is the branch record alone, whose median must not
+# grow with the size (the ratio printed at the end; "daemon" is the same create as the
+# daemon's log times it, without the CLI process); a busy create may include the parent's
+# checkpoint. Every size stays on disk until the end (about 12 GB for the default sizes).
 # A branch of a busy parent is a crash image with the parent's WAL since its last checkpoint
 # to replay, which PostgreSQL needs on any disk: with NATIVE=1 (the default) each busy trial
 # also copies the same image (a second branch of the new one, which nobody started) to a
@@ -118,80 +121,99 @@ native_first_query() {
 }
 
 echo "host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), data in $work ($(df -hT "$work" | awk 'NR==2 {print $2}'))"
-printf '%-6s %9s %14s %14s %17s %17s %17s %17s %8s\n' scale size "idle create p50" "idle create p90" "busy create p50/90" "1st q. busy p50/90" "native p50/90" "1st q. idle p50/90" "busy/nat"
-first_create=""; last_create=""; first_busy=""; last_busy=""
+# Each trial's results, by scale: space-separated lists.
+declare -A creates busy_creates queries idle natives daemon_ms sizes
+trial() { # SCALE NAME KIND: KIND queries (busy) or idle
+    local scale=$1 root="bench-$1" t0 t1 t2 t3 bconn q
+    t0=$(now)
+    "$stemma" branch create "$2" --parent "$root" "${setting_args[@]}" >/dev/null
+    t1=$(now)
+    bconn=$("$stemma" connection-string "$2")
+    if [ "$3" = queries ] && [ "$native" = 1 ]; then
+        "$stemma" branch create "$2-copy" --parent "$2" >/dev/null
+        natives[$scale]+=" $(native_first_query "$2-copy" "$root")"
+        "$stemma" branch delete "$2-copy" >/dev/null
+        sync; echo 3 >/proc/sys/vm/drop_caches
+    fi
+    t2=$(now)
+    "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
+    t3=$(now)
+    if [ -n "${VERBOSE:-}" ] && [ "$3" = queries ]; then
+        recovery_lines branch "$(grep -l "redo starts" "$STEMMA_DATA_DIR"/logs/compute-*.log | xargs ls -t | head -1)"
+    fi
+    q=$(calc "($t3 - $t2) * 1000")
+    if [ "$3" = queries ]; then
+        busy_creates[$scale]+=" $(calc "($t1 - $t0) * 1000")"
+        queries[$scale]+=" $q"
+    else
+        creates[$scale]+=" $(calc "($t1 - $t0) * 1000")"
+        idle[$scale]+=" $q"
+        # The daemon's own time for the same create (its log), without the CLI process.
+        daemon_ms[$scale]+=" $(grep -o "branch created branch=$2 .*total_ms=[0-9]*" "$STEMMA_DATA_DIR/logs/daemon.log" | tail -1 | sed 's/.*total_ms=//')"
+    fi
+    "$stemma" branch delete "$2" >/dev/null
+}
+list_pct() { printf '%s\n' $1 | pct "$2"; }
+
+# Per size: the parent, its load, and the busy trials while pgbench writes to it.
 for scale in "${scales[@]}"; do
     root="bench-$scale"
     "$stemma" init --name "$root" >/dev/null
     conn=$("$stemma" connection-string "$root")
     dbuser=$(echo "$conn" | sed 's|^postgresql://\([^:@]*\).*|\1|')
     "$pgbin/pgbench" -i -q -s "$scale" "$conn" >/dev/null 2>&1
-    size=$("$stemma" --output json branch get "$root" | field logical_size_bytes)
+    sizes[$scale]=$("$stemma" --output json branch get "$root" | field logical_size_bytes)
     # The parent is written throughout: a branch never pauses it.
     "$pgbin/pgbench" -n -c 2 -T 100000 "$conn" >/dev/null 2>&1 &
     writer=$!
     sleep 2
-    creates=(); busy_creates=(); queries=(); idle=(); natives=()
-    trial() { # NAME KIND: KIND queries (busy) or idle; appends to busy_creates or creates
-        local t0 t1 t2 t3 bconn
-        t0=$(now)
-        "$stemma" branch create "$1" --parent "$root" "${setting_args[@]}" >/dev/null
-        t1=$(now)
-        bconn=$("$stemma" connection-string "$1")
-        if [ "$2" = queries ] && [ "$native" = 1 ]; then
-            "$stemma" branch create "$1-copy" --parent "$1" >/dev/null
-            natives+=("$(native_first_query "$1-copy" "$root")")
-            "$stemma" branch delete "$1-copy" >/dev/null
-            sync; echo 3 >/proc/sys/vm/drop_caches
-        fi
-        t2=$(now)
-        "$pgbin/psql" -X -q -At -c 'select count(*) from pgbench_branches' "$bconn" >/dev/null
-        t3=$(now)
-        if [ -n "${VERBOSE:-}" ] && [ "$2" = queries ]; then
-            recovery_lines branch "$(grep -l "redo starts" "$STEMMA_DATA_DIR"/logs/compute-*.log | xargs ls -t | head -1)"
-        fi
-        if [ "$2" = queries ]; then
-            busy_creates+=("$(calc "($t1 - $t0) * 1000")")
-        else
-            creates+=("$(calc "($t1 - $t0) * 1000")")
-        fi
-        eval "$2+=(\"$(calc "($t3 - $t2) * 1000")\")"
-        "$stemma" branch delete "$1" >/dev/null
-    }
-    for i in $(seq "$reps"); do trial "$root-b$i" queries; done
+    for i in $(seq "$reps"); do trial "$scale" "$root-b$i" queries; done
     kill "$writer" 2>/dev/null; wait "$writer" 2>/dev/null || true
     writer=""
     # The parent idle after its writes: its next timed checkpoint (checkpoint_timeout) leaves
-    # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it. `sync`:
-    # the idle trials start with nothing of the busy phase still queued for the disk (as
-    # bench/pagestore-pgbench.sh does before each measurement).
+    # a new branch almost nothing to replay; CHECKPOINT stands in for waiting for it.
     "$pgbin/psql" -X -q -c checkpoint "$conn"
-    sync
-    for i in $(seq "$reps"); do trial "$root-i$i" idle; done
-    b50=$(printf '%s\n' "${busy_creates[@]}" | pct 0.5)
-    b90=$(printf '%s\n' "${busy_creates[@]}" | pct 0.9)
-    c50=$(printf '%s\n' "${creates[@]}" | pct 0.5)
-    c90=$(printf '%s\n' "${creates[@]}" | pct 0.9)
-    q50=$(printf '%s\n' "${queries[@]}" | pct 0.5)
-    q90=$(printf '%s\n' "${queries[@]}" | pct 0.9)
-    i50=$(printf '%s\n' "${idle[@]}" | pct 0.5)
-    i90=$(printf '%s\n' "${idle[@]}" | pct 0.9)
+done
+# The idle trials, every size in turn (1 GB, 10 GB, 1 GB, ...), so that what the host does
+# meanwhile falls on all sizes alike. `sync`: they start with nothing of the busy phases still
+# queued for the disk (as bench/pagestore-pgbench.sh does before each measurement).
+sync
+for i in $(seq "$reps"); do
+    for scale in "${scales[@]}"; do trial "$scale" "bench-$scale-i$i" idle; done
+done
+
+printf '%-6s %9s %14s %14s %10s %17s %17s %17s %17s %8s\n' scale size "idle create p50" "idle create p90" "daemon p50" "busy create p50/90" "1st q. busy p50/90" "native p50/90" "1st q. idle p50/90" "busy/nat"
+first_create=""; last_create=""; first_busy=""; last_busy=""; first_daemon=""; last_daemon=""
+for scale in "${scales[@]}"; do
+    b50=$(list_pct "${busy_creates[$scale]}" 0.5)
+    b90=$(list_pct "${busy_creates[$scale]}" 0.9)
+    c50=$(list_pct "${creates[$scale]}" 0.5)
+    c90=$(list_pct "${creates[$scale]}" 0.9)
+    d50=$(list_pct "${daemon_ms[$scale]}" 0.5)
+    q50=$(list_pct "${queries[$scale]}" 0.5)
+    q90=$(list_pct "${queries[$scale]}" 0.9)
+    i50=$(list_pct "${idle[$scale]}" 0.5)
+    i90=$(list_pct "${idle[$scale]}" 0.9)
     n50=0; n90=0; nratio="   -"
-    if [ ${#natives[@]} -gt 0 ]; then
-        n50=$(printf '%s\n' "${natives[@]}" | pct 0.5)
-        n90=$(printf '%s\n' "${natives[@]}" | pct 0.9)
+    if [ -n "${natives[$scale]:-}" ]; then
+        n50=$(list_pct "${natives[$scale]}" 0.5)
+        n90=$(list_pct "${natives[$scale]}" 0.9)
         nratio=$(awk "BEGIN { printf \"%.2f\", $q50 / $n50 }")
     fi
-    printf '%-6s %8.0fM %11.1f ms %11.1f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %8s\n' "$scale" \
-        "$(calc "$size / 1048576")" "$c50" "$c90" "$b50" "$b90" "$q50" "$q90" "$n50" "$n90" "$i50" "$i90" "$nratio"
-    [ -n "$first_create" ] || { first_create=$c50; first_busy=$b50; }
-    last_create=$c50; last_busy=$b50
-    "$stemma" branch delete "$root" >/dev/null 2>&1 || "$stemma" compute stop "$root" >/dev/null
+    printf '%-6s %8.0fM %11.1f ms %11.1f ms %7.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %9.0f/%4.0f ms %8s\n' "$scale" \
+        "$(calc "${sizes[$scale]} / 1048576")" "$c50" "$c90" "$d50" "$b50" "$b90" "$q50" "$q90" "$n50" "$n90" "$i50" "$i90" "$nratio"
+    [ -n "$first_create" ] || { first_create=$c50; first_busy=$b50; first_daemon=$d50; }
+    last_create=$c50; last_busy=$b50; last_daemon=$d50
+done
+for scale in "${scales[@]}"; do
+    "$stemma" branch delete "bench-$scale" >/dev/null 2>&1 || "$stemma" compute stop "bench-$scale" >/dev/null
 done
 if [ "${#scales[@]}" -gt 1 ]; then
     ratio=$(calc "$last_create / $first_create")
     verdict=$(awk "BEGIN { print ($ratio <= 1.2) ? \"ok\" : \"ABOVE GOAL\" }")
     printf 'idle create median, largest / smallest size: %.2f (goal <= 1.2: %s)\n' "$ratio" "$verdict"
+    printf 'idle create median in the daemon (its log; no CLI process), largest / smallest size: %s ms / %s ms\n' \
+        "$last_daemon" "$first_daemon"
     printf 'busy create median (may include a checkpoint of the parent), largest / smallest size: %.2f\n' \
         "$(calc "$last_busy / $first_busy")"
 fi
