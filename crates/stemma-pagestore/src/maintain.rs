@@ -160,6 +160,8 @@ impl PageStore {
             let t = Instant::now();
             st.gc_apply(batch, horizon, &mut counts, &mut dropped);
             lock_held = lock_held.max(t.elapsed());
+            // Handed to whoever waits (a compute's write, a branch) before the next batch.
+            parking_lot::RwLockWriteGuard::unlock_fair(st);
         }
         {
             let mut st = self.state.write();

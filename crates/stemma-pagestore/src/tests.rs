@@ -698,6 +698,19 @@ fn fake_clock(start: i64) -> (Arc<AtomicI64>, Clock) {
     )
 }
 
+/// A config on a fake clock (at 1 000 000 s) with a one-hour retention window and exact
+/// times: the clock, and the config.
+fn hour_window() -> (Arc<AtomicI64>, Config) {
+    let (now, clock) = fake_clock(1_000_000);
+    let config = Config {
+        retention: Duration::from_secs(3600),
+        time_granularity: Duration::ZERO,
+        clock,
+        ..Config::default()
+    };
+    (now, config)
+}
+
 /// Bytes of every file under `dir`, as `du --apparent-size` would add them up.
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
@@ -863,13 +876,10 @@ fn compaction_moves_live_pages_and_everything_reads_the_same() {
 #[test]
 fn gc_past_the_retention_window_frees_the_index_and_refuses_old_branches() {
     let d = tempfile::tempdir().unwrap();
-    let (now, clock) = fake_clock(1_000_000);
+    let (now, config) = hour_window();
     let config = Config {
         segment_size: 256 << 10,
-        retention: Duration::from_secs(3600),
-        time_granularity: Duration::ZERO,
-        clock,
-        ..Config::default()
+        ..config
     };
     let s = PageStore::open(d.path(), config.clone()).unwrap();
     let main = s.create_root(b"main").unwrap();
@@ -964,13 +974,7 @@ fn aged_files(
     dir: &Path,
     files: usize,
 ) -> (PageStore, Arc<AtomicI64>, TimelineId, TimelineId, Vec<Ino>) {
-    let (now, clock) = fake_clock(1_000_000);
-    let config = Config {
-        retention: Duration::from_secs(3600),
-        time_granularity: Duration::ZERO,
-        clock,
-        ..Config::default()
-    };
+    let (now, config) = hour_window();
     let s = PageStore::open(dir, config).unwrap();
     let main = s.create_root(b"main").unwrap();
     let inos: Vec<Ino> = (0..files)
@@ -1088,12 +1092,7 @@ fn changes_between_gc_batches_are_kept() {
 #[test]
 fn a_large_freed_file_leaves_the_index_in_one_gc() {
     let d = tempfile::tempdir().unwrap();
-    let (now, clock) = fake_clock(1_000_000);
-    let config = Config {
-        retention: Duration::from_secs(3600),
-        clock,
-        ..Config::default()
-    };
+    let (now, config) = hour_window();
     let s = PageStore::open(d.path(), config).unwrap();
     let main = s.create_root(b"main").unwrap();
     let big = file(&s, main, "big");
@@ -1549,13 +1548,7 @@ fn an_external_file_is_versioned_by_its_fsyncs() {
 #[test]
 fn objects_no_version_names_are_deleted() {
     let d = tempfile::tempdir().unwrap();
-    let (now, clock) = fake_clock(1_000_000);
-    let config = Config {
-        retention: Duration::from_secs(3600),
-        time_granularity: Duration::ZERO,
-        clock,
-        ..Config::default()
-    };
+    let (now, config) = hour_window();
     let s = PageStore::open(d.path(), config.clone()).unwrap();
     let main = s.create_root(b"main").unwrap();
     let keep = external(&s, main, "keep");
