@@ -68,6 +68,7 @@ pub fn config(data_dir: &Path, args: &ServeArgs) -> Result<Config> {
     cfg.suspend_timeout = args.suspend_timeout;
     cfg.max_computes = args.max_computes.max(1);
     cfg.checkpoint_before_branch = args.checkpoint_before_branch.0;
+    cfg.retention = args.retention;
     if let Some(path) = config_file(args) {
         cfg.project = stemma_control::ProjectConfig::load(&path)?;
     }
@@ -194,6 +195,10 @@ pub fn up(data_dir: &Path, args: &ServeArgs, out: &Output) -> Result<()> {
         .arg(args.max_computes.to_string())
         .arg("--checkpoint-before-branch")
         .arg(args.checkpoint_before_branch.to_string());
+    if let Some(r) = args.retention {
+        cmd.arg("--retention")
+            .arg(humantime::format_duration(r).to_string());
+    }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         cmd.arg("--tls-cert")
             .arg(std::path::absolute(cert).unwrap_or(cert.clone()))

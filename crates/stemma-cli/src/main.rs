@@ -81,6 +81,11 @@ struct ServeArgs {
     /// little WAL to replay when it starts; `branch create` waits for the checkpoint. 0 never.
     #[arg(long, default_value_t = stemma_control::names::Size(stemma_control::DEFAULT_CHECKPOINT_BEFORE_BRANCH))]
     checkpoint_before_branch: stemma_control::names::Size,
+    /// The pagestore's retention window: how far back `branch create --at` and `branch restore
+    /// --at` may go; older history is collected. Kept with the data directory once given
+    /// [default: 7 days]. Takes effect when the pagestore server starts (after `stemma down`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<std::time::Duration>,
     /// A TLS certificate chain (PEM) for the proxy; with --tls-key, clients may use TLS, and on
     /// the shared port the first label of the server name chooses the branch.
     #[arg(long, requires = "tls_key")]
@@ -171,6 +176,9 @@ enum Command {
         /// The pagestore driver's root (`<data dir>/pagestore`).
         #[arg(long)]
         root: PathBuf,
+        /// The retention window [default: 7 days].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<std::time::Duration>,
         /// UID:GID of the computes' user, owner of new timelines' root directories.
         #[arg(long, value_parser = stemma_fuse::server::parse_owner)]
         owner: Option<(u32, u32)>,
@@ -614,10 +622,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             out.branch(&b);
         }
-        Command::PagestoreServer { root, owner } => {
+        Command::PagestoreServer {
+            root,
+            owner,
+            retention,
+        } => {
             // Before any thread starts: the server blocks SIGTERM/SIGINT for all its threads.
             daemon_ctl::init_logging();
-            stemma_fuse::server::run(&root, owner, stemma_fuse::DriverOptions::default())?;
+            let mut options = stemma_fuse::DriverOptions::default();
+            if let Some(r) = retention {
+                options.store.retention = r;
+            }
+            stemma_fuse::server::run(&root, owner, options)?;
         }
     }
     Ok(ExitCode::SUCCESS)

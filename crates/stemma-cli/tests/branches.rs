@@ -419,3 +419,43 @@ fn a_data_directory_inside_a_private_temporary_directory_works() {
     assert_eq!(mode(&parent), 0o701, "only the search bit is added");
     assert_eq!(env.sql("main", "select 1"), "1");
 }
+
+/// The pagestore's retention window is set with `up --retention`, shown by `status`, enforced
+/// by `branch create --at`, and kept with the data directory when a later `up` omits it.
+#[test]
+fn the_retention_window_is_configurable_and_kept() {
+    let env = Env::new();
+    env.up_with(&["--retention", "2h"]);
+    if !env.uses_pagestore() {
+        // The copy driver keeps no history: nothing to window.
+        env.down_leaves_nothing();
+        return;
+    }
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("any moment of the last 2 hours"),
+        "{status}"
+    );
+    let three_hours_ago = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_secs(3 * 3600),
+    )
+    .to_string();
+    let e = env.fail(&[
+        "branch",
+        "create",
+        "old",
+        "--parent",
+        "main",
+        "--at",
+        &three_hours_ago,
+    ]);
+    assert!(e.contains("outside the retention window"), "{e}");
+    env.ok(&["down"]);
+    env.up();
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("any moment of the last 2 hours"),
+        "{status}"
+    );
+    env.down_leaves_nothing();
+}

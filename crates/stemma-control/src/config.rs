@@ -43,6 +43,9 @@ pub struct Config {
     /// since its last checkpoint is taken after a checkpoint of the parent, so that the branch
     /// has little to replay when it starts; 0 never checkpoints.
     pub checkpoint_before_branch: u64,
+    /// The pagestore's retention window, when given (`--retention`); kept in the metadata,
+    /// so that a later start without it keeps the window (7 days when never given).
+    pub retention: Option<std::time::Duration>,
     /// A certificate chain and key (PEM) for TLS on the proxy's ports.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The project's `stemma.toml` (defaults when there is none).
@@ -70,6 +73,7 @@ impl Config {
             suspend_timeout: std::time::Duration::from_secs(300),
             max_computes: 32,
             checkpoint_before_branch: DEFAULT_CHECKPOINT_BEFORE_BRANCH,
+            retention: None,
             tls: None,
             project: crate::ProjectConfig::default(),
         }

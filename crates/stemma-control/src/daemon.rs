@@ -72,9 +72,22 @@ pub async fn serve(cfg: Config) -> Result<()> {
             stemma_fuse::fuse_available().map_err(|why| {
                 anyhow::anyhow!("the pagestore driver needs FUSE, which is not usable here: {why}; use --storage copy")
             })?;
+            // The window given now, else the one given before: shrinking it silently on a
+            // restart would collect history the user meant to keep.
+            if let Some(r) = cfg.retention {
+                if r.is_zero() {
+                    bail!("--retention must be longer than 0 (branches at \"now\" need no history; a window of 1m keeps almost none)");
+                }
+                meta.set_kv("retention_secs", &r.as_secs().max(1).to_string())?;
+            }
+            let mut args: Vec<std::ffi::OsString> = vec!["pagestore-server".into()];
+            if let Some(secs) = meta.get_kv("retention_secs")? {
+                args.push("--retention".into());
+                args.push(format!("{secs}s").into());
+            }
             let spec = stemma_fuse::ServerSpec {
                 program: std::env::current_exe().context("finding the stemma executable")?,
-                args: vec!["pagestore-server".into()],
+                args,
                 root: cfg.data_dir.join("pagestore"),
                 owner: ComputeUser::ids(&user),
                 log: cfg.logs_dir().join("pagestore-server.log"),

@@ -49,7 +49,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ServerSpec {
     /// The program, e.g. the `stemma` executable.
     pub program: PathBuf,
-    /// Arguments before the server's own (`["pagestore-server"]`); then come
+    /// Arguments before the server's own (`["pagestore-server"]`, with `--retention` when
+    /// one was given); then come
     /// `--root ROOT [--owner UID:GID]`.
     pub args: Vec<OsString>,
     /// The driver's root: `<root>/store`, `<root>/mnt`, `<root>/server`.

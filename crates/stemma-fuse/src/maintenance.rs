@@ -95,6 +95,7 @@ pub fn log_report(r: &MaintenanceReport) {
         versions_dropped = r.gc.versions_dropped,
         orphans_freed = r.gc.orphans_freed,
         index_versions = r.gc.index_versions,
+        longest_attrs = r.gc.longest_attrs,
         files_compacted = r.files_compacted,
         pages_moved = r.pages_moved,
         longest_lock_ms = r.longest_lock.as_secs_f64() * 1000.0,

@@ -167,6 +167,9 @@ pub(crate) struct GcPlan {
     own: Vec<(TimelineId, u64, u64)>,
     /// Versions in the copy.
     pub versions: u64,
+    /// The most attribute versions one inode had in the copy: what a write to it copies
+    /// while a shared copy is alive (see `SharedIndex`).
+    pub longest_attrs: u64,
 }
 
 /// Finds, with no lock held, the inodes and pages where GC may drop something (a superset:
@@ -179,6 +182,7 @@ pub(crate) fn plan(shared: &SharedIndex, horizon: Lsn) -> GcPlan {
         looks: Vec::new(),
         own: Vec::with_capacity(shared.timelines.len()),
         versions: 0,
+        longest_attrs: 0,
     };
     for t in &shared.timelines {
         let pts = points.get(&t.id).map_or(&alone[..], Vec::as_slice);
@@ -186,6 +190,7 @@ pub(crate) fn plan(shared: &SharedIndex, horizon: Lsn) -> GcPlan {
         for (ino, ii) in &t.inodes {
             bytes += inode_own_bytes(ii);
             plan.versions += ii.versions();
+            plan.longest_attrs = plan.longest_attrs.max(ii.attrs.len() as u64);
             if let Some(pages) = look_at(ii, pts, horizon) {
                 if pages.is_empty() {
                     plan.looks.push(Look {

@@ -49,6 +49,9 @@ pub struct GcReport {
     pub lock_held: Duration,
     /// How long taking the shared copy of the index held the read lock.
     pub read_lock_held: Duration,
+    /// The most attribute versions one inode had: a write to it copies them while a shared
+    /// copy of the index is alive.
+    pub longest_attrs: u64,
 }
 
 /// One data file (log segment or pack) as maintenance found it.
@@ -177,6 +180,7 @@ impl PageStore {
             index_versions: plan.versions.saturating_sub(counts.versions_dropped),
             lock_held,
             read_lock_held,
+            longest_attrs: plan.longest_attrs,
         })
     }
 
@@ -511,6 +515,7 @@ impl PageStore {
             versions_dropped = r.gc.versions_dropped,
             inodes_dropped = r.gc.inodes_dropped,
             index_versions = r.gc.index_versions,
+            longest_attrs = r.gc.longest_attrs,
             files_compacted = r.files_compacted,
             pages_moved = r.pages_moved,
             bytes_before = r.bytes_before,
