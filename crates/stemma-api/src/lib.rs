@@ -14,6 +14,24 @@ use utoipa::ToSchema;
 
 pub use client::{Client, ClientError};
 
+/// An error and its causes on one line, each cause once: a cause whose text an outer one
+/// already printed (an error that shows its source in its own message) is skipped. What the
+/// daemon puts in an API error and the CLI prints.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()) {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 /// Whether a branch's compute is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

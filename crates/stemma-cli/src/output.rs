@@ -28,18 +28,7 @@ pub fn human_bytes(n: u64) -> String {
 
 /// An error and its causes on one line, without repeating a cause the message already holds.
 pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
+    stemma_api::error_chain(e.as_ref())
 }
 
 fn state(s: BranchState) -> &'static str {

@@ -48,7 +48,7 @@ impl IntoResponse for HttpError {
             }
         };
         let error = match &self.0 {
-            ControlError::Internal(e) => format!("{e:#}"),
+            ControlError::Internal(e) => stemma_api::error_chain(e.as_ref()),
             other => other.to_string(),
         };
         (

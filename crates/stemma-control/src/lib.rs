@@ -60,6 +60,13 @@ impl From<stemma_storage::StorageError> for ControlError {
     fn from(e: stemma_storage::StorageError) -> Self {
         match e {
             stemma_storage::StorageError::Unsupported(m) => ControlError::Unsupported(m),
+            // What the caller asked for cannot be (a moment outside the retention window, in
+            // the future): the request's fault, said without the driver's paths.
+            stemma_storage::StorageError::Io {
+                context, source, ..
+            } if source.kind() == std::io::ErrorKind::InvalidInput => {
+                ControlError::Invalid(format!("{context}: {source}"))
+            }
             other => ControlError::Internal(anyhow::Error::new(other).context("storage")),
         }
     }
