@@ -305,16 +305,6 @@ impl State {
             .sum()
     }
 
-    /// Calls `f(timeline, ino, page, lsn, file, off)` for every page version with data.
-    pub(crate) fn for_each_data_loc(&self, f: impl FnMut(TimelineId, Ino, u64, Lsn, u32, u64)) {
-        data_locs(
-            self.timelines
-                .values()
-                .flat_map(|t| t.inodes.iter().map(|(ino, ii)| (t.id, *ino, &**ii))),
-            f,
-        );
-    }
-
     /// Points the page version `(tl, ino, page, lsn)` at `to` if it is still at `from`.
     /// Returns whether it did (the timeline may have been deleted since).
     pub(crate) fn relocate(
@@ -341,16 +331,6 @@ impl State {
             }
             _ => false,
         }
-    }
-
-    /// Whether any index entry points into data file `id` (a check for tests and for the
-    /// cleanup at open).
-    pub(crate) fn referenced_files(&self) -> std::collections::BTreeSet<u32> {
-        let mut s = std::collections::BTreeSet::new();
-        self.for_each_data_loc(|_, _, _, _, file, _| {
-            s.insert(file);
-        });
-        s
     }
 }
 

@@ -20,7 +20,7 @@ use crate::format::{
 };
 use crate::gc::{is_pack, DroppedBytes, GcCounts};
 use crate::log::sync_dir;
-use crate::state::{data_path, pack_path, IntMap, Loc, Pack, State, PACK_BIT};
+use crate::state::{data_path, pack_path, IntMap, Loc, Pack, SharedIndex, State, PACK_BIT};
 use crate::store::PageStore;
 use crate::types::{to_nanos, Ino, Lsn, TimelineId, PAGE_SIZE};
 
@@ -120,6 +120,20 @@ struct Victim {
     path: PathBuf,
     file: Arc<File>,
     len: u64,
+}
+
+/// What compaction chooses from ([`PageStore::compaction_view`]).
+struct CompactionView {
+    shared: SharedIndex,
+    /// Live page bytes per data file, counted on `shared`.
+    live: IntMap<u32, u64>,
+    /// The active segment's number and length, and the log's segment size.
+    active: u32,
+    active_len: u64,
+    segment_size: u64,
+    /// The sealed segments and the packs: id, path, file.
+    files: Vec<(u32, PathBuf, Arc<File>)>,
+    next_pack: u32,
 }
 
 impl PageStore {
@@ -259,6 +273,48 @@ impl PageStore {
         Ok((lsn, copied))
     }
 
+    /// A shared copy of the index with the log's state and the sealed data files, taken
+    /// together under the read lock, and the live bytes per file counted on the copy after.
+    fn compaction_view(&self, r: &mut MaintenanceReport) -> CompactionView {
+        let (shared, active, active_len, segment_size, files, next_pack) = {
+            let st = self.state.read();
+            let t = Instant::now();
+            let shared = st.share_index();
+            let active = st.log.active().no;
+            let files: Vec<(u32, PathBuf, Arc<File>)> = st
+                .log
+                .segments
+                .iter()
+                .filter(|s| s.no != active)
+                .map(|s| (s.no, s.path.clone(), s.file.clone()))
+                .chain(
+                    st.packs
+                        .values()
+                        .map(|p| (p.no | PACK_BIT, p.path.clone(), p.file.clone())),
+                )
+                .collect();
+            r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
+            (
+                shared,
+                active,
+                st.log.active_len,
+                st.log.segment_size,
+                files,
+                st.next_pack,
+            )
+        };
+        let live = shared.live_bytes();
+        CompactionView {
+            shared,
+            live,
+            active,
+            active_len,
+            segment_size,
+            files,
+            next_pack,
+        }
+    }
+
     /// Bytes of the store's files: log segments, packs and checkpoints.
     pub fn disk_bytes(&self) -> Result<u64> {
         let mut total = 0u64;
@@ -313,57 +369,33 @@ impl PageStore {
         }
 
         // The active segment is never compacted; when most of it is garbage (a deleted
-        // branch's writes), seal it so that this run can.
-        // The walks of every page version below run on shared copies of the index, with no
-        // lock held (see `SharedIndex`).
-        let (shared, active_no, active_len, segment_size) = {
-            let st = self.state.read();
-            let t = Instant::now();
-            let shared = st.share_index();
-            r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
-            (
-                shared,
-                st.log.active().no,
-                st.log.active_len,
-                st.log.segment_size,
-            )
-        };
-        let active_live = shared.live_bytes().get(&active_no).copied().unwrap_or(0);
-        drop(shared);
-        let roll = active_len >= segment_size / 4
-            && (active_live as f64) < self.config.compact_below * active_len as f64;
+        // branch's writes), seal it so that this run can. The walks of every page version
+        // run on a shared copy of the index with no lock held (see `SharedIndex`): one copy,
+        // and a second only after a roll, whose copy must see the newly sealed segment's
+        // last pages. Nothing new ever points into a sealed file, so the list of pages to
+        // move taken from the copy stays complete until the switch.
+        let mut view = self.compaction_view(&mut r);
+        let active_live = view.live.get(&view.active).copied().unwrap_or(0);
+        let roll = view.active_len >= view.segment_size / 4
+            && (active_live as f64) < self.config.compact_below * view.active_len as f64;
         if roll {
-            let mut st = self.state.write();
-            let t = Instant::now();
-            let next = st.next_lsn;
-            let mark = st.log.roll(next).inspect_err(|e| self.poison(e))?;
-            self.note_roll(&st, mark);
-            r.longest_lock = r.longest_lock.max(t.elapsed());
+            {
+                let mut st = self.state.write();
+                let t = Instant::now();
+                let next = st.next_lsn;
+                let mark = st.log.roll(next).inspect_err(|e| self.poison(e))?;
+                self.note_roll(&st, mark);
+                r.longest_lock = r.longest_lock.max(t.elapsed());
+            }
+            view = self.compaction_view(&mut r);
         }
-
-        // Choose the files and the pages to move, on a copy taken after the roll: nothing new
-        // ever points into a sealed file, so the list stays complete until the switch.
-        let (shared, files, pack_no) = {
-            let st = self.state.read();
-            let t = Instant::now();
-            let shared = st.share_index();
-            let active = st.log.active().no;
-            let files: Vec<(u32, PathBuf, Arc<File>)> = st
-                .log
-                .segments
-                .iter()
-                .filter(|s| s.no != active)
-                .map(|s| (s.no, s.path.clone(), s.file.clone()))
-                .chain(
-                    st.packs
-                        .values()
-                        .map(|p| (p.no | PACK_BIT, p.path.clone(), p.file.clone())),
-                )
-                .collect();
-            r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
-            (shared, files, st.next_pack)
-        };
-        let live = shared.live_bytes();
+        let CompactionView {
+            shared,
+            live,
+            files,
+            next_pack: pack_no,
+            ..
+        } = view;
         let mut victims: IntMap<u32, Victim> = IntMap::default();
         for (id, path, file) in files {
             let len = file_len(&file);
@@ -467,10 +499,7 @@ impl PageStore {
                     r.longest_read_lock = r.longest_read_lock.max(t.elapsed());
                     shared
                 };
-                let mut refs = BTreeSet::new();
-                crate::gc::data_locs(shared.inodes(), |_, _, _, _, file, _| {
-                    refs.insert(file);
-                });
+                let refs = shared.referenced_files();
                 victims
                     .keys()
                     .copied()

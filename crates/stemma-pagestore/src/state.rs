@@ -150,6 +150,15 @@ impl SharedIndex {
             .flat_map(|t| t.inodes.iter().map(|(ino, ii)| (t.id, *ino, &**ii)))
     }
 
+    /// The data files the copy's page versions point into.
+    pub(crate) fn referenced_files(&self) -> std::collections::BTreeSet<u32> {
+        let mut s = std::collections::BTreeSet::new();
+        crate::gc::data_locs(self.inodes(), |_, _, _, _, file, _| {
+            s.insert(file);
+        });
+        s
+    }
+
     /// Bytes of page data the copy references, per data file id.
     pub(crate) fn live_bytes(&self) -> IntMap<u32, u64> {
         let mut live: IntMap<u32, u64> = IntMap::default();

@@ -2078,7 +2078,7 @@ fn open_packs_and_drop_garbage(st: &mut State, replay_from: usize) -> Result<usi
     let pack_dir = st.dir.join("pack");
     std::fs::create_dir_all(&pack_dir)
         .map_err(Error::io("creating the pack directory", &pack_dir))?;
-    let referenced = st.referenced_files();
+    let referenced = st.share_index().referenced_files();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(&pack_dir).map_err(Error::io("listing pack files", &pack_dir))? {
         let entry = entry.map_err(Error::io("listing pack files", &pack_dir))?;
